@@ -1,0 +1,34 @@
+"""Arguments and helpers shared by several commands (one definition each)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..defaults import default_model_path
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser, ctx_default: int = 512) -> None:
+    parser.add_argument("--ctx", type=int, default=ctx_default, metavar="N",
+                        help=f"context length per chunk (default {ctx_default}, as llama-perplexity)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads (default: all cores, at most 8)")
+    parser.add_argument("--flash-attn", action="store_true",
+                        help="use flash attention (off by default, as llama-cpp-python; "
+                             "llama-perplexity's 'auto' turns it on and shifts PPL by 0.1-0.4%%)")
+
+
+def model_path(value) -> str:
+    """--model, or the embedded SmolLM2-135M-Instruct Q4_1."""
+    return str(value) if value else str(default_model_path())
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value

@@ -1,0 +1,67 @@
+"""nkat ppl: perplexity (as llama-perplexity), KL-divergence, top-1 agreement and TPE."""
+
+from __future__ import annotations
+
+from ..defaults import find_eval_text
+from ..measure import PplRequest, run_ppl
+from ..report import human_bytes, print_json, print_table
+from ..runtime import BACKENDS
+from .common import add_output_flags, add_runtime_flags, model_path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ppl", help="perplexity, KL-divergence and TPE of a model with/without theta",
+        description="Score MODEL (with --theta: with and without it) exactly as llama.cpp's perplexity "
+        "tool does: non-overlapping chunks of --ctx tokens, second half of each scored. With "
+        "--reference also KL-divergence, top-1 agreement and the share of the gap theta recovers. "
+        "Several --model files (or --compare-with) put byte-matched alternatives side by side.")
+    p.add_argument("--model", action="append", default=None, metavar="MODEL.gguf",
+                   help="model to score; repeat to compare (default: embedded SmolLM2 Q4_1)")
+    p.add_argument("--compare-with", action="append", default=[], metavar="OTHER.gguf",
+                   help="another model scored on the same chunks (e.g. the next quant type at similar bytes)")
+    p.add_argument("--theta", metavar="T.nkat", help="theta for the first --model")
+    p.add_argument("--gamma", type=float, default=None, help="override the file's gamma at run time")
+    p.add_argument("--backend", choices=BACKENDS, default="lora",
+                   help="lora: llama.cpp's adapter path (default); shim: the native eval-callback hook")
+    p.add_argument("--reference", metavar="REF.gguf", help="reference model for KLD / gap recovered")
+    p.add_argument("--text", help="evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
+    p.add_argument("--chunks", type=int, default=None, metavar="N", help="score the first N chunks (default: all)")
+    add_runtime_flags(p)
+    add_output_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    models = [model_path(m) for m in (args.model or [None])] + list(args.compare_with)
+    req = PplRequest(models=models, text=str(find_eval_text(args.text)), theta=args.theta, gamma=args.gamma,
+                     backend=args.backend, reference=args.reference, ctx=args.ctx, chunks=args.chunks,
+                     threads=args.threads, flash_attn=args.flash_attn, quiet=args.quiet or args.json)
+    result = run_ppl(req)
+    if args.json:
+        print_json(result)
+    else:
+        print_ppl_table(result)
+    return 0
+
+
+def print_ppl_table(result: dict) -> None:
+    s = result["settings"]
+    has_ref = "ppl_reference" in result
+    columns = ["model", "bytes", "PPL", "±", "TPE"] + (["KLD mean", "KLD p99", "top-1", "gap recovered"] if has_ref else [])
+    rows = []
+    for r in result["rows"]:
+        row = [r["label"], human_bytes(r["bytes"]), r["ppl"], r["ppl_err"], r["tpe"]]
+        if has_ref:
+            gap = r.get("gap_recovered")
+            row += [r.get("kld_mean"), r.get("kld_p99"), r.get("top1_agreement"),
+                    f"{100 * gap:.1f} %" if gap is not None else "-"]
+        rows.append(row)
+    note = (f"{s['chunks']} chunks x {s['n_ctx']} tokens of {s['text']}; backend {s['backend'] or '-'}, "
+            f"flash attention {'on' if s['flash_attn'] else 'off'}, {s['threads']} threads; "
+            f"{result['wall_seconds']:.1f} s")
+    print_table("perplexity (llama-perplexity scoring)", columns, rows, note=note)
+    gap = result.get("gap_recovered")
+    if gap is not None:
+        verdict = "theta helps" if gap > 0 else "theta makes it WORSE than no theta"
+        print(f"{verdict}: {100 * gap:.1f} % of the gap to the reference recovered")

@@ -1,0 +1,31 @@
+"""nkat quantize: a lower-bit copy with llama.cpp's own quantizer, to make a base/reference pair."""
+
+from __future__ import annotations
+
+from ..quantize import quantize_model
+from ..report import human_bytes, print_json, print_table
+from .common import add_output_flags, model_path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "quantize", help="lower-bit copy of a model (llama.cpp's quantizer)",
+        description="Quantize REF.gguf to a lower-bit type with llama.cpp's llama_model_quantize "
+        "(requantizing allowed), so one higher-precision file gives a base/reference pair. "
+        "k-quants fall back to Q4_0/Q5_0/... where a row is not a multiple of 256.")
+    p.add_argument("--input", help="the higher-precision model (default: embedded SmolLM2 Q4_1)")
+    p.add_argument("--output", required=True, help="the GGUF file to write")
+    p.add_argument("--type", default="q4_0", help="llama.cpp type, e.g. q4_0, q3_k_m, q2_k (default q4_0)")
+    p.add_argument("--threads", type=int, default=None)
+    add_output_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    result = quantize_model(model_path(args.input), args.output, args.type, args.threads)
+    if args.json:
+        print_json(result)
+    else:
+        print_table(f"wrote {result['output']}", ["type", "tensors"], sorted(result["tensor_types"].items()),
+                    note=f"{human_bytes(result['bytes'])}")
+    return 0

@@ -1,0 +1,190 @@
+"""nkat convert: model (+ reference, + imatrix) -> theta per weight matrix -> .nkat file.
+
+Tensor by tensor: each weight is dequantized, turned into factors and dropped before the next,
+so memory holds one or two matrices in float32 plus the (small) factors.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import theta as theta_math
+from .errors import UserError
+from .gguf_io import ModelFile
+from .nkat_format import NkatMeta, ThetaFactors, factor_bytes, write_nkat
+from .report import progress
+
+DEFAULT_GAMMA = {"weight": 0.97, "residual": 2.0, "residual-act": 2.0}
+# --optimize-rank searches ranks up to this multiple of --theta-rank (capped).
+RANK_SEARCH_FACTOR = 4
+RANK_SEARCH_CAP = 256
+
+
+@dataclass
+class ConvertOptions:
+    rank: int = 32
+    gamma: float | None = None
+    source: str = "residual"
+    structure: str = "general"
+    theta_type: str = "q8_0"
+    reference: str | None = None
+    imatrix: str | None = None
+    layers: list[str] = field(default_factory=list)
+    budget_mb: float | None = None  # set -> --optimize-rank
+    quiet: bool = False
+
+    def resolved_gamma(self) -> float:
+        return DEFAULT_GAMMA[self.source] if self.gamma is None else float(self.gamma)
+
+
+def validate(opts: ConvertOptions) -> None:
+    if opts.source not in theta_math.SOURCES:
+        raise UserError(f"--source must be one of {', '.join(theta_math.SOURCES)}, not {opts.source!r}")
+    if opts.source != "weight" and not opts.reference:
+        raise UserError(f"--source {opts.source} needs --reference REF.gguf (a higher-precision copy of the model)")
+    if opts.source == "residual-act" and not opts.imatrix:
+        raise UserError("--source residual-act needs --imatrix FILE (make one with nkat calibrate)")
+    gamma = opts.resolved_gamma()
+    if not np.isfinite(gamma) or gamma == 0:
+        raise UserError(f"--theta-gamma must be finite and non-zero, not {opts.gamma}")
+    if opts.rank <= 0:
+        raise UserError(f"--theta-rank must be positive, not {opts.rank}")
+    if opts.budget_mb is not None and opts.budget_mb <= 0:
+        raise UserError(f"--budget-mb must be positive, not {opts.budget_mb}")
+
+
+def open_reference(model: ModelFile, path: str, names: list[str]) -> ModelFile:
+    ref = ModelFile(path)
+    if ref.architecture != model.architecture:
+        raise UserError(f"{path}: architecture {ref.architecture}, but {model.path.name} is {model.architecture}")
+    for name in names:
+        if name not in ref.tensors:
+            raise UserError(f"{path}: has no tensor {name}")
+        if ref.shape(name) != model.shape(name):
+            raise UserError(f"{path}: {name} is {ref.shape(name)}, the model's is {model.shape(name)}")
+    return ref
+
+
+def load_scales(path: str, names: list[str]) -> dict[str, np.ndarray]:
+    from .calibration import column_scales, read_imatrix
+
+    stats = read_imatrix(path)
+    missing = [n for n in names if n not in stats]
+    if missing:
+        raise UserError(f"{path}: no activation statistics for {missing[0]} ({len(missing)} tensors missing)")
+    return {n: column_scales(*stats[n]) for n in names}
+
+
+def _matrix_factors(model, ref, name, opts, scales, rank):
+    """P, Q (E ~ P Q^T) for one tensor at `rank`, and its resolved structure."""
+    W = model.dequantize(name)
+    structure = theta_math.resolve_structure(opts.structure, W.shape)
+    theta_math.check_rank(rank, W.shape, name)
+    E = theta_math.correction_matrix(opts.source, W, ref.dequantize(name) if ref else None)
+    del W
+    P, Q = theta_math.low_rank(E, rank, scales.get(name))
+    return P, Q, structure
+
+
+def allocate_ranks(gains: dict[str, np.ndarray], costs: dict[str, float], budget_bytes: float) -> dict[str, int]:
+    """Greedy: take rank components in order of captured energy per byte until the budget is spent.
+
+    Within a matrix the gains (squared singular values) fall, so the global order by
+    gain/cost is a valid prefix order for every matrix.
+    """
+    order = sorted(
+        ((g / costs[name], name) for name, gs in gains.items() for g in gs), reverse=True
+    )
+    ranks = {name: 0 for name in gains}
+    spent = 0.0
+    for _, name in order:
+        if spent + costs[name] > budget_bytes:
+            continue
+        ranks[name] += 1
+        spent += costs[name]
+    return ranks
+
+
+def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
+    validate(opts)
+    started = time.perf_counter()
+    model = ModelFile(input_path)
+    if model.file_type == "adapter":
+        raise UserError(f"{input_path}: is an adapter, not a model")
+    names = model.target_names(opts.layers or None)
+    ref = open_reference(model, opts.reference, names) if opts.source != "weight" else None
+    scales = load_scales(opts.imatrix, names) if opts.source == "residual-act" else {}
+    gamma = opts.resolved_gamma()
+
+    search_rank = opts.rank
+    if opts.budget_mb is not None:
+        search_rank = min(opts.rank * RANK_SEARCH_FACTOR, RANK_SEARCH_CAP)
+
+    pieces = {}
+    for name in progress(names, desc="theta", quiet=opts.quiet, unit="tensor"):
+        rank = min(search_rank, min(model.shape(name))) if opts.budget_mb is not None else opts.rank
+        pieces[name] = _matrix_factors(model, ref, name, opts, scales, rank)
+
+    if opts.budget_mb is not None:
+        ranks = _budget_ranks(model, pieces, opts)
+    else:
+        ranks = {name: opts.rank for name in names}
+
+    all_factors = []
+    for name in names:
+        P, Q, structure = pieces.pop(name)
+        r = ranks[name]
+        if r == 0:
+            continue
+        B, A = theta_math.structure_factors(P[:, :r], Q[:, :r], structure)
+        all_factors.append(ThetaFactors(name, A, B))
+    if not all_factors:
+        raise UserError(f"--budget-mb {opts.budget_mb} is too small for even one rank of one matrix")
+
+    structures = {theta_math.resolve_structure(opts.structure, model.shape(f.name)) for f in all_factors}
+    meta = NkatMeta(
+        theta_rank=opts.rank,
+        theta_gamma=gamma,
+        source=opts.source,
+        structure=opts.structure if len(structures) > 1 or opts.structure != "auto" else structures.pop(),
+        theta_type=opts.theta_type,
+        base=model.identity(),
+        reference=ref.identity() if ref else None,
+        imatrix=str(opts.imatrix or ""),
+        extra={"rank_allocation": "budget" if opts.budget_mb is not None else "uniform"},
+    )
+    theta_bytes = write_nkat(output_path, model.architecture, all_factors, meta)
+    stored_ranks = [f.rank for f in all_factors]
+    return {
+        "output": str(output_path),
+        "model": str(input_path),
+        "reference": str(opts.reference) if opts.reference else None,
+        "source": opts.source,
+        "structure": opts.structure,
+        "theta_rank": opts.rank,
+        "theta_gamma": gamma,
+        "theta_type": opts.theta_type,
+        "tensors": len(all_factors),
+        "stored_rank_min": min(stored_ranks),
+        "stored_rank_max": max(stored_ranks),
+        "theta_bytes": theta_bytes,
+        "base_bytes": model.file_size,
+        "rho": theta_bytes / model.file_size,
+        "seconds": time.perf_counter() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _budget_ranks(model, pieces, opts) -> dict[str, int]:
+    gains, costs = {}, {}
+    for name, (P, Q, structure) in pieces.items():
+        n_out, n_in = model.shape(name)
+        per_component = 2 if structure == "antisymmetric" else 1
+        stored = P.shape[1] * per_component
+        costs[name] = factor_bytes(n_out, n_in, stored, opts.theta_type) / P.shape[1]
+        gains[name] = (P.astype(np.float64) ** 2).sum(axis=0)  # = S_k^2 of the (scaled) SVD
+    return allocate_ranks(gains, costs, opts.budget_mb * 1024 * 1024)

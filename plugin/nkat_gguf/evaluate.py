@@ -1,0 +1,172 @@
+"""Perplexity, KL-divergence, top-token agreement and TPE, scored as llama.cpp's perplexity tool.
+
+Per chunk of n_ctx tokens (non-overlapping, from one tokenization of the whole text): clear the
+KV cache, put BOS first when the vocab adds one, decode, and score positions
+j in [n_ctx/2, n_ctx-2] with -log_softmax(logits_j)[tok_{j+1}]. Logits are requested only for
+those positions, and each chunk's distributions are used and dropped (never all in memory).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import UserError
+from .report import progress
+
+
+def tpe(ppl: float, theta_bytes: int = 0, base_bytes: int = 1) -> float:
+    """The project's TPE score: (1/PPL) / log10(1 + lambda), lambda = 9 * (1 + rho).
+
+    rho = theta bytes / base model file bytes; with no theta the denominator is log10(10) = 1,
+    so TPE = 1/PPL. (The seed's formula divided by zero for the baseline; see REFERENCE.md.)
+    """
+    rho = theta_bytes / base_bytes if base_bytes else 0.0
+    return (1.0 / ppl) / math.log10(1.0 + 9.0 * (1.0 + rho))
+
+
+def gap_recovered(ppl_base: float, ppl_nkat: float, ppl_reference: float) -> float:
+    """Share of the base-vs-reference perplexity gap that theta closes (1.0 = all of it)."""
+    gap = ppl_base - ppl_reference
+    return (ppl_base - ppl_nkat) / gap if gap else float("nan")
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float32 with float64 sums (vectorized over positions)."""
+    m = logits.max(axis=1, keepdims=True)
+    shifted = logits - m
+    lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    return shifted - lse
+
+
+@dataclass
+class Accumulator:
+    """Running sums for one model: NLL (PPL), and against a reference KLD and top-1."""
+
+    nll: list = field(default_factory=list)
+    kld: list = field(default_factory=list)
+    top1: int = 0
+
+    def add(self, logp: np.ndarray, targets: np.ndarray, ref_logp: np.ndarray | None) -> None:
+        self.nll.append(-logp[np.arange(len(targets)), targets].astype(np.float64))
+        if ref_logp is not None:
+            p_ref = np.exp(ref_logp)
+            self.kld.append((p_ref * (ref_logp - logp)).sum(axis=1, dtype=np.float64))
+            self.top1 += int((ref_logp.argmax(axis=1) == logp.argmax(axis=1)).sum())
+
+    def result(self) -> dict:
+        nll = np.concatenate(self.nll)
+        count = len(nll)
+        mean = float(nll.mean())
+        var = float((nll * nll).mean() - mean * mean)
+        ppl = math.exp(mean)
+        out = {
+            "ppl": ppl,
+            "ppl_err": ppl * math.sqrt(max(var, 0.0) / (count - 1)) if count > 1 else float("nan"),
+            "nll_mean": mean,
+            "tokens": count,
+        }
+        if self.kld:
+            kld = np.concatenate(self.kld)
+            out.update(
+                kld_mean=float(kld.mean()),
+                kld_p99=float(np.percentile(kld, 99)),
+                kld_max=float(kld.max()),
+                top1_agreement=self.top1 / count,
+            )
+        return out
+
+
+def chunk_count(n_tokens: int, n_ctx: int, chunks: int | None) -> int:
+    available = n_tokens // n_ctx
+    if available < 2:
+        raise UserError(
+            f"the text has {n_tokens} tokens: at least two chunks of --ctx {n_ctx} "
+            f"({2 * n_ctx} tokens) are needed"
+        )
+    if chunks is None or chunks <= 0:
+        return available
+    return min(chunks, available)
+
+
+def check_same_vocab(runtimes) -> None:
+    first = runtimes[0]
+    probe = "The quick brown fox, 1234 — naïve test."
+    for other in runtimes[1:]:
+        if other.n_vocab != first.n_vocab or not np.array_equal(other.tokenize(probe), first.tokenize(probe)):
+            raise UserError(
+                f"{other.model_path.name} has another vocabulary than {first.model_path.name}: "
+                "KL-divergence needs the same tokenizer"
+            )
+
+
+def chunk_logprobs(runtime, tokens: np.ndarray, n_ctx: int, chunk: int):
+    """Decode one chunk; return (log-probs of the scored positions, their target tokens)."""
+    start = chunk * n_ctx
+    window = tokens[start : start + n_ctx].copy()
+    if runtime.add_bos:
+        window[0] = runtime.bos_token
+    first = n_ctx // 2
+    runtime.clear()
+    logits = _decode_all(runtime, window, first)
+    targets = tokens[start + first + 1 : start + n_ctx]
+    return log_softmax(logits[: n_ctx - 1 - first]), targets
+
+
+def _decode_all(runtime, window: np.ndarray, first: int) -> np.ndarray:
+    """Decode the window in batches of n_batch, keeping logits from position `first` on."""
+    parts = []
+    for pos in range(0, len(window), runtime.n_batch):
+        piece = window[pos : pos + runtime.n_batch]
+        logits_from = max(0, first - pos)
+        out = runtime.decode(piece, start_pos=pos, logits_from=logits_from if logits_from < len(piece) else None)
+        if out is not None:
+            parts.append(np.array(out))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def evaluate(candidates, tokens: np.ndarray, n_ctx: int, chunks: int | None = None,
+             reference=None, quiet: bool = False, on_chunk=None) -> dict:
+    """Score every candidate runtime (and the reference) on the same chunks in one pass.
+
+    `candidates` maps a label to a Runtime (or to a (Runtime, gamma) pair: the same loaded
+    model evaluated at several gammas without reloading). Returns label -> result dict, plus
+    "reference" when one is given.
+    """
+    runtimes = [c[0] if isinstance(c, tuple) else c for c in candidates.values()]
+    everything = runtimes + ([reference] if reference is not None else [])
+    check_same_vocab(everything)
+    n_chunks = chunk_count(len(tokens), n_ctx, chunks)
+    accumulators = {label: Accumulator() for label in candidates}
+    ref_acc = Accumulator() if reference is not None else None
+    seconds = {label: 0.0 for label in candidates}
+    started = time.perf_counter()
+    for chunk in progress(range(n_chunks), desc="perplexity", quiet=quiet, unit="chunk"):
+        ref_logp = None
+        if reference is not None:
+            ref_logp, targets = chunk_logprobs(reference, tokens, n_ctx, chunk)
+            ref_acc.add(ref_logp, targets, None)
+        for label, candidate in candidates.items():
+            runtime, gamma = candidate if isinstance(candidate, tuple) else (candidate, None)
+            if gamma is not None:
+                runtime.set_gamma(gamma)
+            t0 = time.perf_counter()
+            logp, targets = chunk_logprobs(runtime, tokens, n_ctx, chunk)
+            seconds[label] += time.perf_counter() - t0
+            accumulators[label].add(logp, targets, ref_logp)
+        if on_chunk:
+            on_chunk(chunk)
+    results = {}
+    for label, acc in accumulators.items():
+        res = acc.result()
+        res["chunks"] = n_chunks
+        res["eval_seconds"] = seconds[label]
+        res["tokens_per_second"] = n_chunks * n_ctx / seconds[label] if seconds[label] else float("nan")
+        results[label] = res
+    if ref_acc is not None:
+        results["reference"] = ref_acc.result() | {"chunks": n_chunks}
+    results["_wall_seconds"] = time.perf_counter() - started
+    return results
