@@ -261,7 +261,10 @@ def menu(args) -> int:
         print()
         for key, text in MENU:
             print(f"  {key}) {text}")
-        choice = input("choice: ").strip().lower()
+        try:
+            choice = input("choice: ").strip().lower()
+        except EOFError:
+            return 0
         if choice in ("q", "quit", ""):
             return 0
         try:

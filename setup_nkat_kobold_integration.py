@@ -1,0 +1,15 @@
+#!/usr/bin/env python3
+"""Check the environment for NKAT and KoboldCpp: the same as `nkat doctor` (see --help)."""
+
+import sys
+from pathlib import Path
+
+try:
+    import nkat_gguf  # noqa: F401
+except ImportError:  # running from a checkout without pip install
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "plugin"))
+
+from nkat_gguf.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["doctor", *sys.argv[1:]]))
