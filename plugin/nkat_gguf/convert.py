@@ -184,7 +184,8 @@ def _budget_ranks(model, pieces, opts) -> dict[str, int]:
     for name, (P, Q, structure) in pieces.items():
         n_out, n_in = model.shape(name)
         per_component = 2 if structure == "antisymmetric" else 1
-        stored = P.shape[1] * per_component
-        costs[name] = factor_bytes(n_out, n_in, stored, opts.theta_type) / P.shape[1]
+        # Bytes of one rank at the worst storage (lora_b falls back to F16 off multiples of 32),
+        # so the file never exceeds the budget.
+        costs[name] = per_component * factor_bytes(n_out, n_in, 1, opts.theta_type)
         gains[name] = (P.astype(np.float64) ** 2).sum(axis=0)  # = S_k^2 of the (scaled) SVD
     return allocate_ranks(gains, costs, opts.budget_mb * 1024 * 1024)

@@ -47,8 +47,8 @@ def fingerprint_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:32]
 
 
-def open_gguf(path: str | os.PathLike) -> GGUFReader:
-    """GGUFReader with one-line errors for missing, non-GGUF and truncated files."""
+def open_gguf_magic(path: str | os.PathLike) -> None:
+    """A one-line error for a missing or non-GGUF file, reading only 4 bytes."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}")
@@ -56,6 +56,12 @@ def open_gguf(path: str | os.PathLike) -> GGUFReader:
         magic = f.read(4)
     if magic != b"GGUF":
         raise UserError(f"{path}: not a GGUF file (magic {magic!r})")
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFReader:
+    """GGUFReader with one-line errors for missing, non-GGUF and truncated files."""
+    open_gguf_magic(path)
+    path = Path(path)
     try:
         return GGUFReader(path, "r")
     except (ValueError, IndexError, OSError, KeyError) as exc:

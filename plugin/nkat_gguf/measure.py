@@ -22,7 +22,7 @@ from .runtime import Runtime
 class PplRequest:
     models: list[str]
     text: str
-    theta: str | None = None
+    thetas: list[str] = field(default_factory=list)  # each applied to models[0]
     gamma: float | None = None
     backend: str = "lora"
     reference: str | None = None
@@ -31,7 +31,6 @@ class PplRequest:
     threads: int | None = None
     flash_attn: bool = False
     quiet: bool = False
-    extra_gammas: list[float] = field(default_factory=list)
 
 
 def read_text(path: str | os.PathLike) -> bytes:
@@ -44,76 +43,80 @@ def read_text(path: str | os.PathLike) -> bytes:
     return data
 
 
-def _runtime(model, theta, req: PplRequest, gamma=None) -> Runtime:
-    return Runtime(model, theta, backend=req.backend, gamma=gamma, n_ctx=req.ctx,
+def _runtime(model, theta, req: PplRequest) -> Runtime:
+    return Runtime(model, theta, backend=req.backend, gamma=req.gamma if theta else None, n_ctx=req.ctx,
                    n_threads=req.threads, flash_attn=req.flash_attn)
 
 
+def theta_label(path: str) -> str:
+    return f"+ {Path(path).name}"
+
+
 def run_ppl(req: PplRequest) -> dict:
+    """Base model, base + each theta, other models and the reference, on the same chunks."""
     started = time.perf_counter()
     if not req.models:
         raise UserError("no --model given")
-    for path in req.models + ([req.reference] if req.reference else []) + ([req.theta] if req.theta else []):
+    for path in req.models + ([req.reference] if req.reference else []) + req.thetas:
         if not Path(path).is_file():
             raise UserError(f"file not found: {path}")
     text = read_text(req.text)
-    runtimes = []
+    runtimes, candidates, info = [], {}, {}
     try:
-        primary = _runtime(req.models[0], req.theta, req, req.gamma)
-        runtimes.append(primary)
-        candidates, info = {}, {}
         base_label = Path(req.models[0]).name
-        if req.theta:
-            # Base = the same loaded model with theta at gamma 0 (bit-identical to no theta).
-            candidates[base_label] = (primary, 0.0)
-            theta_bytes = int(read_meta(req.theta)["theta_bytes"])
-            gammas = [primary.gamma] + [g for g in req.extra_gammas if g != primary.gamma]
-            for g in gammas:
-                label = f"{base_label} + theta (gamma {g:g})"
-                candidates[label] = (primary, g)
-                info[label] = {"theta_bytes": theta_bytes, "gamma": g, "theta": True}
-        else:
-            candidates[base_label] = primary
-        info.setdefault(base_label, {"theta_bytes": 0, "theta": False})
+        for theta in req.thetas:  # theta files first: they check the base fingerprint
+            rt = _runtime(req.models[0], theta, req)
+            runtimes.append(rt)
+            label = theta_label(theta)
+            candidates[label] = rt
+            info[label] = {"theta_bytes": rt.theta_meta["theta_bytes"], "gamma": rt.gamma,
+                           "model": req.models[0]}
+        base = {base_label: _runtime(req.models[0], None, req)}
+        runtimes.append(base[base_label])
+        info[base_label] = {"theta_bytes": 0, "model": req.models[0]}
         for other in req.models[1:]:
             rt = _runtime(other, None, req)
             runtimes.append(rt)
-            candidates[Path(other).name] = rt
-            info[Path(other).name] = {"theta_bytes": 0, "theta": False}
+            base[Path(other).name] = rt
+            info[Path(other).name] = {"theta_bytes": 0, "model": other}
+        candidates = base | candidates
         reference = None
         if req.reference:
             reference = _runtime(req.reference, None, req)
             runtimes.append(reference)
-        tokens = primary.tokenize(text)
+        tokens = base[base_label].tokenize(text)
         results = evaluate(candidates, tokens, req.ctx, req.chunks, reference=reference, quiet=req.quiet)
-        settings = primary.settings() | {"text": str(req.text), "chunks": results[base_label]["chunks"],
-                                         "text_tokens": int(len(tokens))}
+        settings = runtimes[0].settings() | {"text": str(req.text), "chunks": results[base_label]["chunks"],
+                                             "text_tokens": int(len(tokens))}
     finally:
         for rt in runtimes:
             rt.close()
+    return assemble(results, info, base_label, req.reference, settings, started)
 
-    model_bytes = {label: Path(rt.model_path if not isinstance(rt, tuple) else rt[0].model_path).stat().st_size
-                   for label, rt in candidates.items()}
+
+def assemble(results: dict, info: dict, base_label: str, reference_path, settings: dict, started: float) -> dict:
+    """Rows with bytes, TPE, KLD and gap recovered; the first theta row is the headline."""
     rows = []
-    ref_ppl = results["reference"]["ppl"] if reference is not None else None
+    ref_ppl = results["reference"]["ppl"] if "reference" in results else None
     base_ppl = results[base_label]["ppl"]
     for label, res in results.items():
         if label.startswith("_") or label == "reference":
             continue
-        theta_bytes = info[label]["theta_bytes"]
-        row = {"label": label, "model_bytes": model_bytes[label], "theta_bytes": theta_bytes,
-               "bytes": model_bytes[label] + theta_bytes, "rho": theta_bytes / model_bytes[label],
-               "tpe": tpe(res["ppl"], theta_bytes, model_bytes[label])} | res
-        if info[label].get("theta"):
+        theta_bytes = int(info[label]["theta_bytes"])
+        model_bytes = Path(info[label]["model"]).stat().st_size
+        row = {"label": label, "model_bytes": model_bytes, "theta_bytes": theta_bytes,
+               "bytes": model_bytes + theta_bytes, "rho": theta_bytes / model_bytes,
+               "tpe": tpe(res["ppl"], theta_bytes, model_bytes)} | res
+        if "gamma" in info[label]:
             row["gamma"] = info[label]["gamma"]
             if ref_ppl is not None:
                 row["gap_recovered"] = gap_recovered(base_ppl, res["ppl"], ref_ppl)
         if ref_ppl is not None:
             row["ppl_ratio"] = res["ppl"] / ref_ppl
         rows.append(row)
-    if reference is not None:
-        ref_bytes = Path(req.reference).stat().st_size
-        rows.append({"label": f"{Path(req.reference).name} (reference)", "model_bytes": ref_bytes,
+    if ref_ppl is not None:
+        ref_bytes = Path(reference_path).stat().st_size
+        rows.append({"label": f"{Path(reference_path).name} (reference)", "model_bytes": ref_bytes,
                      "theta_bytes": 0, "bytes": ref_bytes, "rho": 0.0,
                      "tpe": tpe(ref_ppl), "ppl_ratio": 1.0} | results["reference"])
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .gguf_io import ModelFile
+from .gguf_io import fingerprint_file, open_gguf_magic
 from .nkat_format import check_base_matches, read_meta
 
 BACKENDS = ("lora", "shim")
@@ -58,9 +58,7 @@ class Runtime:
         if backend not in BACKENDS:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         self.model_path = Path(model_path)
-        self.model_file = ModelFile(self.model_path)
-        if self.model_file.file_type == "adapter":
-            raise UserError(f"{self.model_path}: is an adapter, not a model (pass it as --theta)")
+        open_gguf_magic(self.model_path)
         self.theta_path = Path(theta_path) if theta_path else None
         self.backend = backend if theta_path else None
         self.n_ctx = int(n_ctx)
@@ -72,7 +70,6 @@ class Runtime:
         self.file_gamma: float | None = None
         if self.theta_path:
             self.theta_meta = read_meta(self.theta_path)
-            check_base_matches(self.theta_meta, self.model_file.identity(), self.theta_path)
             self.file_gamma = float(self.theta_meta["theta_gamma"])
         self.gamma = self.file_gamma if gamma is None else float(gamma)
         if self.gamma is not None and not np.isfinite(self.gamma):
@@ -84,6 +81,8 @@ class Runtime:
         self._hook = None
         self._callback = eval_callback
         self._load_model()
+        if self.theta_meta is not None:
+            check_base_matches(self.theta_meta, self.identity(), self.theta_path)
         if self.backend == "shim":
             self._attach_shim()
         self._make_context()
@@ -111,6 +110,21 @@ class Runtime:
             raise UserError(
                 f"--ctx {self.n_ctx} is larger than the model's training context {self.n_ctx_train}"
             )
+
+    def meta_value(self, key: str) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = self._lib.llama_model_meta_val_str(self._model.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else ""
+
+    def identity(self) -> dict:
+        """What a .nkat records about its base model (see ModelFile.identity)."""
+        return {
+            "name": self.meta_value("general.name"),
+            "architecture": self.meta_value("general.architecture"),
+            "file_size": self.model_path.stat().st_size,
+            "fingerprint": fingerprint_file(self.model_path),
+            "path": str(self.model_path.resolve()),
+        }
 
     def _make_context(self) -> None:
         lib = self._lib
@@ -150,6 +164,8 @@ class Runtime:
         lib = self._lib
         # Clear first: llama_set_adapters_lora keeps the current set when it looks unchanged.
         lib.llama_set_adapters_lora(self._ctx, None, 0, None)
+        if self.gamma == 0:
+            return  # no adapter at all: the stock graph, bit-identical and at full speed
         scale = self.gamma / self.file_gamma
         adapters = (lib.llama_adapter_lora_p_ctypes * 1)(self._adapter)
         scales = (ctypes.c_float * 1)(scale)
@@ -161,7 +177,8 @@ class Runtime:
         from . import native
         from .nkat_format import read_nkat
 
-        self._hook = native.ShimHook(read_nkat(self.theta_path), gamma=self.gamma)
+        self._hook = native.ShimHook(read_nkat(self.theta_path), gamma=self.gamma, n_threads=self.n_threads,
+                                     cuda=self.n_gpu_layers > 0)
 
     # -- use ----------------------------------------------------------------------------
     def set_gamma(self, gamma: float) -> None:

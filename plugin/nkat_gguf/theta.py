@@ -32,7 +32,7 @@ def truncated_svd(E: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.
     matrix; LAPACK's SVD only when the sketch would be nearly as big as the matrix anyway.
     """
     m, n = E.shape
-    k = min(rank + _OVERSAMPLE, m, n)
+    k = min(rank + max(_OVERSAMPLE, rank), m, n)
     if k >= min(m, n) * 0.5:
         U, S, Vt = np.linalg.svd(E, full_matrices=False)
         return U[:, :rank], S[:rank], Vt[:rank]

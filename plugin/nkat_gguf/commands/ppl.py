@@ -20,7 +20,8 @@ def add_parser(subparsers) -> None:
                    help="model to score; repeat to compare (default: embedded SmolLM2 Q4_1)")
     p.add_argument("--compare-with", action="append", default=[], metavar="OTHER.gguf",
                    help="another model scored on the same chunks (e.g. the next quant type at similar bytes)")
-    p.add_argument("--theta", metavar="T.nkat", help="theta for the first --model")
+    p.add_argument("--theta", action="append", default=[], metavar="T.nkat",
+                   help="theta for the first --model; repeat to compare several")
     p.add_argument("--gamma", type=float, default=None, help="override the file's gamma at run time")
     p.add_argument("--backend", choices=BACKENDS, default="lora",
                    help="lora: llama.cpp's adapter path (default); shim: the native eval-callback hook")
@@ -34,7 +35,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     models = [model_path(m) for m in (args.model or [None])] + list(args.compare_with)
-    req = PplRequest(models=models, text=str(find_eval_text(args.text)), theta=args.theta, gamma=args.gamma,
+    req = PplRequest(models=models, text=str(find_eval_text(args.text)), thetas=args.theta, gamma=args.gamma,
                      backend=args.backend, reference=args.reference, ctx=args.ctx, chunks=args.chunks,
                      threads=args.threads, flash_attn=args.flash_attn, quiet=args.quiet or args.json)
     result = run_ppl(req)

