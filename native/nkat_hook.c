@@ -499,12 +499,18 @@ static nkat_entry *claimed(const nkat_hook *h, const struct ggml_tensor *t) {
     return lookup_weight(h, t->src[0]);
 }
 
+/* A matmul over zero tokens (e.g. the last layer when no logits are asked for): nothing to do. */
+static int empty_node(const struct ggml_tensor *t) {
+    const struct ggml_tensor *x = t->src[1];
+    return x && (x->ne[1] == 0 || x->ne[2] == 0 || x->ne[3] == 0);
+}
+
 static bool nkat_cb_eval(struct ggml_tensor *t, bool ask, void *user_data) {
     nkat_hook *h = user_data;
     if (!h || h->magic != NKAT_MAGIC || !active(h)) return !ask; /* never abort the graph */
     nkat_entry *e = claimed(h, t);
-    if (ask) return e != NULL;
-    if (!e) return true;
+    if (ask) return e != NULL && !empty_node(t);
+    if (!e || empty_node(t)) return true;
     if (h->mode == NKAT_MODE_APPLY) apply_node(h, e, t);
     else collect_node(h, e, t);
     return true;

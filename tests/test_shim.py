@@ -1,0 +1,179 @@
+"""The native shim inside real llama.cpp: agreement with the lora backend, gamma 0 bit-identity,
+gamma changes without reload, and refusal of factors that do not fit the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nkat_gguf import native
+from nkat_gguf.errors import UserError
+from nkat_gguf.evaluate import log_softmax
+from nkat_gguf.nkat_format import ThetaFactors, read_nkat
+from nkat_gguf.runtime import Runtime
+
+pytestmark = pytest.mark.slow
+CTX = 256
+CHUNKS = 3
+N_TARGETS = 210  # SmolLM2-135M: 30 blocks x 7 matrices
+
+
+@pytest.fixture(scope="module")
+def tokens(base_model, short_text):
+    with Runtime(base_model, n_ctx=CTX, n_threads=2) as rt:
+        toks = rt.tokenize(short_text.read_bytes())
+        bos = rt.bos_token if rt.add_bos else None
+    assert len(toks) >= CHUNKS * CTX
+    return toks, bos
+
+
+def windows(tokens):
+    toks, bos = tokens
+    for c in range(CHUNKS):
+        w = toks[c * CTX:(c + 1) * CTX].copy()
+        if bos is not None:
+            w[0] = bos
+        yield w
+
+
+def chunk_logits(rt, tokens) -> list[np.ndarray]:
+    out = []
+    for w in windows(tokens):
+        rt.clear()
+        out.append(np.array(rt.decode(w, 0, logits_from=CTX // 2)))
+    return out
+
+
+def ppl(logits, tokens) -> float:
+    nll = []
+    for lg, w in zip(logits, windows(tokens)):
+        lp = log_softmax(lg[:-1].astype(np.float64))
+        nll.append(-lp[np.arange(len(lp)), w[CTX // 2 + 1:]])
+    return float(np.exp(np.mean(np.concatenate(nll))))
+
+
+def kld(p_logits, q_logits) -> float:
+    vals = []
+    for a, b in zip(p_logits, q_logits):
+        lp, lq = log_softmax(a.astype(np.float64)), log_softmax(b.astype(np.float64))
+        vals.append((np.exp(lp) * (lp - lq)).sum(axis=1))
+    return float(np.mean(np.concatenate(vals)))
+
+
+@pytest.fixture(scope="module")
+def base_logits(base_model, tokens):
+    with Runtime(base_model, n_ctx=CTX, n_threads=2) as rt:
+        return chunk_logits(rt, tokens)
+
+
+@pytest.fixture(scope="module")
+def lora_logits(base_model, theta_r8, tokens):
+    with Runtime(base_model, theta_r8, backend="lora", n_ctx=CTX, n_threads=2) as rt:
+        return chunk_logits(rt, tokens)
+
+
+def test_shim_gamma_zero_is_bit_identical_to_base(base_model, theta_r8, tokens, base_logits):
+    with Runtime(base_model, theta_r8, backend="shim", gamma=0.0, n_ctx=CTX, n_threads=2) as rt:
+        got = chunk_logits(rt, tokens)
+        assert rt._hook.stats()["applied"] == 0
+    for a, b in zip(got, base_logits):
+        assert np.array_equal(a, b)
+
+
+def test_shim_agrees_with_lora(base_model, theta_r8, tokens, base_logits, lora_logits):
+    with Runtime(base_model, theta_r8, backend="shim", n_ctx=CTX, n_threads=2) as rt:
+        shim = chunk_logits(rt, tokens)
+        stats = rt._hook.stats()
+    assert stats["skipped"] == 0 and stats["applied"] == CHUNKS * N_TARGETS
+    p_base, p_lora, p_shim = ppl(base_logits, tokens), ppl(lora_logits, tokens), ppl(shim, tokens)
+    assert p_lora != p_base  # theta does something
+    assert abs(p_shim - p_lora) / p_lora < 0.005, (p_base, p_lora, p_shim)
+    # the two backends differ by far less than theta's own effect
+    effect, disagreement = kld(lora_logits, base_logits), kld(lora_logits, shim)
+    assert disagreement < 0.25 * effect, (effect, disagreement)
+    top1 = np.mean(np.concatenate([a.argmax(1) == b.argmax(1) for a, b in zip(lora_logits, shim)]))
+    assert top1 > 0.9
+
+
+def test_gamma_changes_without_reload(base_model, theta_r8, tokens, base_logits):
+    with Runtime(base_model, theta_r8, backend="shim", gamma=0.5, n_ctx=CTX, n_threads=2) as rt:
+        rt.set_gamma(3.0)
+        at3 = chunk_logits(rt, tokens)
+        rt.set_gamma(0.0)
+        assert all(np.array_equal(a, b) for a, b in zip(chunk_logits(rt, tokens), base_logits))
+        rt._hook.set_gamma(3.0)
+        rt._hook.disable()
+        assert all(np.array_equal(a, b) for a, b in zip(chunk_logits(rt, tokens), base_logits))
+        rt._hook.enable()
+        again = chunk_logits(rt, tokens)
+    with Runtime(base_model, theta_r8, backend="shim", gamma=3.0, n_ctx=CTX, n_threads=2) as fresh:
+        want = chunk_logits(fresh, tokens)
+    for a, b, c in zip(at3, again, want):
+        assert np.array_equal(a, c) and np.array_equal(b, c)
+
+
+@pytest.mark.parametrize("wrong", ["n_out", "n_in"])
+def test_wrong_shape_is_refused_without_touching_memory(base_model, tokens, base_logits, wrong):
+    """A theta registered for blk.0.attn_q.weight (576 x 576) with another shape is skipped at run
+    time, reported after the decode, and leaves the output exactly as llama.cpp computed it."""
+    rng = np.random.default_rng(0)
+    n_out, n_in = (100, 576) if wrong == "n_out" else (576, 640)
+    bad = {"blk.0.attn_q.weight": ThetaFactors("blk.0.attn_q.weight", rng.standard_normal((4, n_in)).astype(np.float32),
+                                               rng.standard_normal((n_out, 4)).astype(np.float32))}
+    hook = native.ShimHook(bad, gamma=50.0)
+    with Runtime(base_model, n_ctx=CTX, n_threads=2, eval_callback=hook) as rt:
+        w = next(windows(tokens))
+        rt.clear()
+        got = np.array(rt.decode(w, 0, logits_from=CTX // 2))
+        with pytest.raises(UserError, match="shape"):
+            hook.check()
+        assert np.array_equal(got, base_logits[0])
+        assert hook.stats()["reasons"] == {"shape": 1}
+        hook.check()  # the counters were reset: nothing new to report
+    hook.close()
+
+
+def test_hook_skips_registered_names_it_never_sees(base_model, tokens, base_logits):
+    """A name the model lacks is never claimed: no split, no error, identical logits."""
+    rng = np.random.default_rng(1)
+    ghost = {"blk.99.attn_q.weight": ThetaFactors("blk.99.attn_q.weight", rng.standard_normal((2, 8)).astype(np.float32),
+                                                  rng.standard_normal((8, 2)).astype(np.float32))}
+    hook = native.ShimHook(ghost, gamma=1.0)
+    with Runtime(base_model, n_ctx=CTX, n_threads=2, eval_callback=hook) as rt:
+        rt.clear()
+        got = np.array(rt.decode(next(windows(tokens)), 0, logits_from=CTX // 2))
+        assert hook.check()["applied"] == 0
+    assert np.array_equal(got, base_logits[0])
+    hook.close()
+
+
+def test_registry_refuses_bad_entries(theta_r8):
+    nkat = read_nkat(theta_r8)
+    name, f = next(iter(nkat.factors.items()))
+    hook = native.ShimHook({name: f}, gamma=1.0)
+    with pytest.raises(UserError, match="registered twice"):
+        hook._add(native.quantize_factors(f.A, f.B, name))
+    hook.close()
+    bad_name = {"CUDA0#x#0": ThetaFactors("CUDA0#x#0", f.A, f.B)}
+    with pytest.raises(UserError, match="not a valid weight name"):
+        native.ShimHook(bad_name, gamma=1.0)
+    with pytest.raises(UserError, match="gamma"):
+        native.ShimHook({name: f}, gamma=float("nan"))
+    with pytest.raises(RuntimeError, match="closed"):
+        hook.set_gamma(1.0)
+
+
+def test_hook_exposes_llama_cpp_callback(theta_r8):
+    import ctypes
+
+    import llama_cpp
+
+    hook = native.ShimHook(read_nkat(theta_r8))
+    assert isinstance(hook.cb_eval, llama_cpp.ggml_backend_sched_eval_callback)
+    assert isinstance(hook.user_data, ctypes.c_void_p) and hook.user_data.value
+    assert len(hook.names()) == N_TARGETS
+    assert hook.gamma == pytest.approx(read_nkat(theta_r8).gamma)
+    params = llama_cpp.llama_context_default_params()
+    params.cb_eval = hook.cb_eval
+    params.cb_eval_user_data = hook.user_data
+    hook.close()
