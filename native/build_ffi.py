@@ -67,9 +67,12 @@ def check_compiler() -> None:
 CDEF = """
 typedef struct nkat_factors {
     int64_t n_out, n_in, rank;
-    const int8_t *A_q; const float *A_s; const int8_t *Bt_q; const float *B_s;
+    const int8_t *A_q; const float *A_s; const int8_t *Bt_q; const float *B_s;  /* Bt_q tiled */
 } nkat_factors;
 #define NKAT_MAX_RANK 4096
+#define NKAT_TILE 64
+int64_t nkat_tiled_b_size(int64_t rank, int64_t n_out);
+void nkat_tile_b(const int8_t *Bt_plain, int64_t rank, int64_t n_out, int8_t *Bt_tiled);
 int nkat_star_apply(const nkat_factors *f, const float *x, int64_t x_stride, float *y,
                     int64_t y_stride, int64_t n_cols, float s, int n_threads);
 const char *nkat_isa_name(void);

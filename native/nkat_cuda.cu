@@ -35,14 +35,16 @@ __global__ void a_phase(const int8_t *A_q, const float *A_s, int64_t n_in, int64
     }
 }
 
-// One thread per output row o of column c (blockIdx.y): coalesced reads of Bt_q rows.
+// One thread per output row o of column c (blockIdx.y). Bt_q is in the CPU kernels' tiled layout
+// ([n_out/64][rank][64]), so a warp's 32 consecutive o read 32 consecutive bytes per k.
 __global__ void b_phase(const int8_t *Bt_q, const float *B_s, int64_t n_out, int64_t rank, const float *t,
                         float s, float *y, int64_t y_stride) {
     const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, c = blockIdx.y;
     if (o >= n_out) return;
     const float *tc = t + c * rank;
+    const int8_t *b = Bt_q + (o / NKAT_CUDA_TILE) * rank * NKAT_CUDA_TILE + o % NKAT_CUDA_TILE;
     float acc = 0.0f;
-    for (int64_t k = 0; k < rank; k++) acc += static_cast<float>(Bt_q[k * n_out + o]) * tc[k];
+    for (int64_t k = 0; k < rank; k++) acc += static_cast<float>(b[k * NKAT_CUDA_TILE]) * tc[k];
     y[c * y_stride + o] += s * B_s[o] * acc;
 }
 

@@ -13,7 +13,9 @@
 extern "C" {
 #endif
 
-#define NKAT_CUDA_API_VERSION 1
+#define NKAT_CUDA_API_VERSION 2
+/* B is tiled as in nkat_kernels.h: [ceil(n_out / 64)][rank][64], zero-padded. */
+#define NKAT_CUDA_TILE 64
 
 int nkat_cuda_api_version(void);
 /* Number of usable devices (0 when there is no GPU or driver). */
@@ -21,7 +23,8 @@ int nkat_cuda_device_count(void);
 /* Copy n host bytes to a new allocation on the device that owns `like` (a device pointer). */
 int nkat_cuda_upload(const void *like, const void *src, size_t n, void **dst);
 void nkat_cuda_release(void *dev);
-/* y[:, c] += s * B (A x[:, c]); every pointer is device memory on one device. Synchronous. */
+/* y[:, c] += s * B (A x[:, c]); every pointer is device memory on one device (Bt_q tiled).
+ * Synchronous. */
 int nkat_cuda_star_apply(int64_t n_out, int64_t n_in, int64_t rank, const int8_t *A_q, const float *A_s,
                          const int8_t *Bt_q, const float *B_s, const float *x, int64_t x_stride, float *y,
                          int64_t y_stride, int64_t n_cols, float s);

@@ -21,6 +21,8 @@
 
 #define NKAT_MAGIC 0x4e4b4154484f4f4bULL /* "NKATHOOK" */
 
+_Static_assert(NKAT_CUDA_TILE == NKAT_TILE, "the CUDA and CPU kernels must share the tiled B layout");
+
 typedef struct nkat_entry {
     char name[GGML_MAX_NAME];
     int64_t n_out, n_in, rank;
@@ -202,7 +204,8 @@ int nkat_hook_add_factors(nkat_hook *h, const char *name, int64_t n_out, int64_t
     e->rank = rank;
     e->A_q = copy_of(A_q, (size_t)(rank * n_in));
     e->A_s = copy_of(A_s, sizeof(float) * (size_t)rank);
-    e->Bt_q = copy_of(Bt_q, (size_t)(rank * n_out));
+    e->Bt_q = malloc((size_t)nkat_tiled_b_size(rank, n_out));
+    if (e->Bt_q) nkat_tile_b(Bt_q, rank, n_out, e->Bt_q);
     e->B_s = copy_of(B_s, sizeof(float) * (size_t)n_out);
     if (!e->A_q || !e->A_s || !e->Bt_q || !e->B_s) {
         free_entry(h, e);
@@ -400,7 +403,7 @@ static int check_output(const struct ggml_tensor *t, const nkat_entry *e, char *
 static int cuda_apply(nkat_hook *h, nkat_entry *e, const struct ggml_tensor *t, float s, char *what, size_t n) {
     const void *host[4] = {e->A_q, e->A_s, e->Bt_q, e->B_s};
     const size_t bytes[4] = {(size_t)(e->rank * e->n_in), sizeof(float) * (size_t)e->rank,
-                             (size_t)(e->rank * e->n_out), sizeof(float) * (size_t)e->n_out};
+                             (size_t)nkat_tiled_b_size(e->rank, e->n_out), sizeof(float) * (size_t)e->n_out};
     for (int i = 0; i < 4; i++) {
         if (e->dev[i]) continue;
         const int rc = h->cuda.upload(t->data, host[i], bytes[i], &e->dev[i]);

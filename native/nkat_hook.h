@@ -48,7 +48,8 @@ const char *nkat_abi_check(void);
 nkat_hook *nkat_hook_new(int mode, int capacity);
 void nkat_hook_free(nkat_hook *h);
 
-/* Apply mode: copy one weight's factors in (layout as in nkat_kernels.h). Returns the
+/* Apply mode: copy one weight's factors in (A_q [rank][n_in], Bt_q plain [rank][n_out]; the
+ * registry keeps B in the tiled layout of nkat_kernels.h). Returns the
  * entry index, -1 on bad arguments, -2 when full or the name is taken, -3 out of memory. */
 int nkat_hook_add_factors(nkat_hook *h, const char *name, int64_t n_out, int64_t n_in, int64_t rank,
                           const int8_t *A_q, const float *A_s, const int8_t *Bt_q, const float *B_s);

@@ -32,7 +32,7 @@ def cuda_lib(tmp_path_factory) -> Path:
 @needs_nvcc
 def test_cuda_source_compiles_and_links(cuda_lib):
     lib = ctypes.CDLL(str(cuda_lib))  # all symbols resolve (cudart is linked in)
-    assert lib.nkat_cuda_api_version() == 1
+    assert lib.nkat_cuda_api_version() == 2
     for symbol in ("nkat_cuda_upload", "nkat_cuda_release", "nkat_cuda_star_apply", "nkat_cuda_error_string",
                    "nkat_cuda_device_count"):
         assert hasattr(lib, symbol)
@@ -73,7 +73,7 @@ def test_cuda_kernel_matches_numpy(cuda_lib):
     f = native.quantize_factors(rng.standard_normal((5, 300)), rng.standard_normal((129, 5)))
     x = rng.standard_normal((3, 300)).astype(np.float32)
     y = rng.standard_normal((3, 129)).astype(np.float32)
-    arrays = [f.A_q, f.A_scale, f.Bt_q, f.B_scale, x, y]
+    arrays = [f.A_q, f.A_scale, f.tiled_b(), f.B_scale, x, y]
     dev = []
     for a in arrays:
         p = ctypes.c_void_p()

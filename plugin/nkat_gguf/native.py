@@ -64,8 +64,19 @@ class Int8Factors:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the kernel streams per input column."""
+        """Bytes of the factors and scales (what the kernel streams per input column)."""
         return self.A_q.nbytes + self.Bt_q.nbytes + self.A_scale.nbytes + self.B_scale.nbytes
+
+    def tiled_b(self) -> np.ndarray:
+        """B in the kernels' layout: tiles of NKAT_TILE outputs, [n_tiles][rank][NKAT_TILE] (cached)."""
+        cached = getattr(self, "_tiled", None)
+        if cached is None:
+            plain = np.ascontiguousarray(self.Bt_q, dtype=np.int8)
+            cached = np.empty(int(lib.nkat_tiled_b_size(self.rank, self.n_out)), np.int8)
+            lib.nkat_tile_b(ffi.from_buffer("int8_t[]", plain), self.rank, self.n_out,
+                            ffi.from_buffer("int8_t[]", cached))
+            self._tiled = cached
+        return cached
 
     def A(self) -> np.ndarray:
         return self.A_q.astype(np.float32) * self.A_scale[:, None]
@@ -110,7 +121,7 @@ def _columns(a: np.ndarray, length: int, what: str, writable: bool = False) -> n
 
 
 def _factor_struct(f: Int8Factors, keep: list):
-    arrays = [np.ascontiguousarray(a) for a in (f.A_q, f.A_scale, f.Bt_q, f.B_scale)]
+    arrays = [np.ascontiguousarray(a) for a in (f.A_q, f.A_scale, f.tiled_b(), f.B_scale)]
     keep.extend(arrays)
     s = ffi.new("nkat_factors *")
     s.n_out, s.n_in, s.rank = f.n_out, f.n_in, f.rank

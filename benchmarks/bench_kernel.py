@@ -1,0 +1,108 @@
+"""INT8 star-product kernel throughput at generation batch size 1, against this machine's memory
+bandwidth measured in the same run. Prints JSON.
+
+    python benchmarks/bench_kernel.py [--total-mb 256] [--dim 4096] [--rank 64] [--repeats 5]
+
+theta GB/s = bytes of INT8 factors + scales streamed per input column / time, over a set of
+matrices larger than the caches (so the factors come from DRAM, as for a large model).
+Memory bandwidth = numpy reading a buffer of the same size (sum), with 1 and with all threads.
+Also reported: the kernel time per token for the default model's shapes at rank 8 (in cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from nkat_gguf import native
+from nkat_gguf.native import ffi, lib
+
+SMOLLM2_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+
+
+def best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def read_bandwidth(nbytes: int, threads: int, repeats: int) -> float:
+    """GB/s of numpy summing a float32 buffer of nbytes, split over `threads` threads."""
+    data = np.ones(nbytes // 4, dtype=np.float32)
+    parts = np.array_split(data, threads)
+    if threads == 1:
+        seconds = best_of(lambda: data.sum(), repeats)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            seconds = best_of(lambda: list(pool.map(np.sum, parts)), repeats)
+    return data.nbytes / seconds / 1e9
+
+
+class FactorSet:
+    """Random INT8 factors for many matrices, with their cffi structs built once."""
+
+    def __init__(self, shapes: list[tuple[int, int]], rank: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.keep, self.calls = [], []
+        self.nbytes = 0
+        for n_out, n_in in shapes:
+            f = native.Int8Factors("", rng.integers(-127, 128, (rank, n_in), dtype=np.int8),
+                                   rng.uniform(0.001, 0.01, rank).astype(np.float32),
+                                   rng.integers(-127, 128, (rank, n_out), dtype=np.int8),
+                                   rng.uniform(0.001, 0.01, n_out).astype(np.float32))
+            x = rng.standard_normal(n_in).astype(np.float32)
+            y = np.zeros(n_out, np.float32)
+            s = native._factor_struct(f, self.keep)
+            self.keep += [x, y, s]
+            self.calls.append((s, ffi.from_buffer("float[]", x), n_in, ffi.from_buffer("float[]", y), n_out))
+            self.nbytes += f.nbytes
+
+    def run(self, threads: int) -> None:
+        apply = lib.nkat_star_apply
+        for s, x, n_in, y, n_out in self.calls:
+            apply(s, x, n_in, y, n_out, 1, 1.0, threads)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--total-mb", type=float, default=256, help="theta bytes streamed per pass (default 256 MB)")
+    ap.add_argument("--dim", type=int, default=4096, help="n_out = n_in of each matrix (default 4096, a 7B layer)")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+
+    per_matrix = args.rank * 2 * args.dim + 4 * (args.rank + args.dim)
+    count = max(1, int(args.total_mb * 1e6 // per_matrix))
+    big = FactorSet([(args.dim, args.dim)] * count, args.rank)
+    big.run(1)  # warm up (page faults)
+
+    result = {"isa_best": native.best_isa(), "threads": args.threads, "matrices": count, "dim": args.dim,
+              "rank": args.rank, "theta_bytes": big.nbytes, "batch": 1}
+    result["memory_read_GBps_1_thread"] = read_bandwidth(big.nbytes, 1, args.repeats)
+    result["memory_read_GBps_all_threads"] = read_bandwidth(big.nbytes, args.threads, args.repeats)
+    for isa in native.supported_isas():
+        with native.use_isa(isa):
+            result[f"theta_GBps_{isa}_1_thread"] = big.nbytes / best_of(lambda: big.run(1), args.repeats) / 1e9
+    result["theta_GBps_1_thread"] = result[f"theta_GBps_{native.best_isa()}_1_thread"]
+    result["theta_GBps_all_threads"] = big.nbytes / best_of(lambda: big.run(args.threads), args.repeats) / 1e9
+    result["ratio_1_thread"] = result["theta_GBps_1_thread"] / result["memory_read_GBps_1_thread"]
+    result["ratio_all_threads"] = result["theta_GBps_all_threads"] / result["memory_read_GBps_all_threads"]
+
+    small = FactorSet(SMOLLM2_SHAPES * 30, 8)
+    seconds = best_of(lambda: small.run(1), max(args.repeats, 20))
+    result["smollm2_r8_theta_bytes"] = small.nbytes
+    result["smollm2_r8_kernel_us_per_token"] = seconds * 1e6
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
