@@ -256,3 +256,23 @@ def test_mode_counts():
         trial_budget("custom", None)
     with pytest.raises(UserError):
         trial_budget("quick", 5)
+
+
+def test_infeasible_trials_are_recorded_and_nothing_is_claimed(work, base_model, reference_model, short_text,
+                                                               capsys):
+    """--max-kld below anything theta reaches: every trial is infeasible, kept with its figures,
+    and the study says so instead of naming an 'optimal' theta."""
+    out = work / "infeasible"
+    rc = main(study_args(base_model, reference_model, short_text, out, "--mode", "custom", "--trials", "2",
+                         "--max-kld", "0.001", "--final-chunks", "0", "--seed", "1", "--json"))
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    history = json.loads((out / "optimization_history.json").read_text())
+    assert len(history) == 2
+    for r in history:
+        assert r["state"] == "COMPLETE" and r["feasible"] is False
+        assert r["constraints"]["kld"] == pytest.approx(r["kld_mean"] - 0.001)
+        assert r["ppl"] > 0 and r["tpe"] > 0
+    assert summary["best_trial"] is None and summary["beats_baseline"] is False
+    assert "no feasible trial" in summary["verdict"]
+    assert not list(out.glob("optimal_*"))
