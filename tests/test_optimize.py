@@ -224,9 +224,10 @@ def test_resume_after_kill_keeps_completed_trials(work, base_model, reference_mo
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    before = {t.number: (t.params, t.value, t.datetime_start) for t in _trials(db) if t.state.name == "COMPLETE"}
-    killed = running[0].number
-    assert killed not in before
+    at_kill = _trials(db)
+    before = {t.number: (t.params, t.value, t.datetime_start) for t in at_kill if t.state.name == "COMPLETE"}
+    killed = [t.number for t in at_kill if t.state.name == "RUNNING"]  # normally the trial seen running
+    assert len(killed) <= 1 and len(before) >= 1
 
     rerun = subprocess.run([*cmd[:-1], "--json"], env=ENV, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
@@ -238,9 +239,11 @@ def test_resume_after_kill_keeps_completed_trials(work, base_model, reference_mo
         assert complete[number] == record  # still there, untouched
     assert summary["trials_completed_by_this_worker"] == 4 - len(before)  # the completed ones were not repeated
     states = {t.number: t.state.name for t in after}
-    assert states[killed] == "FAIL"  # the one in flight is lost...
-    retries = [t for t in after if t.system_attrs.get("failed_trial") == killed]
-    assert len(retries) == 1 and retries[0].state.name == "COMPLETE"  # ...and run again
+    for number in killed:
+        assert states[number] == "FAIL"  # the one in flight is lost...
+        retries = [t for t in after if t.system_attrs.get("failed_trial") == number]
+        assert len(retries) == 1 and retries[0].state.name == "COMPLETE"  # ...and run again
+        assert retries[0].number not in before
     assert not [t for t in after if t.state.name in ("RUNNING", "WAITING")]
     history = json.loads((out / "optimization_history.json").read_text())
     assert [r["number"] for r in history] == [t.number for t in after]

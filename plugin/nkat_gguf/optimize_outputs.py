@@ -195,11 +195,30 @@ class OutputWriter:
         summary = self.summary(rows, select_best(rows), None, previous, "running")
         write_text_atomic(self.out / SUMMARY, to_json(summary) + "\n")
 
-    def _previous_files(self) -> list[str]:
+    def _previous_summary(self) -> dict:
         try:
-            return list(json.loads((self.out / SUMMARY).read_text(encoding="utf-8")).get("files") or [])
+            data = json.loads((self.out / SUMMARY).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return []
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _previous_files(self) -> list[str]:
+        return list(self._previous_summary().get("files") or [])
+
+    def _is_written(self, path: Path, best: dict) -> bool:
+        """The .nkat at `path` is this study's file for this trial (nothing to redo)."""
+        from .errors import UserError
+        from .nkat_format import read_meta
+
+        if not path.is_file():
+            return False
+        try:
+            meta = read_meta(path)
+        except UserError:
+            return False
+        return (meta.get("optimize.study") == self.opt.opts.study_name
+                and str(meta.get("optimize.trial")) == str(best["number"])
+                and int(meta.get("theta_bytes", -1)) == best["theta_bytes"])
 
     def finish(self, ran: int) -> dict:
         opt = self.opt
@@ -213,10 +232,21 @@ class OutputWriter:
         if best is not None and best["tpe"] > base["tpe"]:
             stem = best_stem(best)
             nkat_path = self.out / f"{stem}.nkat"
-            say(f"writing the best theta (trial {best['number']}) to {nkat_path}", quiet)
-            opt.factors.write(nkat_path, best["params"], best["params"]["gamma"],
-                              extra={"optimize.study": opt.opts.study_name, "optimize.trial": best["number"]})
-            final = opt.final_evaluation(nkat_path)
+            previous = self._previous_summary()
+            same_best = (previous.get("best_trial") or {}).get("number") == best["number"]
+            if same_best and self._is_written(nkat_path, best):
+                say(f"the best theta (trial {best['number']}) is already in {nkat_path}", quiet)
+            else:
+                say(f"writing the best theta (trial {best['number']}) to {nkat_path}", quiet)
+                opt.factors.write(nkat_path, best["params"], best["params"]["gamma"],
+                                  extra={"optimize.study": opt.opts.study_name, "optimize.trial": best["number"]})
+                same_best = False
+            old_final = previous.get("final") if same_best else None
+            wanted = min(opt.opts.final_chunks, opt.scorer.available_chunks)
+            if old_final and old_final.get("chunks") == wanted and old_final.get("ctx") == opt.opts.ctx:
+                final = old_final  # this theta was re-evaluated on these chunks by an earlier run
+            else:
+                final = opt.final_evaluation(nkat_path)
             best_doc = dict(best)
             best_doc.update({
                 "trial": best["number"],

@@ -81,6 +81,9 @@ def print_summary(s: dict) -> None:
     if best is not None:
         rows.append((f"best trial #{best['number']}", best["chunks"], best["ppl"], best["kld_mean"], best["tpe"],
                      human_bytes(best["bytes"]), _pct(best["gap_recovered"])))
+    if control:
+        rows.append((control["label"], control["chunks"], control["ppl"], 0.0, control["tpe"],
+                     human_bytes(control["bytes"]), "100.0 %"))
     if final:
         fb, fbase = final["best"], final["baseline"]
         rows.append(("baseline (no theta)", final["chunks"], fbase["ppl"], fbase["kld_mean"], fbase["tpe"],
@@ -89,9 +92,6 @@ def print_summary(s: dict) -> None:
                      human_bytes(fb["bytes"]), _pct(fb["gap_recovered"])))
         if final.get("reference"):
             rows.append(("reference", final["chunks"], final["reference"]["ppl"], 0.0, None, "-", "100.0 %"))
-    if control:
-        rows.append((control["label"], control["chunks"], control["ppl"], 0.0, control["tpe"],
-                     human_bytes(control["bytes"]), "100.0 %"))
     counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(s["trials"].items()))
     spt = s["seconds_per_trial"]
     note = (f"study {s['study_name']!r} ({s['storage']}): {counts}; "
