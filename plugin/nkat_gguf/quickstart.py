@@ -14,7 +14,7 @@ from pathlib import Path
 from .convert import ConvertOptions, convert
 from .defaults import default_model_path, find_calibration_text
 from .errors import UserError
-from .measure import PplRequest, run_ppl
+from .measure import PplRequest, read_text, run_ppl
 from .quantize import quantize_model
 from .report import say, to_json
 from .atomic import write_text_atomic
@@ -28,17 +28,23 @@ def default_work_dir() -> Path:
 def calibrate_if_possible(reference: str, work: Path, ctx: int, chunks: int, threads, quiet: bool) -> str | None:
     """An imatrix from the calibration text through the native hook; None when unavailable."""
     try:
-        from .calibration_run import calibrate
-    except ImportError as exc:
-        say(f"activation-scaled theta skipped: native calibration unavailable ({exc})", quiet)
+        from .calibration import write_imatrix
+        from .commands.calibrate import collect
+        from .native import self_test
+
+        self_test()
+    except (ImportError, OSError) as exc:
+        say(f"activation-scaled theta skipped: the native shim is not built ({exc})", quiet)
         return None
     try:
         text = find_calibration_text()
     except UserError as exc:
         say(f"activation-scaled theta skipped: {exc}", quiet)
         return None
+    stats, facts = collect(reference, read_text(text), chunks, ctx, threads, False, quiet)
     out = work / "reference.imatrix"
-    calibrate(reference, str(text), str(out), ctx=ctx, chunks=chunks, threads=threads, quiet=quiet)
+    write_imatrix(out, stats, dataset=str(text), chunks=facts["chunks"], chunk_size=ctx,
+                  architecture=facts["architecture"])
     return str(out)
 
 
