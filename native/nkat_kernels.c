@@ -1,5 +1,5 @@
 /* INT8 star-product kernels with run-time ISA dispatch (AVX-512 / AVX2+FMA / scalar) and
- * OpenMP threading. See nkat_kernels.h for the storage layout.
+ * OpenMP threading over columns. See nkat_kernels.h for the storage layout.
  *
  * Two phases per input column x:
  *   A phase: t[k] = A_s[k] * sum_i A_q[k][i] * x[i]            (rank dot products, 4 rows at once)
@@ -319,9 +319,12 @@ static void pick_phases(a_phase_fn *a, b_phase_fn *b) {
 
 /* ---------------------------------------------------------------- driver ----------- */
 
+/* Threads split the columns (prompt batches). A single column stays on one thread: measured
+ * here, one core already streams theta at close to the machine's read bandwidth, and splitting
+ * one column's rows costs a fork and a barrier per matrix, ruinous when a core is busy. */
 static int threads_for(const nkat_factors *f, int64_t n_cols, int n_threads) {
     const int64_t bytes = f->rank * (f->n_in + f->n_out) * n_cols;
-    if (n_threads <= 1 || bytes < NKAT_PAR_MIN_BYTES) return 1;
+    if (n_threads <= 1 || bytes < NKAT_PAR_MIN_BYTES || n_cols < 2 * (int64_t)n_threads) return 1;
     return n_threads;
 }
 
@@ -332,33 +335,6 @@ static void columns_serial(const nkat_factors *f, a_phase_fn a, b_phase_fn b, co
         a(f, 0, f->rank, x + c * x_stride, t);
         b(f, 0, n_tiles(f->n_out), t, s, y + c * y_stride);
     }
-}
-
-/* Few columns, much theta (generation with a large matrix): split rows within each phase. */
-static int columns_row_split(const nkat_factors *f, a_phase_fn a, b_phase_fn b, const float *x, int64_t x_stride,
-                             float *y, int64_t y_stride, int64_t n_cols, float s, int nt) {
-    float *t = (float *)malloc(sizeof(float) * (size_t)f->rank);
-    if (!t) return -1;
-    const int64_t tiles = n_tiles(f->n_out);
-    for (int64_t c = 0; c < n_cols; c++) {
-        const float *xc = x + c * x_stride;
-        float *yc = y + c * y_stride;
-#pragma omp parallel num_threads(nt)
-        {
-            int id = 0, n = 1;
-#ifdef _OPENMP
-            id = omp_get_thread_num();
-            n = omp_get_num_threads();
-#endif
-            const int64_t k0 = f->rank * id / n, k1 = f->rank * (id + 1) / n;
-            if (k1 > k0) a(f, k0, k1, xc, t);
-#pragma omp barrier
-            const int64_t t0 = tiles * id / n, t1 = tiles * (id + 1) / n;
-            if (t1 > t0) b(f, t0, t1, t, s, yc);
-        }
-    }
-    free(t);
-    return 0;
 }
 
 int nkat_star_apply(const nkat_factors *f, const float *x, int64_t x_stride, float *y, int64_t y_stride,
@@ -375,7 +351,6 @@ int nkat_star_apply(const nkat_factors *f, const float *x, int64_t x_stride, flo
         columns_serial(f, a, b, x, x_stride, y, y_stride, 0, n_cols, s);
         return 0;
     }
-    if (n_cols < 2 * nt) return columns_row_split(f, a, b, x, x_stride, y, y_stride, n_cols, s, nt);
 #pragma omp parallel num_threads(nt)
     {
         int id = 0, n = 1;

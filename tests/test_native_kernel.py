@@ -8,8 +8,8 @@ import pytest
 from nkat_gguf import native
 from nkat_gguf.errors import UserError
 
-# (n_out, n_in, rank, n_cols): odd sizes, rank 1 and 64, n_in not a multiple of 32, a batch big
-# enough to be split across threads by columns, and one matrix big enough to be split by rows.
+# (n_out, n_in, rank, n_cols): odd sizes, rank 1 and 64, n_in not a multiple of 32 (nor of the
+# 64-output tile), batches big enough to be split across threads by columns, a 4097-wide matrix.
 SHAPES = [
     (1, 1, 1, 1),
     (7, 33, 1, 3),
