@@ -82,7 +82,7 @@ int nkat_isa_set(int isa);
 #define NKAT_SKIP_COUNT 8
 #define NKAT_DETAIL_LEN 320
 typedef struct nkat_stats {
-    int64_t applied; int64_t skipped; int64_t reasons[8]; char detail[320];
+    int64_t applied; int64_t skipped; int64_t reasons[8]; int64_t work_ns; char detail[320];
 } nkat_stats;
 typedef struct nkat_hook nkat_hook;
 const char *nkat_abi_check(void);

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -423,6 +424,20 @@ static int cuda_apply(nkat_hook *h, nkat_entry *e, const struct ggml_tensor *t, 
     return 0;
 }
 
+static void prefetch_bytes(const void *p, size_t n) {
+    for (size_t off = 0; off < n; off += 64) __builtin_prefetch((const char *)p + off, 0, 2);
+}
+
+/* During generation the factors are cold (the model's weights stream through the caches between
+ * two corrections) and each matrix's few KB are latency-bound: start fetching them when the
+ * scheduler asks about the node, so they arrive while llama.cpp computes it. */
+static void prefetch_factors(const nkat_entry *e) {
+    prefetch_bytes(e->A_q, (size_t)(e->rank * e->n_in));
+    prefetch_bytes(e->Bt_q, (size_t)nkat_tiled_b_size(e->rank, e->n_out));
+    prefetch_bytes(e->A_s, sizeof(float) * (size_t)e->rank);
+    prefetch_bytes(e->B_s, sizeof(float) * (size_t)e->n_out);
+}
+
 static void apply_node(nkat_hook *h, nkat_entry *e, struct ggml_tensor *t) {
     char what[256];
     int reason = check_input(t, e, what, sizeof what);
@@ -512,10 +527,18 @@ static bool nkat_cb_eval(struct ggml_tensor *t, bool ask, void *user_data) {
     nkat_hook *h = user_data;
     if (!h || h->magic != NKAT_MAGIC || !active(h)) return !ask; /* never abort the graph */
     nkat_entry *e = claimed(h, t);
-    if (ask) return e != NULL && !empty_node(t);
+    if (ask) {
+        if (!e || empty_node(t)) return false;
+        if (h->mode == NKAT_MODE_APPLY) prefetch_factors(e);
+        return true;
+    }
     if (!e || empty_node(t)) return true;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     if (h->mode == NKAT_MODE_APPLY) apply_node(h, e, t);
     else collect_node(h, e, t);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    h->stats.work_ns += (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
     return true;
 }
 

@@ -36,6 +36,7 @@ typedef struct nkat_stats {
     int64_t applied;  /* nodes corrected (apply) or collected (collect) */
     int64_t skipped;
     int64_t reasons[NKAT_SKIP_COUNT];
+    int64_t work_ns;  /* time spent applying / collecting inside the callback */
     char detail[NKAT_DETAIL_LEN]; /* the first skip since the last reset, in words */
 } nkat_stats;
 

@@ -263,7 +263,7 @@ class _Hook:
         if self._h == ffi.NULL:
             raise MemoryError("nkat_hook_new failed")
         self._cb = None
-        self._totals = {"applied": 0, "skipped": 0, "reasons": {}, "detail": ""}
+        self._totals = {"applied": 0, "skipped": 0, "work_seconds": 0.0, "reasons": {}, "detail": ""}
         lib.nkat_hook_set_threads(self._h, int(n_threads or os.cpu_count() or 1))
 
     def _handle(self):
@@ -310,15 +310,16 @@ class _Hook:
         lib.nkat_hook_stats(self._handle(), out, 1 if reset else 0)
         reasons = {name: int(out.reasons[i]) for i, name in enumerate(_SKIP_REASONS) if out.reasons[i]}
         return {"applied": int(out.applied), "skipped": int(out.skipped), "reasons": reasons,
-                "detail": ffi.string(out.detail).decode(errors="replace")}
+                "work_seconds": int(out.work_ns) * 1e-9, "detail": ffi.string(out.detail).decode(errors="replace")}
 
     def stats(self) -> dict:
-        """Totals since the hook was made: {"applied", "skipped", "reasons": {reason: count},
-        "detail": the first skip in words}; check() does not reset these."""
+        """Totals since the hook was made: {"applied", "skipped", "work_seconds" (inside the
+        callback), "reasons": {reason: count}, "detail": the first skip in words}; check() does
+        not reset these."""
         now = self._native_stats(reset=False)
         total = dict(self._totals)
-        total["applied"] += now["applied"]
-        total["skipped"] += now["skipped"]
+        for key in ("applied", "skipped", "work_seconds"):
+            total[key] += now[key]
         total["reasons"] = dict(total["reasons"])
         for k, v in now["reasons"].items():
             total["reasons"][k] = total["reasons"].get(k, 0) + v
@@ -328,8 +329,8 @@ class _Hook:
     def check(self) -> dict:
         """Raise if nodes were skipped since the last check; returns that period's stats."""
         st = self._native_stats(reset=True)
-        self._totals["applied"] += st["applied"]
-        self._totals["skipped"] += st["skipped"]
+        for key in ("applied", "skipped", "work_seconds"):
+            self._totals[key] += st[key]
         for k, v in st["reasons"].items():
             self._totals["reasons"][k] = self._totals["reasons"].get(k, 0) + v
         self._totals["detail"] = self._totals["detail"] or st["detail"]
