@@ -362,11 +362,11 @@ class ShimHook(_Hook):
         factors = getattr(nkat, "factors", nkat)
         super().__init__(_MODE_APPLY, len(factors), n_threads)
         try:
-            self.int8: dict[str, Int8Factors] = {}
+            self.theta_bytes = 0  # INT8 factors + scales held by the native registry
             for name, tf in factors.items():
                 f = quantize_factors(tf.A, tf.B, name)
                 self._add(f)
-                self.int8[name] = f
+                self.theta_bytes += f.nbytes
             file_gamma = getattr(nkat, "gamma", None)
             self.set_gamma(file_gamma if gamma is None else gamma)
             if cuda:
@@ -399,10 +399,6 @@ class ShimHook(_Hook):
         err = ffi.new("char[512]")
         if lib.nkat_hook_load_cuda(self._handle(), str(path).encode(), err, 512) != 0:
             raise RuntimeError(f"could not load {path}: {ffi.string(err).decode(errors='replace')}")
-
-    @property
-    def theta_bytes(self) -> int:
-        return sum(f.nbytes for f in self.int8.values())
 
 
 class ActivationCollector(_Hook):
