@@ -36,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nkat-gguf {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"nkat_gguf.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"nkat_gguf.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.add_parser(subparsers)
+        importlib.import_module(f"nkat_gguf.commands.{name}").add_parser(subparsers)
     return parser
 
 

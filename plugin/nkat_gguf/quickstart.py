@@ -29,7 +29,7 @@ def calibrate_if_possible(reference: str, work: Path, ctx: int, chunks: int, thr
     """An imatrix from the calibration text through the native hook; None when unavailable."""
     try:
         from .calibration import write_imatrix
-        from .commands.calibrate import collect
+        from .activation_stats import collect
         from .native import self_test
 
         self_test()

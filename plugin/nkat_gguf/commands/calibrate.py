@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..activation_stats import collect
 from ..calibration import write_imatrix, write_imatrix_legacy
 from ..defaults import find_calibration_text, find_eval_text
 from ..errors import UserError
 from ..measure import read_text
-from ..report import human_bytes, print_json, print_table, progress, say
+from ..report import human_bytes, print_json, print_table, say
 from .common import add_output_flags, add_runtime_flags, model_path, positive_int
 
 FORMATS = ("gguf", "dat")
@@ -47,39 +48,6 @@ def check_not_eval_text(text: Path) -> None:
         return
     if eval_text.resolve() == text.resolve():
         raise UserError(f"{text} is the evaluation text: calibrate on other text (e.g. WikiText-2 valid)")
-
-
-def collect(model: str, text: bytes, chunks: int, ctx: int, threads: int | None, flash_attn: bool,
-            quiet: bool) -> tuple[dict, dict]:
-    """Run the model over `chunks` chunks with the collector attached; (stats, run facts)."""
-    from ..gguf_io import ModelFile
-    from ..native import ActivationCollector
-    from ..runtime import Runtime
-
-    model_file = ModelFile(model)
-    collector = ActivationCollector({name: model_file.shape(name)[1] for name in model_file.target_names()})
-    runtime = Runtime(model, None, n_ctx=ctx, n_threads=threads, flash_attn=flash_attn, eval_callback=collector)
-    try:
-        collector.set_threads(runtime.n_threads)
-        tokens = runtime.tokenize(text)
-        available = len(tokens) // ctx
-        if available < 1:
-            raise UserError(f"the calibration text has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}")
-        n_chunks = min(chunks, available)
-        for c in progress(range(n_chunks), desc="calibrate", unit="chunk", quiet=quiet):
-            window = tokens[c * ctx:(c + 1) * ctx].copy()
-            if runtime.add_bos:
-                window[0] = runtime.bos_token
-            runtime.clear()
-            runtime.decode(window, 0, logits_from=0)
-            collector.check()
-        facts = {"chunks": n_chunks, "chunks_available": available, "text_tokens": int(len(tokens)),
-                 "architecture": model_file.architecture, "threads": runtime.n_threads}
-        stats = collector.results()
-    finally:
-        runtime.close()
-        collector.close()
-    return stats, facts
 
 
 def run(args) -> int:
