@@ -25,8 +25,12 @@ def quantize_model(input_path: str, output_path: str, qtype: str = "q4_0", threa
     params.ftype = names[qtype.lower()]
     params.allow_requantize = True
     params.nthread = threads or (os.cpu_count() or 1)
+    from llama_cpp._utils import suppress_stdout_stderr
+
     with atomic_path(output_path) as tmp:
-        rc = llama_cpp.llama_model_quantize(str(input_path).encode(), str(tmp).encode(), params)
+        # llama.cpp logs ~300 lines per quantization on stderr; NKAT_VERBOSE=1 shows them.
+        with suppress_stdout_stderr(disable=bool(os.environ.get("NKAT_VERBOSE"))):
+            rc = llama_cpp.llama_model_quantize(str(input_path).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise UserError(f"llama.cpp could not quantize {input_path} to {qtype} (status {rc})")
     reader = open_gguf(output_path)

@@ -62,7 +62,25 @@ def print_ppl_table(result: dict) -> None:
             f"flash attention {'on' if s['flash_attn'] else 'off'}, {s['threads']} threads; "
             f"{result['wall_seconds']:.1f} s")
     print_table("perplexity (llama-perplexity scoring)", columns, rows, note=note)
-    gap = result.get("gap_recovered")
-    if gap is not None:
-        verdict = "theta helps" if gap > 0 else "theta makes it WORSE than no theta"
-        print(f"{verdict}: {100 * gap:.1f} % of the gap to the reference recovered")
+    print_verdict(result)
+
+
+def print_verdict(result: dict) -> None:
+    """Plain words: does theta help, and does a plain model at similar bytes do better?"""
+    theta_rows = [r for r in result["rows"] if "gamma" in r]
+    for r in theta_rows:
+        gap = r.get("gap_recovered")
+        delta = r["ppl"] - result["ppl_base"]
+        words = "helps" if delta < 0 else "makes it WORSE"
+        line = f"{r['label']}: theta {words} (PPL {delta:+.3f}"
+        line += f", {100 * gap:.1f} % of the gap to the reference recovered)" if gap is not None else ")"
+        print(line)
+    if not theta_rows:
+        return
+    best = max(theta_rows, key=lambda r: r["tpe"])
+    for r in result["rows"]:
+        if "gamma" in r or r["label"] == best["label"]:
+            continue
+        if r["bytes"] <= 1.05 * best["bytes"] and r["tpe"] > best["tpe"]:
+            print(f"byte-matched control: {r['label']} ({human_bytes(r['bytes'])}) beats the best theta "
+                  f"({human_bytes(best['bytes'])}): TPE {r['tpe']:.4f} vs {best['tpe']:.4f}, PPL {r['ppl']:.3f} vs {best['ppl']:.3f}")
