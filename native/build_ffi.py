@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -64,47 +65,30 @@ def check_compiler() -> None:
         raise NativeBuildError(f"only Linux is supported by the native shim (this is {sys.platform})")
 
 
-CDEF = """
-typedef struct nkat_factors {
-    int64_t n_out, n_in, rank;
-    const int8_t *A_q; const float *A_s; const int8_t *Bt_q; const float *B_s;  /* Bt_q tiled */
-} nkat_factors;
-#define NKAT_MAX_RANK 4096
-#define NKAT_TILE 64
-int64_t nkat_tiled_b_size(int64_t rank, int64_t n_out);
-void nkat_tile_b(const int8_t *Bt_plain, int64_t rank, int64_t n_out, int8_t *Bt_tiled);
-int nkat_star_apply(const nkat_factors *f, const float *x, int64_t x_stride, float *y,
-                    int64_t y_stride, int64_t n_cols, float s, int n_threads);
-const char *nkat_isa_name(void);
-int nkat_isa_best(void);
-int nkat_isa_set(int isa);
+HEADERS_API = ["nkat_kernels.h", "nkat_hook.h"]
 
-#define NKAT_SKIP_COUNT 8
-#define NKAT_DETAIL_LEN 320
-typedef struct nkat_stats {
-    int64_t applied; int64_t skipped; int64_t reasons[8]; int64_t work_ns; char detail[320];
-} nkat_stats;
-typedef struct nkat_hook nkat_hook;
-const char *nkat_abi_check(void);
-nkat_hook *nkat_hook_new(int mode, int capacity);
-void nkat_hook_free(nkat_hook *h);
-int nkat_hook_add_factors(nkat_hook *h, const char *name, int64_t n_out, int64_t n_in, int64_t rank,
-                          const int8_t *A_q, const float *A_s, const int8_t *Bt_q, const float *B_s);
-int nkat_hook_add_target(nkat_hook *h, const char *name, int64_t n_in);
-void nkat_hook_set_gamma(nkat_hook *h, float gamma);
-float nkat_hook_get_gamma(const nkat_hook *h);
-void nkat_hook_set_enabled(nkat_hook *h, int enabled);
-void nkat_hook_set_threads(nkat_hook *h, int n_threads);
-int nkat_hook_load_cuda(nkat_hook *h, const char *path, char *err, int err_len);
-int nkat_hook_has_cuda(const nkat_hook *h);
-void nkat_hook_stats(nkat_hook *h, nkat_stats *out, int reset);
-const char *nkat_skip_name(int reason);
-int nkat_hook_entry_count(const nkat_hook *h);
-const char *nkat_hook_entry_name(const nkat_hook *h, int index);
-int64_t nkat_hook_entry_n_in(const nkat_hook *h, int index);
-int64_t nkat_hook_collected(const nkat_hook *h, int index, double *sum_sq);
-uintptr_t nkat_cb_eval_address(void);
-"""
+
+def header_cdef(*paths: Path) -> str:
+    """cffi declarations read from our own headers (one source of truth for the C API).
+
+    Drops comments, the C++ guards and preprocessor lines other than integer #defines, which
+    is all cffi's parser needs; API mode then checks every declaration against the headers.
+    """
+    lines = []
+    for path in paths:
+        text = re.sub(r"/\*.*?\*/", "", path.read_text(), flags=re.S)
+        in_cplusplus = False
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("#ifdef __cplusplus"):
+                in_cplusplus = True
+            elif in_cplusplus:
+                in_cplusplus = not stripped.startswith("#endif")
+            elif not stripped.startswith("#"):
+                lines.append(line)
+            elif re.match(r"#define\s+\w+\s+\d+\s*$", stripped):
+                lines.append(stripped)
+    return "\n".join(lines) + "\n"
 
 
 def _rel(path: Path) -> str:
@@ -117,11 +101,10 @@ def make_builder() -> FFI:
     check_compiler()
     include, lib = llama_cpp_dirs()
     ffi = FFI()
-    ffi.cdef(CDEF)
+    ffi.cdef(header_cdef(*(HERE / h for h in HEADERS_API)))
     ffi.set_source(
         MODULE,
-        '#include "nkat_kernels.h"\n#include "nkat_hook.h"\n'
-        "_Static_assert(NKAT_SKIP_COUNT == 8 && NKAT_DETAIL_LEN == 320, \"update CDEF in build_ffi.py\");\n",
+        "".join(f'#include "{h}"\n' for h in HEADERS_API),
         sources=[_rel(HERE / s) for s in SOURCES],
         include_dirs=[str(HERE), str(include)],
         library_dirs=[str(lib)],

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nkat_gguf import kobold, kobold_config, kobold_server
+from nkat_gguf import kobold, kobold_server
 from nkat_gguf.cli import main
 from nkat_gguf.defaults import default_model_path
 from nkat_gguf.errors import UserError

@@ -42,7 +42,8 @@ def gpu_offload_available() -> bool:
 
 def prompt_tokens(runtime: Runtime, seq_len: int, text: bytes | None) -> np.ndarray:
     source = text if text else (_FILLER * (seq_len // 8 + 8)).encode()
-    tokens = runtime.tokenize(source[: max(len(source), 1)])
+    # ~4 bytes per token: tokenize only the start of a long text, repeat a short one.
+    tokens = runtime.tokenize(source[: 16 * seq_len])
     while len(tokens) < seq_len:
         tokens = np.concatenate([tokens, tokens])
     return tokens[:seq_len]

@@ -79,14 +79,27 @@ def load_scales(path: str, names: list[str]) -> dict[str, np.ndarray]:
     return {n: column_scales(*stats[n]) for n in names}
 
 
-def _matrix_factors(model, ref, name, opts, scales, rank):
-    """P, Q (E ~ P Q^T) for one tensor at `rank`, and its resolved structure."""
+def correction_pq(model: ModelFile, ref: ModelFile | None, name: str, source: str, rank: int,
+                  col_scale: np.ndarray | None = None):
+    """P, Q with E ~ P Q^T at `rank` for one tensor, E being what `source` corrects."""
     W = model.dequantize(name)
-    structure = theta_math.resolve_structure(opts.structure, W.shape)
-    theta_math.check_rank(rank, W.shape, name)
-    E = theta_math.correction_matrix(opts.source, W, ref.dequantize(name) if ref else None)
+    E = theta_math.correction_matrix(source, W, ref.dequantize(name) if ref else None)
     del W
-    P, Q = theta_math.low_rank(E, rank, scales.get(name))
+    return theta_math.low_rank(E, rank, col_scale)
+
+
+def truncated_theta(name: str, P: np.ndarray, Q: np.ndarray, rank: int, structure: str) -> ThetaFactors:
+    """The theta of the first `rank` components of P, Q in a resolved structure."""
+    B, A = theta_math.structure_factors(P[:, :rank], Q[:, :rank], structure)
+    return ThetaFactors(name, A, B)
+
+
+def _matrix_factors(model, ref, name, opts, scales, rank):
+    """P, Q (E ~ P Q^T) for one tensor at `rank`, and its resolved structure (checked first)."""
+    shape = model.shape(name)
+    structure = theta_math.resolve_structure(opts.structure, shape)
+    theta_math.check_rank(rank, shape, name)
+    P, Q = correction_pq(model, ref, name, opts.source, rank, scales.get(name))
     return P, Q, structure
 
 
@@ -140,8 +153,7 @@ def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
         r = ranks[name]
         if r == 0:
             continue
-        B, A = theta_math.structure_factors(P[:, :r], Q[:, :r], structure)
-        all_factors.append(ThetaFactors(name, A, B))
+        all_factors.append(truncated_theta(name, P, Q, r, structure))
     if not all_factors:
         raise UserError(f"--budget-mb {opts.budget_mb} is too small for even one rank of one matrix")
 

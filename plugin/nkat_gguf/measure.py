@@ -14,7 +14,6 @@ from pathlib import Path
 
 from .errors import UserError
 from .evaluate import evaluate, gap_recovered, tpe
-from .nkat_format import read_meta
 from .runtime import Runtime
 
 

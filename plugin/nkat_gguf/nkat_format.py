@@ -175,26 +175,40 @@ def _meta_from_reader(reader, path: Path) -> dict:
     return meta
 
 
-def read_nkat(path: str | os.PathLike) -> NkatFile:
-    """Read the adapter back into float32 factors with theta = B @ A (rank scaling undone)."""
-    path = Path(path)
-    reader = open_gguf(path)
-    meta = _meta_from_reader(reader, path)
+def lora_pairs(reader, path) -> dict:
+    """weight name -> (lora_a, lora_b) reader tensors, every pair complete and rank-consistent."""
     halves: dict[str, dict[str, object]] = {}
     for t in reader.tensors:
         base, _, half = t.name.rpartition(".")
         if half not in ("lora_a", "lora_b"):
             raise UserError(f"{path}: unexpected tensor {t.name}")
         halves.setdefault(base, {})[half] = t
-    factors, types = {}, {}
+    pairs = {}
     for name, pair in halves.items():
         if set(pair) != {"lora_a", "lora_b"}:
             raise UserError(f"{path}: {name} lacks its lora_a or lora_b half")
         ta, tb = pair["lora_a"], pair["lora_b"]
+        if int(ta.shape[1]) != int(tb.shape[0]):
+            raise UserError(f"{path}: {name} has lora_a rank {int(ta.shape[1])} but lora_b rank {int(tb.shape[0])}")
+        pairs[name] = (ta, tb)
+    return pairs
+
+
+def read_layout(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(metadata, lora pairs) from one read of the file, without dequantizing anything."""
+    reader = open_gguf(path)
+    return _meta_from_reader(reader, Path(path)), lora_pairs(reader, path)
+
+
+def read_nkat(path: str | os.PathLike) -> NkatFile:
+    """Read the adapter back into float32 factors with theta = B @ A (rank scaling undone)."""
+    path = Path(path)
+    reader = open_gguf(path)
+    meta = _meta_from_reader(reader, path)
+    factors, types = {}, {}
+    for name, (ta, tb) in lora_pairs(reader, path).items():
         A = np.asarray(dequantize(ta.data, ta.tensor_type), np.float32).reshape(int(ta.shape[1]), int(ta.shape[0]))
         B = np.asarray(dequantize(tb.data, tb.tensor_type), np.float32).reshape(int(tb.shape[1]), int(tb.shape[0]))
-        if A.shape[0] != B.shape[1]:
-            raise UserError(f"{path}: {name} has lora_a rank {A.shape[0]} but lora_b rank {B.shape[1]}")
         factors[name] = ThetaFactors(name, A, B / np.float32(A.shape[0]))
         types[name] = (ta.tensor_type.name, tb.tensor_type.name)
     return NkatFile(path, meta, factors, types)

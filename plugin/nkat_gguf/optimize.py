@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import theta as theta_math
+from .convert import correction_pq, load_scales, truncated_theta
 from .errors import UserError
 from .evaluate import Accumulator, check_same_vocab, chunk_count, chunk_logprobs, gap_recovered, tpe
 from .gguf_io import ModelFile
@@ -202,8 +203,6 @@ class FactorCache:
 
     def scales(self) -> dict[str, np.ndarray]:
         if self._scales is None:
-            from .convert import load_scales
-
             try:
                 self._scales = load_scales(self.imatrix, self.names)
             except ModuleNotFoundError as exc:
@@ -217,11 +216,8 @@ class FactorCache:
             pq = {}
             for name in progress(self.names, desc=f"SVD ({source}, rank {self.max_rank})", quiet=self.quiet,
                                  unit="tensor"):
-                W = self.model.dequantize(name)
-                W_ref = self.reference.dequantize(name) if self.reference is not None else None
-                E = theta_math.correction_matrix(source, W, W_ref)
-                rank = min(self.max_rank, min(E.shape))
-                pq[name] = theta_math.low_rank(E, rank, scales.get(name))
+                rank = min(self.max_rank, min(self.model.shape(name)))
+                pq[name] = correction_pq(self.model, self.reference, name, source, rank, scales.get(name))
             self._pq[source] = pq
             self.seconds[source] = time.perf_counter() - started
         return self._pq[source]
@@ -234,10 +230,8 @@ class FactorCache:
             if group_of(name) not in groups:
                 continue
             P, Q = pq[name]
-            r = min(config["rank"], P.shape[1])
             structure = theta_math.resolve_structure(config["structure"], self.model.shape(name))
-            B, A = theta_math.structure_factors(P[:, :r], Q[:, :r], structure)
-            out.append(ThetaFactors(name, A, B))
+            out.append(truncated_theta(name, P, Q, min(config["rank"], P.shape[1]), structure))
         return out
 
     def write(self, path, config: dict, gamma: float, extra: dict | None = None) -> int:

@@ -27,9 +27,11 @@ def quantize_model(input_path: str, output_path: str, qtype: str = "q4_0", threa
     params.nthread = threads or (os.cpu_count() or 1)
     from llama_cpp._utils import suppress_stdout_stderr
 
+    from .runtime import LLAMA_VERBOSE
+
     with atomic_path(output_path) as tmp:
-        # llama.cpp logs ~300 lines per quantization on stderr; NKAT_VERBOSE=1 shows them.
-        with suppress_stdout_stderr(disable=bool(os.environ.get("NKAT_VERBOSE"))):
+        # llama.cpp logs ~300 lines per quantization on stderr.
+        with suppress_stdout_stderr(disable=LLAMA_VERBOSE):
             rc = llama_cpp.llama_model_quantize(str(input_path).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise UserError(f"llama.cpp could not quantize {input_path} to {qtype} (status {rc})")

@@ -21,14 +21,15 @@ from .gguf_io import fingerprint_file, open_gguf_magic
 from .nkat_format import check_base_matches, read_meta
 
 BACKENDS = ("lora", "shim")
-_VERBOSE = bool(os.environ.get("NKAT_VERBOSE"))
+# NKAT_VERBOSE=1 shows llama.cpp's own log lines (model loading, adapters, quantizer).
+LLAMA_VERBOSE = bool(os.environ.get("NKAT_VERBOSE"))
 
 
 def _llama():
     import llama_cpp  # imported lazily: loading libllama takes a moment
     from llama_cpp import _logger
 
-    if not _VERBOSE:
+    if not LLAMA_VERBOSE:
         _logger.set_verbose(False)  # llama.cpp's log lines only at ERROR and above
     return llama_cpp
 
@@ -154,7 +155,7 @@ class Runtime:
 
         lib = self._lib
         # ggml prints one "cannot use buft CPU_REPACK" warning per adapter tensor on stderr.
-        with suppress_stdout_stderr(disable=self._verbose or _VERBOSE):
+        with suppress_stdout_stderr(disable=self._verbose or LLAMA_VERBOSE):
             self._adapter = lib.llama_adapter_lora_init(self._model.model, str(self.theta_path).encode())
         if not self._adapter:
             raise UserError(f"{self.theta_path}: llama.cpp refused the adapter (see its log above)")

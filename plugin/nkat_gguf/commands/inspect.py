@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from gguf import GGUFReader  # noqa: F401  (gguf-py does the reading)
-
-from ..gguf_io import open_gguf
-from ..nkat_format import read_meta
+from ..nkat_format import read_layout
 from ..report import human_bytes, print_json, print_table
 from .common import add_output_flags
 
@@ -18,30 +15,21 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def tensor_rows(path) -> list[dict]:
-    reader = open_gguf(path)
-    halves = {}
-    for t in reader.tensors:
-        base, _, half = t.name.rpartition(".")
-        halves.setdefault(base, {})[half] = t
-    rows = []
-    for name, pair in halves.items():
-        a, b = pair.get("lora_a"), pair.get("lora_b")
-        rows.append({
-            "tensor": name,
-            "rank": int(a.shape[1]) if a is not None else None,
-            "n_in": int(a.shape[0]) if a is not None else None,
-            "n_out": int(b.shape[1]) if b is not None else None,
-            "lora_a": a.tensor_type.name if a is not None else None,
-            "lora_b": b.tensor_type.name if b is not None else None,
-            "bytes": int((a.n_bytes if a is not None else 0) + (b.n_bytes if b is not None else 0)),
-        })
-    return rows
+def tensor_rows(pairs: dict) -> list[dict]:
+    return [{
+        "tensor": name,
+        "rank": int(a.shape[1]),
+        "n_in": int(a.shape[0]),
+        "n_out": int(b.shape[1]),
+        "lora_a": a.tensor_type.name,
+        "lora_b": b.tensor_type.name,
+        "bytes": int(a.n_bytes + b.n_bytes),
+    } for name, (a, b) in pairs.items()]
 
 
 def run(args) -> int:
-    meta = read_meta(args.file)
-    rows = tensor_rows(args.file)
+    meta, pairs = read_layout(args.file)
+    rows = tensor_rows(pairs)
     if args.json:
         print_json({"file": args.file, "meta": meta, "tensors": rows})
         return 0
