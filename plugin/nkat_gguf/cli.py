@@ -24,6 +24,7 @@ COMMANDS = [
     "optimize",
     "kobold",
     "doctor",
+    "vit",
 ]
 
 

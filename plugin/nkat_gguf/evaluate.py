@@ -18,6 +18,20 @@ from .errors import UserError
 from .report import progress
 
 
+def tpe_lambda(rho: float) -> float:
+    """The TPE complexity term lambda = 9 * (1 + rho), rho the model's relative size.
+
+    GGUF: rho = theta bytes / base file bytes. Vision (nkat_vit): rho = parameters in millions.
+    rho = 0 gives log10(1 + lambda) = 1, so TPE is then the quality measure itself.
+    """
+    return 9.0 * (1.0 + rho)
+
+
+def tpe_score(quality: float, rho: float) -> float:
+    """TPE = quality / log10(1 + lambda(rho)); quality is 1/PPL (GGUF) or accuracy (vision)."""
+    return quality / math.log10(1.0 + tpe_lambda(rho))
+
+
 def tpe(ppl: float, theta_bytes: int = 0, base_bytes: int = 1) -> float:
     """The project's TPE score: (1/PPL) / log10(1 + lambda), lambda = 9 * (1 + rho).
 
@@ -25,7 +39,7 @@ def tpe(ppl: float, theta_bytes: int = 0, base_bytes: int = 1) -> float:
     so TPE = 1/PPL. (The seed's formula divided by zero for the baseline; see REFERENCE.md.)
     """
     rho = theta_bytes / base_bytes if base_bytes else 0.0
-    return (1.0 / ppl) / math.log10(1.0 + 9.0 * (1.0 + rho))
+    return tpe_score(1.0 / ppl, rho)
 
 
 def gap_recovered(ppl_base: float, ppl_nkat: float, ppl_reference: float) -> float:
