@@ -14,8 +14,8 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     try:
+        import torch  # noqa: F401  (first: scipy, under sklearn, probes for torch itself)
         import sklearn  # noqa: F401
-        import torch  # noqa: F401
     except ImportError as exc:
         raise UserError(f"nkat vit needs PyTorch and scikit-learn ({exc.name} is not installed): "
                         "pip install 'nkat-gguf[vit]'") from None
