@@ -16,11 +16,12 @@ class ViTConfig:
     image_size: int = 28
     in_channels: int = 1
     num_classes: int = 10
-    patch: int = 4
-    stem: str = "off"          # off | tiny (2 strided convs, 32 -> 64 ch) | small (tiny + a 3x3 conv)
-    dim: int = 64
-    depth: int = 4
-    heads: int = 4
+    # defaults: the digits smoke model (measured >= 0.95 there in under 2 min on 1 shared core)
+    patch: int = 1
+    stem: str = "tiny"         # off | tiny (2 strided convs, 32 -> 64 ch) | small (tiny + a 3x3 conv)
+    dim: int = 32
+    depth: int = 2
+    heads: int = 2
     mlp_ratio: float = 2.0
     attn_dropout: float = 0.0
     emb_dropout: float = 0.0
@@ -65,8 +66,8 @@ class ViTConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 128
-    lr: float = 2e-3
+    batch_size: int = 32
+    lr: float = 3e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
