@@ -94,8 +94,10 @@ def test_two_stage_figures_mark_the_gate():
 
 def test_optimize_two_stage_end_to_end(tmp_path):
     write_mnist_like(tmp_path / "data" / "mnist", n_train=64, n_test=32)
+    space = {"patch": [4], "stem": ["off", "tiny"], "dim": [16, 32, 16], "depth": [1, 1], "heads": 2,
+             "temperature": [0.6, 1.0], "top_p": [0.8, 0.95], "nkat_strength": [1e-4, 1e-2]}  # small: seconds
     common = dict(datasets=["digits", "mnist"], data_dir=str(tmp_path / "data"), trials=2, epochs=1, train_limit=120,
-                  test_limit=60, threads=1, quiet=True)
+                  test_limit=60, threads=1, quiet=True, space=space)
     # an impossible bar (TPE <= accuracy <= 1): stage 1 fails, mnist is never trained, nothing wins
     closed = run_optimize(VitOptimizeOptions(output_dir=str(tmp_path / "closed"), gate=("digits", 1.5), **common))
     hist = json.loads((tmp_path / "closed" / "optimization_history.json").read_text())

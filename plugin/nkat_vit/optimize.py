@@ -58,7 +58,7 @@ class VitOptimizeOptions:
     data_dir: str | None = None
     gate: tuple[str, float] | None = ("cifar10", 0.60)
     trials: int = 12
-    space: str = "quick"
+    space: str | dict = "quick"  # a name in SPACES, or a dict of the same shape
     epochs: int = 2
     train_limit: int | None = None
     test_limit: int | None = None
@@ -106,8 +106,9 @@ def objective_figures(per_dataset: dict[str, dict], gate: tuple[str, float] | No
 
 class VitOptimizer:
     def __init__(self, opts: VitOptimizeOptions):
-        if opts.space not in SPACES:
+        if isinstance(opts.space, str) and opts.space not in SPACES:
             raise UserError(f"--space must be one of {', '.join(SPACES)}, not {opts.space!r}")
+        self.space = SPACES[opts.space] if isinstance(opts.space, str) else dict(opts.space)
         if opts.trials <= 0 or opts.epochs <= 0:
             raise UserError("--trials and --epochs must be positive")
         self.opts = opts
@@ -128,7 +129,8 @@ class VitOptimizer:
     def setup(self) -> dict:
         o = self.opts
         return {"datasets": {d: self.data[d].describe() for d in self.order},
-                "gate": list(o.gate) if o.gate else None, "space": o.space, "search_space": SPACES[o.space],
+                "gate": list(o.gate) if o.gate else None,
+                "space": o.space if isinstance(o.space, str) else "custom", "search_space": self.space,
                 "train_config": self.train_cfg.to_dict()}
 
     def open_study(self):
@@ -156,7 +158,7 @@ class VitOptimizer:
 
     def objective(self, trial) -> float:
         o = self.opts
-        model = suggest(trial, SPACES[o.space])
+        model = suggest(trial, self.space)
         trial.set_user_attr("model", model)
         started = time.perf_counter()
         per_dataset = {}
