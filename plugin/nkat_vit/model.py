@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import STEMS, ViTConfig  # noqa: F401  (STEMS re-exported for callers)
+from .config import ViTConfig
 from .star import StarLinear, layer_strength, theta_parameter_count
 
 def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
