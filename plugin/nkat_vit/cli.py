@@ -3,7 +3,6 @@ registers these parsers and imports the torch parts only when a subcommand runs)
 
 from __future__ import annotations
 
-
 from nkat_gguf.errors import UserError
 
 from .config import STEMS, TrainConfig, ViTConfig
