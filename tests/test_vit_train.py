@@ -62,13 +62,13 @@ def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path):
 def test_train_cli_learns_digits_and_eval_agrees(tmp_path):
     ckpt, out = tmp_path / "d.pt", tmp_path / "d.json"
     done = nkat("vit", "train", "--dataset", "digits", "--stem", "tiny", "--patch", "1", "--dim", "32", "--heads", "2",
-                "--depth", "2", "--epochs", "2", "--batch-size", "32", "--lr", "3e-3", "--threads", "1",
+                "--depth", "2", "--epochs", "4", "--batch-size", "32", "--lr", "3e-3", "--threads", "1",
                 "--checkpoint", ckpt, "--output", out, "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result == json.loads(out.read_text())
-    assert result["test_accuracy"] >= 0.85, result["history"]  # chance is 0.10; measured 0.96 here
-    assert result["dataset"]["name"] == "digits" and result["epochs_done"] == 2 and result["finished"]
+    assert result["test_accuracy"] >= 0.9, result["history"]  # chance is 0.10; 0.958 measured here
+    assert result["dataset"]["name"] == "digits" and result["epochs_done"] == 4 and result["finished"]
     assert result["theta_parameters"] > 0 and result["parameters"] > result["theta_parameters"]
     assert result["tpe"] == pytest.approx(result["test_accuracy"] / __import__("math").log10(1 + result["lambda"]))
     assert set(result["corrupted_accuracy"]) == {"gaussian_noise", "blur", "contrast", "shift", "occlusion"}
