@@ -31,9 +31,11 @@ typedef struct nkat_entry {
     int8_t *A_q, *Bt_q;
     float *A_s, *B_s;
     void *dev[4];
-    /* collect mode */
+    /* collect mode: sums; capture mode: the caller's buffer (not owned) */
     double *sum_sq;
-    int64_t count;
+    float *capture;
+    int64_t capacity;
+    int64_t count; /* columns summed (collect) or held in the buffer (capture) */
 } nkat_entry;
 
 typedef struct nkat_cuda_api {
@@ -124,7 +126,7 @@ static nkat_entry *lookup_weight(const nkat_hook *h, const struct ggml_tensor *w
 }
 
 nkat_hook *nkat_hook_new(int mode, int capacity) {
-    if ((mode != NKAT_MODE_APPLY && mode != NKAT_MODE_COLLECT) || capacity < 1 || capacity > (1 << 24)) return NULL;
+    if ((mode != NKAT_MODE_APPLY && mode != NKAT_MODE_COLLECT && mode != NKAT_MODE_CAPTURE) || capacity < 1 || capacity > (1 << 24)) return NULL;
     nkat_hook *h = calloc(1, sizeof *h);
     if (!h) return NULL;
     uint32_t table_size = 16;
@@ -230,6 +232,28 @@ int nkat_hook_add_target(nkat_hook *h, const char *name, int64_t n_in) {
     }
     publish_entry(h, idx);
     return idx;
+}
+
+int nkat_hook_add_capture(nkat_hook *h, const char *name, int64_t n_in, float *buffer, int64_t capacity) {
+    if (!h || h->mode != NKAT_MODE_CAPTURE || !buffer || n_in < 1 || n_in > (1 << 30) || capacity < 1) return -1;
+    const int idx = new_entry(h, name);
+    if (idx < 0) return idx;
+    nkat_entry *e = &h->entries[idx];
+    e->n_in = n_in;
+    e->capture = buffer;
+    e->capacity = capacity;
+    publish_entry(h, idx);
+    return idx;
+}
+
+int64_t nkat_hook_captured(const nkat_hook *h, int i) {
+    if (!h || h->mode != NKAT_MODE_CAPTURE || i < 0 || i >= h->n_entries) return -1;
+    return h->entries[i].count;
+}
+
+void nkat_hook_capture_reset(nkat_hook *h) {
+    if (!h || h->mode != NKAT_MODE_CAPTURE) return;
+    for (int i = 0; i < h->n_entries; i++) h->entries[i].count = 0;
 }
 
 void nkat_hook_set_gamma(nkat_hook *h, float gamma) {
@@ -496,6 +520,20 @@ static void collect_node(nkat_hook *h, nkat_entry *e, const struct ggml_tensor *
         return;
     }
     const int64_t cols = n_columns(x), n_in = e->n_in;
+    if (h->mode == NKAT_MODE_CAPTURE) {
+        if (cols > e->capacity - e->count) {
+            snprintf(what, sizeof what, "%lld columns, room for %lld more", (long long)cols,
+                     (long long)(e->capacity - e->count));
+            skip(h, e, NKAT_SKIP_BOUNDS, what);
+            return;
+        }
+        float *dst = e->capture + (size_t)e->count * (size_t)n_in;
+        for (int64_t c = 0; c < cols; c++)
+            memcpy(dst + (size_t)c * (size_t)n_in, data + (size_t)c * x->nb[1], sizeof(float) * (size_t)n_in);
+        e->count += cols;
+        h->stats.applied++;
+        return;
+    }
     double *sum = e->sum_sq;
     for (int64_t c = 0; c < cols; c++) {
         const float *xc = (const float *)(data + (size_t)c * x->nb[1]);
@@ -509,7 +547,7 @@ static void collect_node(nkat_hook *h, nkat_entry *e, const struct ggml_tensor *
 
 static int active(const nkat_hook *h) {
     if (!h->enabled || h->n_entries == 0) return 0;
-    return h->mode == NKAT_MODE_COLLECT || h->gamma != 0.0f;
+    return h->mode != NKAT_MODE_APPLY || h->gamma != 0.0f;
 }
 
 static nkat_entry *claimed(const nkat_hook *h, const struct ggml_tensor *t) {

@@ -1,6 +1,8 @@
 /* The llama.cpp eval-callback hook: a registry of INT8 theta factors keyed by weight name,
  * applied after each matching MUL_MAT node ("apply" mode), or per-weight activation
- * statistics (sum of x_i^2 over input columns, "collect" mode, the imatrix).
+ * statistics (sum of x_i^2 over input columns, "collect" mode, the imatrix), or a copy of
+ * each input column into a caller's buffer ("capture" mode: the covariance collector sums
+ * x x^T over the copied columns with BLAS after each decode).
  *
  * One hook per llama.cpp context; the callback runs on the thread that calls llama_decode.
  * Configure it (add, set_gamma, ...) between decodes, not during one.
@@ -15,7 +17,7 @@
 extern "C" {
 #endif
 
-enum nkat_mode { NKAT_MODE_APPLY = 0, NKAT_MODE_COLLECT = 1 };
+enum nkat_mode { NKAT_MODE_APPLY = 0, NKAT_MODE_COLLECT = 1, NKAT_MODE_CAPTURE = 2 };
 
 /* Why a claimed node was left alone (counted, never fatal). */
 enum nkat_skip {
@@ -56,6 +58,14 @@ int nkat_hook_add_factors(nkat_hook *h, const char *name, int64_t n_out, int64_t
                           const int8_t *A_q, const float *A_s, const int8_t *Bt_q, const float *B_s);
 /* Collect mode: one weight whose inputs (n_in long) are summed. Same return codes. */
 int nkat_hook_add_target(nkat_hook *h, const char *name, int64_t n_in);
+/* Capture mode: one weight whose input columns are appended to `buffer` (room for `capacity`
+ * columns of n_in floats, owned by the caller and kept alive while the hook lives). A node
+ * that would overflow it is skipped (bounds). Same return codes. */
+int nkat_hook_add_capture(nkat_hook *h, const char *name, int64_t n_in, float *buffer, int64_t capacity);
+/* Capture mode: columns in entry `index`'s buffer since the last reset (-1 on bad arguments). */
+int64_t nkat_hook_captured(const nkat_hook *h, int index);
+/* Capture mode: empty every buffer (the next decode writes from column 0). */
+void nkat_hook_capture_reset(nkat_hook *h);
 
 void nkat_hook_set_gamma(nkat_hook *h, float gamma);
 float nkat_hook_get_gamma(const nkat_hook *h);

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from nkat_gguf import theta
-from nkat_gguf.convert import allocate_ranks
 from nkat_gguf.errors import UserError
 
 rng = np.random.default_rng(42)
@@ -64,13 +63,3 @@ def test_structure_rules():
         theta.check_rank(33, (64, 32))
     with pytest.raises(UserError):
         theta.check_rank(0, (64, 32))
-
-
-def test_rank_allocation_prefers_energy_per_byte_and_respects_budget():
-    gains = {"a": np.array([100.0, 50.0, 1.0]), "b": np.array([60.0, 40.0, 30.0])}
-    costs = {"a": 10.0, "b": 20.0}
-    ranks = allocate_ranks(gains, costs, budget_bytes=50)
-    # per byte: a 10, 5, 0.1; b 3, 2, 1.5 -> a, a, b (10 + 10 + 20 = 40), then a's third (0.1) fits too
-    assert ranks == {"a": 3, "b": 1}
-    spent = ranks["a"] * costs["a"] + ranks["b"] * costs["b"]
-    assert spent <= 50

@@ -9,19 +9,24 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from . import theta as theta_math
 from .errors import UserError
 from .gguf_io import ModelFile
-from .nkat_format import NkatMeta, ThetaFactors, factor_bytes, write_nkat
-from .report import progress
+from .nkat_format import NkatMeta, ThetaFactors, factor_bytes, stored_roundtrip, write_nkat
+from .report import progress, say
 
-DEFAULT_GAMMA = {"weight": 0.97, "residual": 2.0, "residual-act": 2.0}
-# --optimize-rank searches ranks up to this multiple of --theta-rank (capped).
+# Budgeted allocation searches ranks up to this multiple of --theta-rank (capped).
 RANK_SEARCH_FACTOR = 4
 RANK_SEARCH_CAP = 256
+# Bytes a matrix's two tensors add to the file besides their data: GGUF tensor info (name
+# string, dims, type, offset) and up to 31 bytes of alignment padding each.
+TENSOR_OVERHEAD = 2 * (8 + 4 + 2 * 8 + 4 + 8 + 31)
+# Header and metadata of a .nkat without tensors, with room for long paths in nkat.*.
+FILE_OVERHEAD = 8192
 
 
 @dataclass
@@ -33,21 +38,26 @@ class ConvertOptions:
     theta_type: str = "q8_0"
     reference: str | None = None
     imatrix: str | None = None
+    covariance: str | None = None
     layers: list[str] = field(default_factory=list)
-    budget_mb: float | None = None  # set -> --optimize-rank
+    budget_mb: float | None = None  # set (or budget_pct) -> ranks by the greedy cut, file <= budget
+    budget_pct: float | None = None  # percent of the base file's bytes
+    max_matrices: int | None = None  # with a budget: at most this many matrices get theta
+    refit_b: bool = False  # residual-cov: refit lora_b after lora_a is rounded to its storage type
     quiet: bool = False
 
     def resolved_gamma(self) -> float:
-        return DEFAULT_GAMMA[self.source] if self.gamma is None else float(self.gamma)
+        return theta_math.source_info(self.source).default_gamma if self.gamma is None else float(self.gamma)
 
 
 def validate(opts: ConvertOptions) -> None:
-    if opts.source not in theta_math.SOURCES:
-        raise UserError(f"--source must be one of {', '.join(theta_math.SOURCES)}, not {opts.source!r}")
-    if opts.source != "weight" and not opts.reference:
+    source = theta_math.source_info(opts.source)
+    if source.needs_reference and not opts.reference:
         raise UserError(f"--source {opts.source} needs --reference REF.gguf (a higher-precision copy of the model)")
-    if opts.source == "residual-act" and not opts.imatrix:
-        raise UserError("--source residual-act needs --imatrix FILE (make one with nkat calibrate)")
+    if source.statistics == "diagonal" and not opts.imatrix:
+        raise UserError(f"--source {opts.source} needs --imatrix FILE (make one with nkat calibrate)")
+    if source.statistics == "covariance" and not (opts.covariance or opts.imatrix):
+        raise UserError(f"--source {opts.source} needs --covariance FILE (make one with nkat calibrate --covariance)")
     gamma = opts.resolved_gamma()
     if not np.isfinite(gamma) or gamma == 0:
         raise UserError(f"--theta-gamma must be finite and non-zero, not {opts.gamma}")
@@ -55,6 +65,10 @@ def validate(opts: ConvertOptions) -> None:
         raise UserError(f"--theta-rank must be positive, not {opts.rank}")
     if opts.budget_mb is not None and opts.budget_mb <= 0:
         raise UserError(f"--budget-mb must be positive, not {opts.budget_mb}")
+    if opts.budget_mb is not None and opts.budget_pct is not None:
+        raise UserError("give one budget: --budget-mb or --budget-pct")
+    if opts.max_matrices is not None and (opts.max_matrices <= 0 or (opts.budget_mb is None and opts.budget_pct is None)):
+        raise UserError("--max-matrices N needs a positive N and a budget (--budget-mb or --budget-pct)")
 
 
 def open_reference(model: ModelFile, path: str, names: list[str]) -> ModelFile:
@@ -79,13 +93,59 @@ def load_scales(path: str, names: list[str]) -> dict[str, np.ndarray]:
     return {n: column_scales(*stats[n]) for n in names}
 
 
+class Statistics:
+    """What a source weights the residual with, per tensor: nothing, column scales (imatrix) or
+    the input covariance's Cholesky factor (computed once per distinct input, kept for a block)."""
+
+    def __init__(self, source: str, names: list[str], imatrix: str | None, covariance: str | None):
+        from .covariance import CovarianceFile
+
+        kind = theta_math.source_info(source).statistics
+        self.cov = CovarianceFile(covariance) if kind == "covariance" and covariance else None
+        self.diagonal_only = [n for n in names if kind == "covariance" and (self.cov is None or n not in self.cov)]
+        wants_scales = names if kind == "diagonal" else self.diagonal_only
+        if self.diagonal_only and not imatrix:
+            where = covariance or "the statistics"
+            raise UserError(f"{where}: no covariance for {self.diagonal_only[0]} "
+                            f"({len(self.diagonal_only)} tensors; pass --imatrix to use their diagonal)")
+        self.scales = load_scales(imatrix, wants_scales) if wants_scales else {}
+        self._roots: dict[str, np.ndarray] = {}
+
+    def root(self, name: str) -> np.ndarray | None:
+        """L with L L^T = R + delta I of name's input, or None where the source uses no covariance."""
+        if self.cov is None or name not in self.cov:
+            return None
+        key = self.cov.input_key(name)
+        if key not in self._roots:
+            if len(self._roots) >= 4:  # at most one block's distinct inputs at a time
+                self._roots.clear()
+            self._roots[key] = theta_math.covariance_root(self.cov.autocorrelation(name))
+        return self._roots[key]
+
+    def notice(self) -> str | None:
+        if not self.diagonal_only:
+            return None
+        return (f"note: {len(self.diagonal_only)} tensors have only diagonal statistics: "
+                "residual-act (imatrix) for them, residual-cov for the rest")
+
+
 def correction_pq(model: ModelFile, ref: ModelFile | None, name: str, source: str, rank: int,
-                  col_scale: np.ndarray | None = None):
-    """P, Q with E ~ P Q^T at `rank` for one tensor, E being what `source` corrects."""
+                  col_scale: np.ndarray | None = None, cov_root: np.ndarray | None = None,
+                  refit_type: str | None = None):
+    """P, Q with E ~ P Q^T at `rank` for one tensor, E being what `source` corrects.
+
+    With cov_root L, the exact whitened solution; refit_type then rounds Q^T (lora_a) to that
+    storage type and refits P (lora_b) to the rounded factor."""
     W = model.dequantize(name)
     E = theta_math.correction_matrix(source, W, ref.dequantize(name) if ref else None)
     del W
-    return theta_math.low_rank(E, rank, col_scale)
+    if cov_root is None:
+        return theta_math.low_rank(E, rank, col_scale)
+    P, Q, _ = theta_math.whitened_low_rank(E, cov_root, rank)
+    if refit_type is not None:
+        A = stored_roundtrip(np.ascontiguousarray(Q.T), refit_type)
+        return theta_math.refit_b(E, cov_root, A), np.ascontiguousarray(A.T)
+    return P, Q
 
 
 def truncated_theta(name: str, P: np.ndarray, Q: np.ndarray, rank: int, structure: str) -> ThetaFactors:
@@ -94,32 +154,23 @@ def truncated_theta(name: str, P: np.ndarray, Q: np.ndarray, rank: int, structur
     return ThetaFactors(name, A, B)
 
 
-def _matrix_factors(model, ref, name, opts, scales, rank):
+def _matrix_factors(model, ref, name, opts, stats: Statistics, rank, refit: bool):
     """P, Q (E ~ P Q^T) for one tensor at `rank`, and its resolved structure (checked first)."""
     shape = model.shape(name)
     structure = theta_math.resolve_structure(opts.structure, shape)
     theta_math.check_rank(rank, shape, name)
-    P, Q = correction_pq(model, ref, name, opts.source, rank, scales.get(name))
+    refit_type = opts.theta_type if refit and structure == "general" else None
+    P, Q = correction_pq(model, ref, name, opts.source, rank, stats.scales.get(name), stats.root(name), refit_type)
     return P, Q, structure
 
 
-def allocate_ranks(gains: dict[str, np.ndarray], costs: dict[str, float], budget_bytes: float) -> dict[str, int]:
-    """Greedy: take rank components in order of captured energy per byte until the budget is spent.
-
-    Within a matrix the gains (squared singular values) fall, so the global order by
-    gain/cost is a valid prefix order for every matrix.
-    """
-    order = sorted(
-        ((g / costs[name], name) for name, gs in gains.items() for g in gs), reverse=True
-    )
-    ranks = {name: 0 for name in gains}
-    spent = 0.0
-    for _, name in order:
-        if spent + costs[name] > budget_bytes:
-            continue
-        ranks[name] += 1
-        spent += costs[name]
-    return ranks
+def budget_bytes(opts: ConvertOptions, base_bytes: int) -> int | None:
+    """The .nkat file's size limit: --budget-mb MiB, or --budget-pct percent of the base file."""
+    if opts.budget_pct is not None:
+        if not 0 < opts.budget_pct <= 100:
+            raise UserError(f"--budget-pct must be in (0, 100], not {opts.budget_pct}")
+        return int(opts.budget_pct / 100 * base_bytes)
+    return None if opts.budget_mb is None else int(opts.budget_mb * 1024 * 1024)
 
 
 def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
@@ -129,23 +180,30 @@ def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
     if model.file_type == "adapter":
         raise UserError(f"{input_path}: is an adapter, not a model")
     names = model.target_names(opts.layers or None)
-    ref = open_reference(model, opts.reference, names) if opts.source != "weight" else None
-    scales = load_scales(opts.imatrix, names) if opts.source == "residual-act" else {}
+    source = theta_math.source_info(opts.source)
+    ref = open_reference(model, opts.reference, names) if source.needs_reference else None
+    stats = Statistics(opts.source, names, opts.imatrix, opts.covariance)
+    if stats.notice():
+        say(stats.notice())  # always: it changes the method for those tensors
     gamma = opts.resolved_gamma()
-
-    search_rank = opts.rank
-    if opts.budget_mb is not None:
-        search_rank = min(opts.rank * RANK_SEARCH_FACTOR, RANK_SEARCH_CAP)
+    budget = budget_bytes(opts, model.file_size)
+    refit = opts.refit_b and stats.cov is not None
 
     pieces = {}
     for name in progress(names, desc="theta", quiet=opts.quiet, unit="tensor"):
-        rank = min(search_rank, min(model.shape(name))) if opts.budget_mb is not None else opts.rank
-        pieces[name] = _matrix_factors(model, ref, name, opts, scales, rank)
+        if budget is None:
+            pieces[name] = _matrix_factors(model, ref, name, opts, stats, opts.rank, refit)
+        else:
+            rank = min(opts.rank * RANK_SEARCH_FACTOR, RANK_SEARCH_CAP, min(model.shape(name)))
+            pieces[name] = _matrix_factors(model, ref, name, opts, stats, rank, refit=False)
 
-    if opts.budget_mb is not None:
-        ranks = _budget_ranks(model, pieces, opts)
-    else:
+    if budget is None:
         ranks = {name: opts.rank for name in names}
+    else:
+        ranks = _budget_ranks(model, pieces, opts, budget)
+        if refit:  # the refit depends on the rank: redo the chosen matrices at their rank
+            for name in progress([n for n in names if ranks[n]], desc="refit", quiet=opts.quiet, unit="tensor"):
+                pieces[name] = _matrix_factors(model, ref, name, opts, stats, ranks[name], refit=True)
 
     all_factors = []
     for name in names:
@@ -155,9 +213,16 @@ def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
             continue
         all_factors.append(truncated_theta(name, P, Q, r, structure))
     if not all_factors:
-        raise UserError(f"--budget-mb {opts.budget_mb} is too small for even one rank of one matrix")
+        raise UserError(f"the budget of {budget} bytes is too small for even one rank of one matrix")
 
     structures = {theta_math.resolve_structure(opts.structure, model.shape(f.name)) for f in all_factors}
+    extra = {"rank_allocation": "budget" if budget is not None else "uniform"}
+    if opts.covariance:
+        extra["covariance"] = str(opts.covariance)
+    if budget is not None:
+        extra["budget_bytes"] = budget
+    if refit:
+        extra["refit_b"] = "yes"
     meta = NkatMeta(
         theta_rank=opts.rank,
         theta_gamma=gamma,
@@ -167,9 +232,12 @@ def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
         base=model.identity(),
         reference=ref.identity() if ref else None,
         imatrix=str(opts.imatrix or ""),
-        extra={"rank_allocation": "budget" if opts.budget_mb is not None else "uniform"},
+        extra=extra,
     )
     theta_bytes = write_nkat(output_path, model.architecture, all_factors, meta)
+    file_bytes = Path(output_path).stat().st_size
+    if budget is not None and file_bytes > budget:  # the allocation's byte count is wrong: a bug
+        raise RuntimeError(f"{output_path}: {file_bytes} bytes, over the budget of {budget}")
     stored_ranks = [f.rank for f in all_factors]
     return {
         "output": str(output_path),
@@ -181,8 +249,14 @@ def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
         "theta_gamma": gamma,
         "theta_type": opts.theta_type,
         "tensors": len(all_factors),
+        "matrices": len(names),
         "stored_rank_min": min(stored_ranks),
         "stored_rank_max": max(stored_ranks),
+        "ranks": {f.name: f.rank for f in all_factors},
+        "budget_bytes": budget,
+        "file_bytes": file_bytes,
+        "diagonal_fallback": len(stats.diagonal_only),
+        "refit_b": refit,
         "theta_bytes": theta_bytes,
         "base_bytes": model.file_size,
         "rho": theta_bytes / model.file_size,
@@ -191,13 +265,15 @@ def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
     }
 
 
-def _budget_ranks(model, pieces, opts) -> dict[str, int]:
-    gains, costs = {}, {}
+def _budget_ranks(model, pieces, opts, budget: int) -> dict[str, int]:
+    gains, costs, first = {}, {}, {}
     for name, (P, Q, structure) in pieces.items():
         n_out, n_in = model.shape(name)
         per_component = 2 if structure == "antisymmetric" else 1
         # Bytes of one rank at the worst storage (lora_b falls back to F16 off multiples of 32),
         # so the file never exceeds the budget.
         costs[name] = per_component * factor_bytes(n_out, n_in, 1, opts.theta_type)
-        gains[name] = (P.astype(np.float64) ** 2).sum(axis=0)  # = S_k^2 of the (scaled) SVD
-    return allocate_ranks(gains, costs, opts.budget_mb * 1024 * 1024)
+        first[name] = TENSOR_OVERHEAD + 2 * len(name) + len(".lora_a.lora_b")
+        # S_k^2 of the SVD (P = U S): for residual-cov the output error each component removes
+        gains[name] = (P.astype(np.float64) ** 2).sum(axis=0)
+    return theta_math.allocate_ranks(gains, costs, budget - FILE_OVERHEAD, first, opts.max_matrices)

@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 ISAS = ("scalar", "avx2", "avx512")
 MAX_RANK = int(lib.NKAT_MAX_RANK)
 CUDA_LIB_NAME = "libnkat_cuda.so"
-_MODE_APPLY, _MODE_COLLECT = 0, 1
+_MODE_APPLY, _MODE_COLLECT, _MODE_CAPTURE = 0, 1, 2
 _SKIP_REASONS = [ffi.string(lib.nkat_skip_name(i)).decode() for i in range(lib.NKAT_SKIP_COUNT)]
 
 
@@ -434,3 +434,55 @@ class ActivationCollector(_Hook):
             if count > 0:
                 out[ffi.string(lib.nkat_hook_entry_name(h, i)).decode()] = (buf.astype(np.float32), count)
         return out
+
+
+class CovarianceCollector(_Hook):
+    """Per input: the sum of x x^T over every input column and the column count.
+
+    The C hook copies each registered weight's input columns into a float32 buffer while
+    llama.cpp decodes; after each decode, add_captured() sums X^T X of those columns with BLAS
+    (float32 per decode, as numpy's syrk) into a float64 accumulator. `targets` maps the weight
+    whose input is collected -> n_in; `columns` is the most columns one decode may produce.
+    """
+
+    def __init__(self, targets: dict[str, int], columns: int, n_threads: int | None = None):
+        super().__init__(_MODE_CAPTURE, len(targets), n_threads)
+        try:
+            self._buffers, self.sums, self.counts = {}, {}, {}
+            for name, n_in in targets.items():
+                buf = np.zeros((int(columns), int(n_in)), np.float32)
+                rc = lib.nkat_hook_add_capture(self._handle(), name.encode(), int(n_in),
+                                               ffi.from_buffer("float[]", buf), int(columns))
+                self._register(rc, name)
+                self._buffers[name] = buf
+                self.sums[name] = np.zeros((int(n_in), int(n_in)), np.float64)
+                self.counts[name] = 0
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def bytes_needed(targets: dict[str, int], columns: int) -> int:
+        """Memory one collector holds: float64 sums plus float32 capture buffers."""
+        return sum(8 * n * n + 4 * columns * n for n in targets.values())
+
+    def add_captured(self) -> None:
+        """Sum the columns captured since the last call into `sums`, then empty the buffers."""
+        h = self._handle()
+        for i in range(lib.nkat_hook_entry_count(h)):
+            name = ffi.string(lib.nkat_hook_entry_name(h, i)).decode()
+            k = int(lib.nkat_hook_captured(h, i))
+            if k > 0:
+                X = self._buffers[name][:k]
+                self.sums[name] += X.T @ X
+                self.counts[name] += k
+        lib.nkat_hook_capture_reset(h)
+
+    def results(self) -> dict[str, tuple[np.ndarray, int]]:
+        """name -> (sum of x x^T, float64 (n_in, n_in), number of columns); inputs that saw
+        nothing are left out."""
+        return {name: (self.sums[name], self.counts[name]) for name in self.sums if self.counts[name] > 0}
+
+    def close(self) -> None:
+        super().close()
+        self._buffers = {}

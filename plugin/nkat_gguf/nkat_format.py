@@ -92,6 +92,12 @@ def encode(array: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return quantize(array, qtype)
 
 
+def stored_roundtrip(array: np.ndarray, theta_type: str) -> np.ndarray:
+    """What a factor (rows, row_length) reads back as after storage in theta_type, float32."""
+    qtype = storage_type(theta_type, array.shape[1])
+    return np.asarray(dequantize(encode(array, qtype), qtype), np.float32).reshape(array.shape)
+
+
 def stored_bytes(shape: tuple[int, int], qtype: GGMLQuantizationType) -> int:
     rows, cols = shape
     if qtype == GGMLQuantizationType.Q8_0:

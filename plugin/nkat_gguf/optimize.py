@@ -1,7 +1,9 @@
 """nkat optimize: an Optuna study for the theta with the best TPE (the seed's nkat_auto_optimizer).
 
-Search space: source (those the inputs allow), structure, rank, gamma (a range per source), and
-which tensor groups (attention q/k/v/o, ffn gate/up/down) carry theta. Objective: maximize
+Search space: source (those the inputs allow), structure, size (the bytes of a uniform rank R),
+allocation of those bytes (uniform rank R, or the global greedy cut by singular value^2 per byte
+of theta.allocate_ranks), gamma (each source's range from theta.SOURCE_TABLE), and which tensor
+groups (attention q/k/v/o, ffn gate/up/down) carry theta. Objective: maximize
 evaluate.tpe on a fixed set of chunks. Constraints (--max-kld, --max-overhead) go through
 Optuna's constraint support: a trial over a bar is recorded with its figures but cannot win.
 
@@ -36,11 +38,11 @@ from pathlib import Path
 import numpy as np
 
 from . import theta as theta_math
-from .convert import correction_pq, load_scales, truncated_theta
+from .convert import TENSOR_OVERHEAD, Statistics, correction_pq, truncated_theta
 from .errors import UserError
 from .evaluate import Accumulator, check_same_vocab, chunk_count, chunk_logprobs, gap_recovered, tpe
 from .gguf_io import ModelFile
-from .nkat_format import NkatMeta, ThetaFactors, write_nkat
+from .nkat_format import NkatMeta, ThetaFactors, factor_bytes, write_nkat
 from .report import progress, say
 from .runtime import BACKENDS, Runtime
 
@@ -59,10 +61,7 @@ _GROUP_OF = {suffix: label for label, suffix in GROUPS.items()}
 _BLOCK_NAME = re.compile(r"^blk\.\d+\.([A-Za-z0-9_]+)\.weight$")
 STRUCTURE_CHOICES = ("general", "auto")  # auto = antisymmetric (the NKAT form) where square
 RANK_LOW, RANK_HIGH, RANK_STEP = 8, 64, 8
-# gamma ranges: theta = the residual itself at gamma 2, so residual sources search around it;
-# the weight source adds a scaled copy of W's own low-rank part, sensible only near 0.
-GAMMA_RANGES = {"residual": (0.0, 2.5), "weight": (-0.2, 0.2)}
-DEFAULT_GAMMA = {"residual": 2.0, "weight": 0.05}
+ALLOCATIONS = ("uniform", "budget")  # budget: the bytes of uniform rank R, ranks by the greedy cut
 FILE_GAMMA = 1.0  # trial adapters are written at this gamma; the trial's gamma is a run-time scale
 THETA_TYPE = "q8_0"
 DEFAULT_CHUNKS = 2
@@ -85,6 +84,7 @@ class OptimizeOptions:
     text: str
     reference: str | None = None
     imatrix: str | None = None
+    covariance: str | None = None
     mode: str = "quick"
     trials: int | None = None
     storage: str | None = None
@@ -121,12 +121,9 @@ def group_of(name: str) -> str | None:
     return _GROUP_OF.get(m.group(1)) if m else None
 
 
-def gamma_family(source: str) -> str:
-    return "weight" if source == "weight" else "residual"
-
-
 def gamma_param(source: str) -> str:
-    return "gamma_weight" if source == "weight" else "gamma"
+    """The Optuna parameter of a source's gamma: the residual sources share one (same range)."""
+    return "gamma" if theta_math.source_info(source).needs_reference else "gamma_weight"
 
 
 def layer_globs(groups: list[str]) -> list[str]:
@@ -141,16 +138,21 @@ class SearchSpace:
     groups: list[str]
     structures: list[str] = field(default_factory=lambda: list(STRUCTURE_CHOICES))
     rank: dict = field(default_factory=lambda: {"low": RANK_LOW, "high": RANK_HIGH, "step": RANK_STEP})
-    gamma: dict = field(default_factory=lambda: {k: list(v) for k, v in GAMMA_RANGES.items()})
+    gamma: dict = field(default_factory=dict)
+    allocations: list[str] = field(default_factory=lambda: list(ALLOCATIONS))
     theta_type: str = THETA_TYPE
 
+    def __post_init__(self):
+        for source in self.sources:
+            self.gamma.setdefault(source, list(theta_math.source_info(source).gamma_range))
+
     @classmethod
-    def for_inputs(cls, has_reference: bool, has_imatrix: bool, groups: list[str], target_rank: int | None):
-        sources = ["weight"]
-        if has_reference:
-            sources.append("residual")
-            if has_imatrix:
-                sources.append("residual-act")
+    def for_inputs(cls, has_reference: bool, has_imatrix: bool, groups: list[str], target_rank: int | None,
+                   has_covariance: bool = False):
+        """The sources of theta.SOURCE_TABLE that these inputs make possible, in table order."""
+        have = {None: True, "diagonal": has_imatrix, "covariance": has_covariance}
+        sources = [s.name for s in theta_math.SOURCE_TABLE.values()
+                   if (has_reference or not s.needs_reference) and have[s.statistics]]
         space = cls(sources=sources, groups=groups)
         if target_rank is not None:
             space.rank = {"fixed": int(target_rank)}
@@ -163,7 +165,7 @@ class SearchSpace:
     def to_dict(self) -> dict:
         return {"sources": list(self.sources), "groups": list(self.groups), "structures": list(self.structures),
                 "rank": dict(self.rank), "gamma": {k: list(v) for k, v in self.gamma.items()},
-                "theta_type": self.theta_type}
+                "allocations": list(self.allocations), "theta_type": self.theta_type}
 
     def suggest(self, trial) -> dict:
         """Sample one configuration; returns the resolved parameters."""
@@ -173,17 +175,18 @@ class SearchSpace:
             rank = self.rank["fixed"]
         else:
             rank = trial.suggest_int("rank", self.rank["low"], self.rank["high"], step=self.rank["step"])
-        low, high = self.gamma[gamma_family(source)]
+        allocation = trial.suggest_categorical("allocation", self.allocations)
+        low, high = self.gamma[source]
         gamma = trial.suggest_float(gamma_param(source), low, high)
         groups = [g for g in self.groups if trial.suggest_categorical(g, [True, False])]
         return {"source": source, "structure": structure, "rank": int(rank), "gamma": float(gamma),
-                "groups": groups}
+                "groups": groups, "allocation": allocation}
 
     def default_params(self) -> dict:
         """The trial queued first in a new study: the best-known recipe (REFERENCE.md section 2)."""
-        source = self.sources[-1]  # residual-act > residual > weight
-        params = {"source": source, "structure": "general",
-                  gamma_param(source): DEFAULT_GAMMA[gamma_family(source)]}
+        source = self.sources[-1]  # the table's last possible: residual-cov > residual-act > residual > weight
+        params = {"source": source, "structure": "general", "allocation": "uniform",
+                  gamma_param(source): theta_math.source_info(source).default_gamma}
         if "fixed" not in self.rank:
             lo, hi, step = self.rank["low"], self.rank["high"], self.rank["step"]
             params["rank"] = min(hi, max(lo, lo + step * round((32 - lo) / step)))
@@ -194,30 +197,29 @@ class SearchSpace:
 # -- factors: one SVD per source at the largest rank, truncated per trial ----------------------
 class FactorCache:
     def __init__(self, model: ModelFile, reference: ModelFile | None, names: list[str], max_rank: int,
-                 imatrix: str | None, quiet: bool):
+                 imatrix: str | None, quiet: bool, covariance: str | None = None):
         self.model, self.reference, self.names = model, reference, names
-        self.max_rank, self.imatrix, self.quiet = max_rank, imatrix, quiet
+        self.max_rank, self.imatrix, self.covariance, self.quiet = max_rank, imatrix, covariance, quiet
         self._pq: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        self._scales: dict[str, np.ndarray] | None = None
+        self._stats: dict[str, Statistics] = {}
         self.seconds: dict[str, float] = {}
 
-    def scales(self) -> dict[str, np.ndarray]:
-        if self._scales is None:
-            try:
-                self._scales = load_scales(self.imatrix, self.names)
-            except ModuleNotFoundError as exc:
-                raise UserError(f"--imatrix needs nkat_gguf.calibration, which is not installed ({exc})") from None
-        return self._scales
+    def statistics(self, source: str) -> Statistics:
+        """The source's statistics (opened once; a bad file fails here)."""
+        if source not in self._stats:
+            self._stats[source] = Statistics(source, self.names, self.imatrix, self.covariance)
+        return self._stats[source]
 
     def factors(self, source: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if source not in self._pq:
             started = time.perf_counter()
-            scales = self.scales() if source == "residual-act" else {}
+            stats = self.statistics(source)
             pq = {}
             for name in progress(self.names, desc=f"SVD ({source}, rank {self.max_rank})", quiet=self.quiet,
                                  unit="tensor"):
                 rank = min(self.max_rank, min(self.model.shape(name)))
-                pq[name] = correction_pq(self.model, self.reference, name, source, rank, scales.get(name))
+                pq[name] = correction_pq(self.model, self.reference, name, source, rank, stats.scales.get(name),
+                                         stats.root(name))
             self._pq[source] = pq
             self.seconds[source] = time.perf_counter() - started
         return self._pq[source]
@@ -225,14 +227,23 @@ class FactorCache:
     def theta_factors(self, config: dict) -> list[ThetaFactors]:
         pq = self.factors(config["source"])
         groups = set(config["groups"])
-        out = []
-        for name in self.names:
-            if group_of(name) not in groups:
-                continue
-            P, Q = pq[name]
-            structure = theta_math.resolve_structure(config["structure"], self.model.shape(name))
-            out.append(truncated_theta(name, P, Q, min(config["rank"], P.shape[1]), structure))
-        return out
+        chosen = [n for n in self.names if group_of(n) in groups]
+        structures = {n: theta_math.resolve_structure(config["structure"], self.model.shape(n)) for n in chosen}
+        ranks = {n: min(config["rank"], pq[n][0].shape[1]) for n in chosen}
+        if config.get("allocation", "uniform") == "budget":
+            ranks = self._budget_ranks(pq, chosen, structures, ranks)
+        return [truncated_theta(n, *pq[n], ranks[n], structures[n]) for n in chosen if ranks[n] > 0]
+
+    def _budget_ranks(self, pq, chosen, structures, uniform) -> dict[str, int]:
+        """The bytes of the uniform ranks, re-spent by the greedy cut (theta.allocate_ranks)."""
+        costs, first, gains = {}, {}, {}
+        for n in chosen:
+            per_component = 2 if structures[n] == "antisymmetric" else 1
+            costs[n] = per_component * factor_bytes(*self.model.shape(n), 1, THETA_TYPE)
+            first[n] = TENSOR_OVERHEAD
+            gains[n] = (pq[n][0].astype(np.float64) ** 2).sum(axis=0)
+        budget = sum(uniform[n] * costs[n] + first[n] for n in chosen)
+        return theta_math.allocate_ranks(gains, costs, budget, first)
 
     def write(self, path, config: dict, gamma: float, extra: dict | None = None) -> int:
         """Write the configuration's theta as a .nkat at `gamma`; returns theta bytes."""
@@ -242,7 +253,8 @@ class FactorCache:
             structure=config["structure"], theta_type=THETA_TYPE, base=self.model.identity(),
             reference=self.reference.identity() if self.reference is not None else None,
             imatrix=str(self.imatrix or ""),
-            extra={"rank_allocation": "uniform", "groups": ",".join(config["groups"])} | (extra or {}),
+            extra={"rank_allocation": config.get("allocation", "uniform"), "groups": ",".join(config["groups"]),
+                   "covariance": str(self.covariance or "")} | (extra or {}),
         )
         return write_nkat(path, self.model.architecture, factors, meta)
 
@@ -336,7 +348,8 @@ class TrialRunner:
             # No group carries theta: this is the baseline itself (nothing to decode).
             return self.scorer.figures(self.scorer.baseline, 0) | {"overhead_pct": 0.0, "no_theta": True,
                                                                       "tensors": 0, "model_loads": 0}
-        key = (config["source"], config["structure"], config["rank"], tuple(config["groups"]))
+        key = (config["source"], config["structure"], config["rank"], tuple(config["groups"]),
+               config.get("allocation", "uniform"))
         loads = 0
         if key != self._key:
             self._close_runtime()
@@ -517,10 +530,11 @@ class Optimizer:
             raise UserError("--max-kld needs --reference (KL-divergence is measured against it)")
         if o.max_overhead is not None and not np.isfinite(o.max_overhead):
             raise UserError(f"--max-overhead must be a number (percent), not {o.max_overhead}")
-        if o.imatrix and not o.reference:
-            raise UserError("--imatrix is used by the residual-act source, which needs --reference")
-        if o.imatrix and not Path(o.imatrix).is_file():
-            raise UserError(f"imatrix file not found: {o.imatrix}")
+        for flag, path in (("--imatrix", o.imatrix), ("--covariance", o.covariance)):
+            if path and not o.reference:
+                raise UserError(f"{flag} is used by a residual source, which needs --reference")
+            if path and not Path(path).is_file():
+                raise UserError(f"{flag} file not found: {path}")
         if not o.study_name or not o.study_name.strip():
             raise UserError("--study-name must not be empty")
 
@@ -541,14 +555,17 @@ class Optimizer:
                 raise UserError(f"{o.reference}: is an adapter, not a reference model")
             if self.reference.fingerprint == self.model.fingerprint:
                 raise UserError(f"{o.reference}: is the model itself; the reference must be a higher-precision copy")
-        self.space = SearchSpace.for_inputs(bool(o.reference), bool(o.imatrix), groups, o.target_rank)
+        self.space = SearchSpace.for_inputs(bool(o.reference), bool(o.imatrix), groups, o.target_rank,
+                                            has_covariance=bool(o.covariance))
         for name in self.names:
             if self.space.max_rank > min(self.model.shape(name)):
                 if o.target_rank is not None:
                     theta_math.check_rank(o.target_rank, self.model.shape(name), name)
-        self.factors = FactorCache(self.model, self.reference, self.names, self.space.max_rank, o.imatrix, o.quiet)
-        if o.imatrix:
-            self.factors.scales()  # a bad imatrix fails now, not in trial 3
+        self.factors = FactorCache(self.model, self.reference, self.names, self.space.max_rank, o.imatrix, o.quiet,
+                                   covariance=o.covariance)
+        for source in self.space.sources:  # a bad imatrix or covariance file fails now, not in trial 3
+            if theta_math.source_info(source).statistics:
+                self.factors.statistics(source)
         self.text = read_text(o.text)
         self.base_bytes = self.model.file_size
         self.scorer = ChunkScorer(o, self.text, self.base_bytes)  # loads, tokenizes, counts chunks
@@ -568,6 +585,7 @@ class Optimizer:
             "reference": ({"name": self.reference.name, "file_size": self.reference.file_size,
                            "fingerprint": self.reference.fingerprint} if self.reference else None),
             "imatrix": file_digest(o.imatrix) if o.imatrix else None,
+            "covariance": file_digest(o.covariance) if o.covariance else None,
             "text": {"name": Path(o.text).name, "sha256": file_digest(o.text)},
             "ctx": o.ctx, "chunks": o.chunks, "backend": o.backend, "flash_attn": bool(o.flash_attn),
             "max_kld": o.max_kld, "max_overhead": o.max_overhead,

@@ -107,10 +107,17 @@ class OutputWriter:
         convert = ["nkat", "convert", "--model", o.model]
         if o.reference:
             convert += ["--reference", o.reference]
-        if o.imatrix and p["source"] == "residual-act":
+        from .theta import source_info
+
+        statistics = source_info(p["source"]).statistics
+        if o.imatrix and statistics == "diagonal":
             convert += ["--imatrix", o.imatrix]
+        if o.covariance and statistics == "covariance":
+            convert += ["--covariance", o.covariance]
         convert += ["--source", p["source"], "--structure", p["structure"], "--theta-rank", str(p["rank"]),
                     "--theta-gamma", repr(p["gamma"]), "--theta-type", "q8_0"]
+        if p.get("allocation") == "budget" and row.get("theta_bytes"):
+            convert += ["--budget-mb", f"{row['theta_bytes'] / 2**20 + 0.01:.3f}"]
         from .optimize import GROUPS, layer_globs
 
         if set(p["groups"]) != set(GROUPS):
@@ -135,7 +142,8 @@ class OutputWriter:
         cmd = ["nkat", "optimize", "--model", o.model, "--text", o.text, "--mode", o.mode]
         if o.mode == "custom":
             cmd += ["--trials", str(self.opt.n_trials)]
-        for flag, value in (("--reference", o.reference), ("--imatrix", o.imatrix), ("--target-rank", o.target_rank),
+        for flag, value in (("--reference", o.reference), ("--imatrix", o.imatrix), ("--covariance", o.covariance),
+                            ("--target-rank", o.target_rank),
                             ("--max-kld", o.max_kld), ("--max-overhead", o.max_overhead), ("--storage", o.storage)):
             if value is not None:
                 cmd += [flag, redact_value(flag, value)]

@@ -3,23 +3,30 @@
 The native hook (nkat_gguf.native.ActivationCollector) sums x_i^2 over every input column of
 each block weight's matmul while llama.cpp decodes non-overlapping chunks of the text, the way
 llama-imatrix does (BOS first in each chunk where the vocab adds one, all logits computed).
+With --covariance it records the full sum of x x^T per distinct input instead
+(nkat_gguf.native.CovarianceCollector, file format in nkat_gguf.covariance), a group of blocks
+per pass over the text so that the sums fit in --max-memory.
 """
 
 from __future__ import annotations
 
+import resource
 import time
 from pathlib import Path
 
-from ..activation_stats import collect
+from ..activation_stats import collect, collect_covariance
 from ..calibration import write_imatrix, write_imatrix_legacy
 from ..defaults import find_calibration_text, find_eval_text
 from ..errors import UserError
 from ..measure import read_text
 from ..report import human_bytes, print_json, print_table, say
-from .common import add_output_flags, add_runtime_flags, model_path, positive_int
+from .common import add_output_flags, add_runtime_flags, byte_size, model_path, positive_int
 
 FORMATS = ("gguf", "dat")
 DEFAULT_CHUNKS = 16
+# Covariance sums held at once: the 1.5B model's 28 blocks need 19.6 GB in all (one 8960-wide
+# input is 640 MB), so 8 GiB means a few passes and leaves a 24 GB machine two thirds free.
+DEFAULT_MAX_MEMORY = "8G"
 
 
 def add_parser(subparsers) -> None:
@@ -35,6 +42,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--chunks", type=positive_int, default=DEFAULT_CHUNKS, metavar="N",
                    help=f"chunks of --ctx tokens to decode (default {DEFAULT_CHUNKS}; fewer if the text is short)")
     p.add_argument("--format", choices=FORMATS, default="gguf", help="gguf (default) or the legacy .dat")
+    p.add_argument("--covariance", action="store_true",
+                   help="record the full input covariance (sum of x x^T per distinct matmul input) for "
+                   "--source residual-cov, instead of the imatrix diagonal")
+    p.add_argument("--max-memory", type=byte_size, default=byte_size(DEFAULT_MAX_MEMORY), metavar="SIZE",
+                   help=f"with --covariance: most memory for the sums at once, e.g. 3G (default {DEFAULT_MAX_MEMORY}); "
+                   "blocks that do not fit are collected in further passes over the text (the model comes on top)")
     add_runtime_flags(p)
     add_output_flags(p)
     p.set_defaults(func=run)
@@ -57,6 +70,8 @@ def run(args) -> int:
     if args.ctx < 8:
         raise UserError(f"--ctx must be at least 8, not {args.ctx}")
     quiet = args.quiet or args.json
+    if args.covariance:
+        return run_covariance(args, model, text_path, quiet)
     started = time.perf_counter()
     stats, facts = collect(model, read_text(text_path), args.chunks, args.ctx, args.threads, args.flash_attn, quiet)
     if not stats:
@@ -81,6 +96,50 @@ def run(args) -> int:
         ["output", f"{result['output']} ({args.format}, {human_bytes(result['bytes'])})"],
         ["weights", result["tensors"]],
         ["chunks x ctx", f"{facts['chunks']} x {args.ctx} = {result['tokens_per_tensor']} tokens per weight"],
+        ["text", result["text"]],
+        ["time", f"{result['seconds']:.1f} s ({facts['threads']} threads)"],
+    ])
+    return 0
+
+
+def run_covariance(args, model: str, text_path: Path, quiet: bool) -> int:
+    from ..activation_stats import MemoryLimitError
+    from ..covariance import covariance_writer
+
+    if args.format != "gguf":
+        raise UserError("--covariance writes its own GGUF format: drop --format dat")
+    started = time.perf_counter()
+    stream = collect_covariance(model, read_text(text_path), args.chunks, args.ctx, args.threads,
+                                args.flash_attn, quiet, args.max_memory)
+    try:
+        facts = next(stream)
+    except MemoryLimitError as exc:
+        raise UserError(f"--max-memory: {exc}") from None
+    with covariance_writer(args.output, facts["inputs"], facts["users"], [str(text_path)], facts["chunks"],
+                           args.ctx, facts["architecture"]) as write:
+        for name, total, count in stream:
+            write(name, total, count)
+            tokens = count
+    result = {
+        "output": str(args.output), "format": "covariance", "model": model, "text": str(text_path),
+        "ctx": args.ctx, "chunks": facts["chunks"], "chunks_available": facts["chunks_available"],
+        "inputs": len(facts["inputs"]), "weights": len(facts["users"]), "tokens_per_input": tokens,
+        "passes": facts["passes"], "max_memory_bytes": args.max_memory,
+        "bytes": Path(args.output).stat().st_size, "seconds": time.perf_counter() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": facts["threads"], "flash_attn": bool(args.flash_attn),
+    }
+    if args.json:
+        print_json(result)
+        return 0
+    if facts["chunks"] < args.chunks:
+        say(f"note: the text holds only {facts['chunks']} chunks of {args.ctx} tokens", quiet)
+    print_table("calibration (input covariance)", ["", "value"], [
+        ["output", f"{result['output']} ({human_bytes(result['bytes'])})"],
+        ["inputs / weights", f"{result['inputs']} distinct inputs for {result['weights']} weights"],
+        ["chunks x ctx", f"{facts['chunks']} x {args.ctx} = {tokens} tokens per input"],
+        ["passes", f"{facts['passes']} (--max-memory {human_bytes(args.max_memory)})"],
+        ["peak RSS", f"{result['peak_rss_mb']:.0f} MB"],
         ["text", result["text"]],
         ["time", f"{result['seconds']:.1f} s ({facts['threads']} threads)"],
     ])

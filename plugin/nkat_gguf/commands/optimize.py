@@ -24,6 +24,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reference", metavar="REF.gguf",
                    help="higher-precision GGUF of the same model: enables the residual sources and KLD")
     p.add_argument("--imatrix", metavar="FILE", help="llama.cpp imatrix: enables the residual-act source")
+    p.add_argument("--covariance", metavar="FILE",
+                   help="input covariance (nkat calibrate --covariance): enables the residual-cov source")
     p.add_argument("--text", help="evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
     p.add_argument("--mode", choices=["quick", "full", "custom"], default="quick",
                    help=f"quick = {MODES['quick']} trials, full = {MODES['full']}, custom = --trials (default quick)")
@@ -55,7 +57,7 @@ def run(args) -> int:
 
     opts = OptimizeOptions(
         model=model_path(args.model), output_dir=args.output_dir, text=str(find_eval_text(args.text)),
-        reference=args.reference, imatrix=args.imatrix, mode=args.mode, trials=args.trials,
+        reference=args.reference, imatrix=args.imatrix, covariance=args.covariance, mode=args.mode, trials=args.trials,
         storage=args.storage, study_name=args.study_name, backend=args.backend, target_rank=args.target_rank,
         max_kld=args.max_kld, max_overhead=args.max_overhead, chunks=args.chunks, final_chunks=args.final_chunks,
         ctx=args.ctx, threads=args.threads, flash_attn=args.flash_attn, seed=args.seed,
