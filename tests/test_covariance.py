@@ -76,7 +76,7 @@ def calibrated(base_model, calib_text, tmp_path_factory, capsys_module=None):
     work = tmp_path_factory.mktemp("cov")
     cov, imatrix = work / "demo.cov", work / "demo.imatrix"
     common = ["--model", str(base_model), "--text", str(calib_text), "--chunks", "2", "--ctx", "128", "--threads", "2"]
-    assert main(["calibrate", "--covariance", "--max-memory", "100M", "--output", str(cov), "--quiet"] + common) == 0
+    assert main(["calibrate", "--covariance", "--max-memory", "300M", "--output", str(cov), "--quiet"] + common) == 0
     assert main(["calibrate", "--output", str(imatrix), "--quiet"] + common) == 0
     return cov, imatrix
 
