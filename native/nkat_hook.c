@@ -33,7 +33,7 @@ typedef struct nkat_entry {
     void *dev[4];
     /* collect mode */
     double *sum_sq;
-    int64_t count;
+    int64_t count; /* collect: input columns summed; apply: nodes corrected */
 } nkat_entry;
 
 typedef struct nkat_cuda_api {
@@ -256,6 +256,10 @@ int64_t nkat_hook_entry_n_in(const nkat_hook *h, int i) {
     return (h && i >= 0 && i < h->n_entries) ? h->entries[i].n_in : -1;
 }
 
+int64_t nkat_hook_entry_uses(const nkat_hook *h, int i) {
+    return (h && i >= 0 && i < h->n_entries) ? h->entries[i].count : -1;
+}
+
 int64_t nkat_hook_collected(const nkat_hook *h, int i, double *sum_sq) {
     if (!h || h->mode != NKAT_MODE_COLLECT || i < 0 || i >= h->n_entries || !sum_sq) return -1;
     memcpy(sum_sq, h->entries[i].sum_sq, sizeof(double) * (size_t)h->entries[i].n_in);
@@ -456,6 +460,7 @@ static void apply_node(nkat_hook *h, nkat_entry *e, struct ggml_tensor *t) {
             skip(h, e, NKAT_SKIP_KERNEL, what);
         } else {
             h->stats.applied++;
+            e->count++;
         }
         return;
     }
@@ -466,6 +471,7 @@ static void apply_node(nkat_hook *h, nkat_entry *e, struct ggml_tensor *t) {
         return;
     }
     h->stats.applied++;
+    e->count++;
 }
 
 /* A host pointer to x's data: x itself, or a copy of device memory in h->scratch. */

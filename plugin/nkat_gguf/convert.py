@@ -15,6 +15,7 @@ import numpy as np
 from . import theta as theta_math
 from .errors import UserError
 from .gguf_io import ModelFile
+from .output_paths import check_output_path
 from .nkat_format import NkatMeta, ThetaFactors, factor_bytes, write_nkat
 from .report import progress
 
@@ -85,7 +86,10 @@ def correction_pq(model: ModelFile, ref: ModelFile | None, name: str, source: st
     W = model.dequantize(name)
     E = theta_math.correction_matrix(source, W, ref.dequantize(name) if ref else None)
     del W
-    return theta_math.low_rank(E, rank, col_scale)
+    try:
+        return theta_math.low_rank(E, rank, col_scale)
+    except UserError as exc:
+        raise UserError(f"{model.path.name}: {name}: {exc}") from None
 
 
 def truncated_theta(name: str, P: np.ndarray, Q: np.ndarray, rank: int, structure: str) -> ThetaFactors:
@@ -124,6 +128,7 @@ def allocate_ranks(gains: dict[str, np.ndarray], costs: dict[str, float], budget
 
 def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
     validate(opts)
+    check_output_path(output_path, [input_path, opts.reference, opts.imatrix], "--output")
     started = time.perf_counter()
     model = ModelFile(input_path)
     if model.file_type == "adapter":
