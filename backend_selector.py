@@ -9,7 +9,7 @@ try:
 except ImportError:  # running from a checkout without pip install
     sys.path.insert(0, str(Path(__file__).resolve().parent / "plugin"))
 
-from nkat_gguf.cli import main
+from nkat_gguf.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(main(["kobold", *sys.argv[1:]]))
+    sys.exit(run_command("kobold", sys.argv[1:]))

@@ -35,7 +35,7 @@ typedef struct nkat_entry {
     double *sum_sq;
     float *capture;
     int64_t capacity;
-    int64_t count; /* columns summed (collect) or held in the buffer (capture) */
+    int64_t count; /* collect: columns summed; capture: columns held; apply: nodes corrected */
 } nkat_entry;
 
 typedef struct nkat_cuda_api {
@@ -280,6 +280,10 @@ int64_t nkat_hook_entry_n_in(const nkat_hook *h, int i) {
     return (h && i >= 0 && i < h->n_entries) ? h->entries[i].n_in : -1;
 }
 
+int64_t nkat_hook_entry_uses(const nkat_hook *h, int i) {
+    return (h && i >= 0 && i < h->n_entries) ? h->entries[i].count : -1;
+}
+
 int64_t nkat_hook_collected(const nkat_hook *h, int i, double *sum_sq) {
     if (!h || h->mode != NKAT_MODE_COLLECT || i < 0 || i >= h->n_entries || !sum_sq) return -1;
     memcpy(sum_sq, h->entries[i].sum_sq, sizeof(double) * (size_t)h->entries[i].n_in);
@@ -480,6 +484,7 @@ static void apply_node(nkat_hook *h, nkat_entry *e, struct ggml_tensor *t) {
             skip(h, e, NKAT_SKIP_KERNEL, what);
         } else {
             h->stats.applied++;
+            e->count++;
         }
         return;
     }
@@ -490,6 +495,7 @@ static void apply_node(nkat_hook *h, nkat_entry *e, struct ggml_tensor *t) {
         return;
     }
     h->stats.applied++;
+    e->count++;
 }
 
 /* A host pointer to x's data: x itself, or a copy of device memory in h->scratch. */

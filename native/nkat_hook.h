@@ -82,6 +82,8 @@ const char *nkat_skip_name(int reason);
 int nkat_hook_entry_count(const nkat_hook *h);
 const char *nkat_hook_entry_name(const nkat_hook *h, int index);
 int64_t nkat_hook_entry_n_in(const nkat_hook *h, int index);
+/* Apply mode: matmul nodes entry `index` corrected so far (collect mode: columns summed). */
+int64_t nkat_hook_entry_uses(const nkat_hook *h, int index);
 /* Collect mode: copy entry `index`'s sums (n_in doubles) out; returns its column count or -1. */
 int64_t nkat_hook_collected(const nkat_hook *h, int index, double *sum_sq);
 

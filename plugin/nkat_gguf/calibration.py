@@ -65,15 +65,12 @@ def read_imatrix(path: str | os.PathLike) -> Stats:
 
 
 def _read_gguf(path: Path) -> Stats:
-    from gguf import GGUFReader
+    from .gguf_io import field_value, open_gguf
 
-    try:
-        reader = GGUFReader(path, "r")
-    except (ValueError, IndexError, OSError, KeyError) as exc:
-        raise UserError(f"{path}: unreadable or truncated GGUF ({exc})") from None
-    kind = reader.fields.get("general.type")
-    if kind is not None and kind.contents() != "imatrix":
-        raise UserError(f"{path}: a GGUF of type {kind.contents()!r}, not an imatrix")
+    reader = open_gguf(path)
+    kind = field_value(reader, "general.type")
+    if kind is not None and kind != "imatrix":
+        raise UserError(f"{path}: a GGUF of type {kind!r}, not an imatrix")
     sums, counts = {}, {}
     for t in reader.tensors:
         if t.name.endswith(SUFFIX_SUM2):

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 from . import __version__
 from .errors import UserError
+from .signals import terminate_like_interrupt
 
 COMMANDS = [
     "quickstart",
@@ -47,14 +50,44 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return dispatch(args, f"nkat {args.command}")
+
+
+class _OneCommand:
+    """Stands in for argparse's subparsers: the command's parser becomes the whole program."""
+
+    def __init__(self, prog: str):
+        self.prog = prog
+        self.parser: argparse.ArgumentParser | None = None
+
+    def add_parser(self, name, help=None, aliases=(), **kwargs):
+        self.parser = argparse.ArgumentParser(prog=self.prog, **kwargs)
+        return self.parser
+
+
+def run_command(name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """One subcommand as a program of its own, named as invoked (backend_selector.py, ...)."""
+    holder = _OneCommand(prog or os.path.basename(sys.argv[0]))
+    importlib.import_module(f"nkat_gguf.commands.{name}").add_parser(holder)
+    args = holder.parser.parse_args(argv)
+    args.command = name
+    return dispatch(args, holder.prog)
+
+
+def dispatch(args, program: str) -> int:
+    """Run the command: user errors are one line and status 2; SIGINT, SIGTERM and SIGHUP all
+    unwind the same way (partial files removed, servers we started stopped), 128 + signal."""
     try:
-        return int(args.func(args) or 0)
+        with terminate_like_interrupt():
+            return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"nkat {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{program}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"nkat {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"{program}: {what}", file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

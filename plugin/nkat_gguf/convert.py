@@ -17,6 +17,7 @@ from . import theta as theta_math
 from .errors import UserError
 from .gguf_io import ModelFile
 from .nkat_format import NkatMeta, ThetaFactors, factor_bytes, stored_roundtrip, write_nkat
+from .output_paths import check_output_path
 from .report import progress, say
 
 # Budgeted allocation searches ranks up to this multiple of --theta-rank (capped).
@@ -139,13 +140,16 @@ def correction_pq(model: ModelFile, ref: ModelFile | None, name: str, source: st
     W = model.dequantize(name)
     E = theta_math.correction_matrix(source, W, ref.dequantize(name) if ref else None)
     del W
-    if cov_root is None:
-        return theta_math.low_rank(E, rank, col_scale)
-    P, Q, _ = theta_math.whitened_low_rank(E, cov_root, rank)
-    if refit_type is not None:
-        A = stored_roundtrip(np.ascontiguousarray(Q.T), refit_type)
-        return theta_math.refit_b(E, cov_root, A), np.ascontiguousarray(A.T)
-    return P, Q
+    try:
+        if cov_root is None:
+            return theta_math.low_rank(E, rank, col_scale)
+        P, Q, _ = theta_math.whitened_low_rank(E, cov_root, rank)
+        if refit_type is not None:
+            A = stored_roundtrip(np.ascontiguousarray(Q.T), refit_type)
+            return theta_math.refit_b(E, cov_root, A), np.ascontiguousarray(A.T)
+        return P, Q
+    except UserError as exc:
+        raise UserError(f"{model.path.name}: {name}: {exc}") from None
 
 
 def truncated_theta(name: str, P: np.ndarray, Q: np.ndarray, rank: int, structure: str) -> ThetaFactors:
@@ -175,6 +179,7 @@ def budget_bytes(opts: ConvertOptions, base_bytes: int) -> int | None:
 
 def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
     validate(opts)
+    check_output_path(output_path, [input_path, opts.reference, opts.imatrix, opts.covariance], "--output")
     started = time.perf_counter()
     model = ModelFile(input_path)
     if model.file_type == "adapter":

@@ -42,10 +42,11 @@ def tpe(ppl: float, theta_bytes: int = 0, base_bytes: int = 1) -> float:
     return tpe_score(1.0 / ppl, rho)
 
 
-def gap_recovered(ppl_base: float, ppl_nkat: float, ppl_reference: float) -> float:
-    """Share of the base-vs-reference perplexity gap that theta closes (1.0 = all of it)."""
+def gap_recovered(ppl_base: float, ppl_nkat: float, ppl_reference: float) -> float | None:
+    """Share of the base-vs-reference perplexity gap that theta closes (1.0 = all of it);
+    None when there is no gap to close."""
     gap = ppl_base - ppl_reference
-    return (ppl_base - ppl_nkat) / gap if gap else float("nan")
+    return (ppl_base - ppl_nkat) / gap if gap else None
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -94,16 +95,44 @@ class Accumulator:
         return out
 
 
+# Scored positions are [n_ctx/2, n_ctx-2]: below this a chunk scores (almost) nothing.
+MIN_CTX = 8
+
+
+def check_ctx(n_ctx: int) -> None:
+    if n_ctx < MIN_CTX:
+        raise UserError(f"--ctx must be at least {MIN_CTX} (each chunk scores its second half), not {n_ctx}")
+
+
+def check_chunks(chunks: int | None, flag: str = "--chunks") -> None:
+    """None means all chunks; anything else must be a positive count."""
+    if chunks is not None and chunks < 1:
+        raise UserError(f"{flag} must be at least 1 (leave it out for all chunks), not {chunks}")
+
+
 def chunk_count(n_tokens: int, n_ctx: int, chunks: int | None) -> int:
+    check_ctx(n_ctx)
+    check_chunks(chunks)
     available = n_tokens // n_ctx
     if available < 2:
         raise UserError(
             f"the text has {n_tokens} tokens: at least two chunks of --ctx {n_ctx} "
             f"({2 * n_ctx} tokens) are needed"
         )
-    if chunks is None or chunks <= 0:
+    if chunks is None:
         return available
     return min(chunks, available)
+
+
+def check_finite(acc: Accumulator, label: str, runtime, chunk: int) -> None:
+    """A NaN or Inf log-probability would turn PPL/KLD into garbage: stop and name the source."""
+    bad = [what for what, parts in (("log-probabilities", acc.nll), ("KL-divergences", acc.kld))
+           if parts and not np.isfinite(parts[-1]).all()]
+    if bad:
+        theta = getattr(runtime, "theta_path", None)
+        source = (f"theta {theta} (gamma {runtime.gamma})" if theta else f"model {runtime.model_path}")
+        raise UserError(f"{label}: non-finite {' and '.join(bad)} in chunk {chunk + 1}: {source} "
+                        "produces NaN/Inf logits; no result is reported")
 
 
 def check_same_vocab(runtimes) -> None:
@@ -163,6 +192,7 @@ def evaluate(candidates, tokens: np.ndarray, n_ctx: int, chunks: int | None = No
         if reference is not None:
             ref_logp, targets = chunk_logprobs(reference, tokens, n_ctx, chunk)
             ref_acc.add(ref_logp, targets, None)
+            check_finite(ref_acc, "the reference", reference, chunk)
         for label, candidate in candidates.items():
             runtime, gamma = candidate if isinstance(candidate, tuple) else (candidate, None)
             if gamma is not None:
@@ -171,6 +201,7 @@ def evaluate(candidates, tokens: np.ndarray, n_ctx: int, chunks: int | None = No
             logp, targets = chunk_logprobs(runtime, tokens, n_ctx, chunk)
             seconds[label] += time.perf_counter() - t0
             accumulators[label].add(logp, targets, ref_logp)
+            check_finite(accumulators[label], label, runtime, chunk)
         if on_chunk:
             on_chunk(chunk)
     results = {}

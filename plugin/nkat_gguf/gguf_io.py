@@ -18,6 +18,7 @@ from gguf import GGUFReader, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from .errors import UserError
+from .signals import raise_if_terminated
 
 # Transformer-block weight matrices: blk.N.<anything>.weight, 2-D, not a norm.
 _BLOCK_WEIGHT = re.compile(r"^blk\.\d+\.[A-Za-z0-9_.]+\.weight$")
@@ -63,16 +64,32 @@ def open_gguf(path: str | os.PathLike) -> GGUFReader:
     open_gguf_magic(path)
     path = Path(path)
     try:
-        return GGUFReader(path, "r")
-    except (ValueError, IndexError, OSError, KeyError) as exc:
+        reader = GGUFReader(path, "r")
+        reader.nkat_path = path  # for error messages about its fields
+        return reader
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: damaged GGUF (a key or tensor name is not valid UTF-8)") from None
+    except (ValueError, IndexError, OSError, KeyError, TypeError, OverflowError, MemoryError) as exc:
         raise UserError(f"{path}: unreadable or truncated GGUF ({exc})") from None
+
+
+def field_contents(field, path=None):
+    """A metadata value; one-line error for a string that is not valid UTF-8."""
+    try:
+        return field.contents()
+    except UnicodeDecodeError:
+        where = f"{path}: " if path else ""
+        raise UserError(f"{where}metadata {field.name} is not valid UTF-8 (damaged GGUF)") from None
+    except (ValueError, IndexError, TypeError) as exc:
+        where = f"{path}: " if path else ""
+        raise UserError(f"{where}metadata {field.name} is unreadable (damaged GGUF: {exc})") from None
 
 
 def field_value(reader: GGUFReader, key: str, default=None):
     field = reader.fields.get(key)
     if field is None:
         return default
-    return field.contents()
+    return field_contents(field, getattr(reader, "nkat_path", None))
 
 
 class ModelFile:
@@ -139,6 +156,7 @@ class ModelFile:
 
     def dequantize(self, name: str) -> np.ndarray:
         """One weight matrix as float32 (n_out, n_in), checked for NaN/Inf."""
+        raise_if_terminated()
         tensor = self.tensors[name]
         try:
             weights = dequantize(tensor.data, tensor.tensor_type)

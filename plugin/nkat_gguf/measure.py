@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .evaluate import evaluate, gap_recovered, tpe
+from .evaluate import check_chunks, check_ctx, evaluate, gap_recovered, tpe
+from .report import say
 from .runtime import Runtime
 
 
@@ -56,6 +57,8 @@ def run_ppl(req: PplRequest) -> dict:
     started = time.perf_counter()
     if not req.models:
         raise UserError("no --model given")
+    check_ctx(req.ctx)
+    check_chunks(req.chunks)
     for path in req.models + ([req.reference] if req.reference else []) + req.thetas:
         if not Path(path).is_file():
             raise UserError(f"file not found: {path}")
@@ -85,12 +88,23 @@ def run_ppl(req: PplRequest) -> dict:
             runtimes.append(reference)
         tokens = base[base_label].tokenize(text)
         results = evaluate(candidates, tokens, req.ctx, req.chunks, reference=reference, quiet=req.quiet)
+        report_never_applied(candidates, info)
         settings = runtimes[0].settings() | {"text": str(req.text), "chunks": results[base_label]["chunks"],
                                              "text_tokens": int(len(tokens))}
     finally:
         for rt in runtimes:
             rt.close()
     return assemble(results, info, base_label, req.reference, settings, started)
+
+
+def report_never_applied(candidates: dict, info: dict) -> None:
+    """Say which theta tensors the run never applied (shim backend), and record them."""
+    for label, rt in candidates.items():
+        missing = rt.never_applied() if rt.theta_path else []
+        if missing:
+            info[label]["theta_never_applied"] = missing
+            say(f"warning: {label}: {len(missing)} theta tensor(s) were never applied during the run "
+                f"(first: {missing[0]}); its figures are those of a partial theta")
 
 
 def assemble(results: dict, info: dict, base_label: str, reference_path, settings: dict, started: float) -> dict:
@@ -106,6 +120,8 @@ def assemble(results: dict, info: dict, base_label: str, reference_path, setting
         row = {"label": label, "model_bytes": model_bytes, "theta_bytes": theta_bytes,
                "bytes": model_bytes + theta_bytes, "rho": theta_bytes / model_bytes,
                "tpe": tpe(res["ppl"], theta_bytes, model_bytes)} | res
+        if "theta_never_applied" in info[label]:
+            row["theta_never_applied"] = info[label]["theta_never_applied"]
         if "gamma" in info[label]:
             row["gamma"] = info[label]["gamma"]
             if ref_ppl is not None:

@@ -392,6 +392,12 @@ class ShimHook(_Hook):
             raise UserError(f"gamma must be a finite number, not {gamma}")
         lib.nkat_hook_set_gamma(self._handle(), float(gamma))
 
+    def never_applied(self) -> list[str]:
+        """Registered weights whose matmul was never corrected since the hook was made."""
+        h = self._handle()
+        return [ffi.string(lib.nkat_hook_entry_name(h, i)).decode()
+                for i in range(lib.nkat_hook_entry_count(h)) if lib.nkat_hook_entry_uses(h, i) == 0]
+
     def load_cuda(self) -> None:
         path = cuda_library_path()
         if path is None:

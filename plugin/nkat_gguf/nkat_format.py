@@ -18,11 +18,12 @@ from gguf.quants import dequantize, quantize
 
 from .atomic import atomic_path
 from .errors import UserError
-from .gguf_io import field_value, open_gguf
+from .gguf_io import field_contents, field_value, open_gguf
 
 NKAT_VERSION = 1
 THETA_TYPES = ("q8_0", "f16", "f32")
 Q8_0_BLOCK = 32
+F16_MAX = 65504.0
 
 
 @dataclass
@@ -98,6 +99,16 @@ def stored_roundtrip(array: np.ndarray, theta_type: str) -> np.ndarray:
     return np.asarray(dequantize(encode(array, qtype), qtype), np.float32).reshape(array.shape)
 
 
+def check_storable(name: str, array: np.ndarray, qtype: GGMLQuantizationType) -> None:
+    """Refuse factors that are not finite or would overflow their storage type (F16 and the
+    F16 scales of Q8_0): a theta must never be written as Inf."""
+    limit = {GGMLQuantizationType.F16: F16_MAX, GGMLQuantizationType.Q8_0: F16_MAX * 127}.get(qtype, np.inf)
+    peak = float(np.abs(array).max()) if array.size else 0.0
+    if not np.isfinite(peak) or peak >= limit:
+        raise UserError(f"{name}: theta factors reach {peak:.3g}, beyond what {qtype.name} stores "
+                        "(the model's weights are out of range: a damaged file?)")
+
+
 def stored_bytes(shape: tuple[int, int], qtype: GGMLQuantizationType) -> int:
     rows, cols = shape
     if qtype == GGMLQuantizationType.Q8_0:
@@ -125,8 +136,12 @@ def write_nkat(path: str | os.PathLike, architecture: str, factors: list[ThetaFa
     for f in factors:
         a_type = storage_type(meta.theta_type, f.A.shape[1])
         b_type = storage_type(meta.theta_type, f.rank)
+        with np.errstate(over="ignore"):
+            b_stored = f.B * np.float32(f.rank)
+        check_storable(f.name, f.A, a_type)
+        check_storable(f.name, b_stored, b_type)
         a_data = encode(f.A, a_type)
-        b_data = encode(f.B * np.float32(f.rank), b_type)
+        b_data = encode(b_stored, b_type)
         theta_bytes += a_data.nbytes + b_data.nbytes
         encoded.append((f, a_type, a_data, b_type, b_data))
 
@@ -173,7 +188,7 @@ def _meta_from_reader(reader, path: Path) -> dict:
     meta = {}
     for key, fld in reader.fields.items():
         if key.startswith("nkat."):
-            meta[key[len("nkat."):]] = fld.contents()
+            meta[key[len("nkat."):]] = field_contents(fld, path)
     if "version" not in meta:
         raise UserError(f"{path}: a LoRA adapter without nkat.* metadata (not made by nkat convert)")
     meta["alpha"] = float(field_value(reader, "adapter.lora.alpha", 0.0))
@@ -215,9 +230,26 @@ def read_nkat(path: str | os.PathLike) -> NkatFile:
     for name, (ta, tb) in lora_pairs(reader, path).items():
         A = np.asarray(dequantize(ta.data, ta.tensor_type), np.float32).reshape(int(ta.shape[1]), int(ta.shape[0]))
         B = np.asarray(dequantize(tb.data, tb.tensor_type), np.float32).reshape(int(tb.shape[1]), int(tb.shape[0]))
+        if not (np.isfinite(A).all() and np.isfinite(B).all()):
+            raise UserError(f"{path}: {name} has NaN or Inf in its theta factors")
         factors[name] = ThetaFactors(name, A, B / np.float32(A.shape[0]))
         types[name] = (ta.tensor_type.name, tb.tensor_type.name)
     return NkatFile(path, meta, factors, types)
+
+
+def check_fits_model(pairs: dict, model_tensors: dict, theta_path) -> None:
+    """Refuse theta for weights the model does not have, or of another shape (both backends,
+    before llama.cpp loads anything). `pairs` from lora_pairs, `model_tensors` name -> gguf-py
+    tensor of the model."""
+    missing = [name for name in pairs if name not in model_tensors]
+    if missing:
+        raise UserError(f"{theta_path}: {len(missing)} of its {len(pairs)} theta tensors match no weight of the "
+                        f"model (first: {missing[0]}); it was made for another model")
+    for name, (ta, tb) in pairs.items():
+        n_in, n_out = (int(x) for x in model_tensors[name].shape[:2])
+        if int(ta.shape[0]) != n_in or int(tb.shape[1]) != n_out:
+            raise UserError(f"{theta_path}: {name} is {int(tb.shape[1])} x {int(ta.shape[0])} in theta, "
+                            f"{n_out} x {n_in} in the model; it was made for another model")
 
 
 def check_base_matches(meta: dict, model_identity: dict, theta_path) -> None:

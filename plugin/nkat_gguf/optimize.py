@@ -38,11 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from . import theta as theta_math
+from .atomic import pid_alive
 from .convert import TENSOR_OVERHEAD, Statistics, correction_pq, truncated_theta
 from .errors import UserError
-from .evaluate import Accumulator, check_same_vocab, chunk_count, chunk_logprobs, gap_recovered, tpe
+from .evaluate import Accumulator, check_ctx, check_same_vocab, chunk_count, chunk_logprobs, gap_recovered, tpe
 from .gguf_io import ModelFile
 from .nkat_format import NkatMeta, ThetaFactors, factor_bytes, write_nkat
+from .output_paths import check_output_dir
+from .redaction import redact_url, scrub
 from .report import progress, say
 from .runtime import BACKENDS, Runtime
 
@@ -75,6 +78,7 @@ WAIT_POLL = 2.0
 OVERHEAD_SEQ_LEN, OVERHEAD_ITERATIONS = 64, 16  # --max-overhead: a short generation benchmark per adapter
 ATTR_SPACE = "nkat_search_space"
 ATTR_SETUP = "nkat_setup"
+SCRATCH_PREFIX = ".nkat-optimize-"
 
 
 @dataclass
@@ -336,7 +340,9 @@ class TrialRunner:
 
     def __init__(self, opts: OptimizeOptions, factors: FactorCache, scorer: ChunkScorer):
         self.opts, self.factors, self.scorer = opts, factors, scorer
-        self._tmp = Path(tempfile.mkdtemp(prefix="nkat-optimize-"))
+        # Scratch lives in the output dir (never the system temp dir); a killed run's is removed
+        # by the next run there (remove_stale_scratch).
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=opts.output_dir))
         self._key = None
         self._rt: Runtime | None = None
         self._theta_bytes = 0
@@ -394,14 +400,22 @@ class TrialRunner:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
+def remove_stale_scratch(output_dir: str | os.PathLike) -> None:
+    """Delete scratch directories in `output_dir` left by workers that are gone."""
+    pattern = re.compile(rf"^{re.escape(SCRATCH_PREFIX)}(\d+)-")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(output_dir):
+            m = pattern.match(entry.name)
+            if m and entry.is_dir(follow_symlinks=False) and not pid_alive(int(m.group(1))):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
 # -- storage --------------------------------------------------------------------------------------
 def default_storage_url(output_dir: str | os.PathLike) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / DB_NAME}"
 
 
-def redact(url: str) -> str:
-    """The URL without its password (for messages and outputs)."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+redact = redact_url  # the URL without its passwords (for messages and outputs)
 
 
 def _driver_url(url: str) -> str:
@@ -436,14 +450,14 @@ def open_storage(url: str):
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
                 )
         except ImportError as exc:
-            raise UserError(f"--storage {redact(url)}: the database driver is missing ({exc}); "
+            raise UserError(f"--storage {redact(url)}: the database driver is missing ({scrub(str(exc), url)}); "
                             "for PostgreSQL: pip install 'psycopg[binary]'") from None
         except Exception as exc:  # SQLAlchemy's OperationalError, ArgumentError, ...
             text = str(exc)
             if attempt < 3 and any(s in text for s in _CREATE_RACE):
                 time.sleep(1.0 + attempt)  # another worker is creating the tables right now
                 continue
-            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            first = scrub(text.strip().splitlines()[0], url) if text.strip() else type(exc).__name__
             raise UserError(f"--storage {redact(url)}: cannot open the study storage ({first})") from None
 
 
@@ -537,6 +551,14 @@ class Optimizer:
                 raise UserError(f"{flag} file not found: {path}")
         if not o.study_name or not o.study_name.strip():
             raise UserError("--study-name must not be empty")
+        check_ctx(o.ctx)
+
+        # Where results go, and the storage, are checked before any model is read or loaded.
+        out = Path(o.output_dir)
+        check_output_dir(out, [o.model, o.reference, o.imatrix, o.text])
+        self.storage_url = o.storage or default_storage_url(out)
+        self.storage = open_storage(self.storage_url) if o.storage else None
+        self._check_output_dir()
 
         self.model = ModelFile(o.model)
         if self.model.file_type == "adapter":
@@ -569,12 +591,6 @@ class Optimizer:
         self.text = read_text(o.text)
         self.base_bytes = self.model.file_size
         self.scorer = ChunkScorer(o, self.text, self.base_bytes)  # loads, tokenizes, counts chunks
-
-        out = Path(o.output_dir)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--output-dir {out}: exists and is not a directory")
-        self.storage_url = o.storage or default_storage_url(out)
-        self._check_output_dir()
 
     def setup(self) -> dict:
         """What must be equal for trials to be comparable (checked when a study is resumed)."""
@@ -628,12 +644,12 @@ class Optimizer:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         name = self.opts.study_name
-        storage = open_storage(self.storage_url)
+        storage = self.storage or open_storage(self.storage_url)
         self.storage = storage
         try:
             studies = {s.study_name: s for s in storage.get_all_studies()}
         except Exception as exc:
-            raise UserError(f"--storage {redact(self.storage_url)}: cannot read studies ({str(exc).splitlines()[0]})") from None
+            raise UserError(f"--storage {redact(self.storage_url)}: cannot read studies ({scrub((str(exc) or type(exc).__name__).splitlines()[0], self.storage_url)})") from None
         if not self.opts.storage and studies and name not in studies:
             raise UserError(
                 f"--output-dir {self.opts.output_dir} holds study {sorted(studies)[0]!r} in {DB_NAME}; "
@@ -709,7 +725,9 @@ class Optimizer:
             except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
                 continue  # someone else got there first
             frozen = self.study.get_trials(deepcopy=True)[t.number]
-            RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(self.study, frozen)
+            with warnings.catch_warnings():  # the callback class is marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(self.study, frozen)
             failed.append(t.number)
         return failed
 
@@ -794,6 +812,7 @@ class Optimizer:
         out = Path(o.output_dir)
         made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_scratch(out)
         try:
             self.open_study()
         except BaseException:

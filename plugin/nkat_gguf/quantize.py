@@ -7,6 +7,7 @@ import os
 from .atomic import atomic_path
 from .errors import UserError
 from .gguf_io import open_gguf
+from .output_paths import check_output_path
 
 
 def ftype_names(lib) -> dict[str, int]:
@@ -18,6 +19,7 @@ def quantize_model(input_path: str, output_path: str, qtype: str = "q4_0", threa
     import llama_cpp
 
     open_gguf(input_path)  # a clear error for missing / non-GGUF input
+    check_output_path(output_path, [input_path], "--output")
     names = ftype_names(llama_cpp)
     if qtype.lower() not in names:
         raise UserError(f"--type {qtype!r} is not a llama.cpp quant type; one of: {', '.join(sorted(names))}")

@@ -15,6 +15,7 @@ from .convert import ConvertOptions, convert
 from .defaults import default_model_path, find_calibration_text
 from .errors import UserError
 from .measure import PplRequest, read_text, run_ppl
+from .output_paths import check_output_dir
 from .quantize import quantize_model
 from .report import say, to_json
 from .atomic import write_text_atomic
@@ -51,6 +52,7 @@ def calibrate_if_possible(reference: str, work: Path, ctx: int, chunks: int, thr
 def quickstart(text: str, work_dir: Path, rank: int = 32, chunks: int = 8, ctx: int = 512,
                base_type: str = "q4_0", calib_chunks: int = 16, threads=None, quiet: bool = False) -> dict:
     started = time.perf_counter()
+    check_output_dir(work_dir, [text], "--work-dir")
     work_dir.mkdir(parents=True, exist_ok=True)
     reference = str(default_model_path())
     base = str(work_dir / f"base-{base_type}.gguf")

@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .gguf_io import fingerprint_file, open_gguf_magic
-from .nkat_format import check_base_matches, read_meta
+from .gguf_io import ModelFile, open_gguf_magic
+from .llama_log import captured_llama_log, relevant_lines
+from .nkat_format import check_base_matches, check_fits_model, read_layout
+from .signals import raise_if_terminated
 
 BACKENDS = ("lora", "shim")
 # NKAT_VERBOSE=1 shows llama.cpp's own log lines (model loading, adapters, quantizer).
@@ -70,8 +72,13 @@ class Runtime:
         self.theta_meta: dict | None = None
         self.file_gamma: float | None = None
         if self.theta_path:
-            self.theta_meta = read_meta(self.theta_path)
+            self.theta_meta, pairs = read_layout(self.theta_path)
             self.file_gamma = float(self.theta_meta["theta_gamma"])
+            # Checked from the GGUF headers before llama.cpp loads the (possibly large) model.
+            model_file = ModelFile(self.model_path)
+            check_base_matches(self.theta_meta, model_file.identity(), self.theta_path)
+            check_fits_model(pairs, model_file.tensors, self.theta_path)
+            del model_file
         self.gamma = self.file_gamma if gamma is None else float(gamma)
         if self.gamma is not None and not np.isfinite(self.gamma):
             raise UserError(f"--gamma must be finite, not {gamma}")
@@ -82,8 +89,6 @@ class Runtime:
         self._hook = None
         self._callback = eval_callback
         self._load_model()
-        if self.theta_meta is not None:
-            check_base_matches(self.theta_meta, self.identity(), self.theta_path)
         if self.backend == "shim":
             self._attach_shim()
         self._make_context()
@@ -112,21 +117,6 @@ class Runtime:
                 f"--ctx {self.n_ctx} is larger than the model's training context {self.n_ctx_train}"
             )
 
-    def meta_value(self, key: str) -> str:
-        buf = ctypes.create_string_buffer(256)
-        n = self._lib.llama_model_meta_val_str(self._model.model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", "replace") if n >= 0 else ""
-
-    def identity(self) -> dict:
-        """What a .nkat records about its base model (see ModelFile.identity)."""
-        return {
-            "name": self.meta_value("general.name"),
-            "architecture": self.meta_value("general.architecture"),
-            "file_size": self.model_path.stat().st_size,
-            "fingerprint": fingerprint_file(self.model_path),
-            "path": str(self.model_path.resolve()),
-        }
-
     def _make_context(self) -> None:
         lib = self._lib
         params = lib.llama_context_default_params()
@@ -154,11 +144,13 @@ class Runtime:
         from llama_cpp._utils import suppress_stdout_stderr
 
         lib = self._lib
-        # ggml prints one "cannot use buft CPU_REPACK" warning per adapter tensor on stderr.
-        with suppress_stdout_stderr(disable=self._verbose or LLAMA_VERBOSE):
+        # ggml prints one "cannot use buft CPU_REPACK" warning per adapter tensor on stderr;
+        # llama.cpp's own log lines are kept to explain a refusal.
+        with suppress_stdout_stderr(disable=self._verbose or LLAMA_VERBOSE), captured_llama_log() as log:
             self._adapter = lib.llama_adapter_lora_init(self._model.model, str(self.theta_path).encode())
         if not self._adapter:
-            raise UserError(f"{self.theta_path}: llama.cpp refused the adapter (see its log above)")
+            why = " | ".join(relevant_lines(log)) or "it logged no reason"
+            raise UserError(f"{self.theta_path}: llama.cpp refused the adapter: {why}")
         self._apply_lora_scale()
 
     def _apply_lora_scale(self) -> None:
@@ -213,6 +205,7 @@ class Runtime:
     def decode(self, tokens, start_pos: int = 0, logits_from: int | None = None) -> np.ndarray | None:
         """Decode tokens at positions start_pos...; return logits (n, vocab) for positions
         >= logits_from (indexes into `tokens`), or None when no logits are asked for."""
+        raise_if_terminated()  # a SIGTERM whose raise a llama.cpp log callback swallowed
         n = len(tokens)
         if n > self.n_batch:
             raise ValueError(f"{n} tokens exceed the batch size {self.n_batch}")
@@ -236,6 +229,13 @@ class Runtime:
             return None
         ptr = self._lib.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+
+    def never_applied(self) -> list[str]:
+        """Shim backend: theta tensors whose matmul was never corrected so far (at gamma 0 none
+        is meant to be). The lora backend attaches every tensor or refuses the adapter."""
+        if self._hook is None or self.gamma == 0:
+            return []
+        return self._hook.never_applied()
 
     def settings(self) -> dict:
         return {

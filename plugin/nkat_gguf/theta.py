@@ -126,10 +126,21 @@ def low_rank(E: np.ndarray, rank: int, col_scale: np.ndarray | None = None):
     if col_scale is not None:
         if col_scale.shape != (E.shape[1],):
             raise UserError(f"activation scales have {col_scale.shape[0]} columns, the matrix {E.shape[1]}")
-        U, S, Vt = truncated_svd(E * col_scale[None, :], rank)
+        U, S, Vt = _checked_svd(E * col_scale[None, :], rank)
         return (U * S).astype(np.float32), (Vt.T / col_scale[:, None]).astype(np.float32)
-    U, S, Vt = truncated_svd(E, rank)
+    U, S, Vt = _checked_svd(E, rank)
     return (U * S).astype(np.float32), Vt.T.astype(np.float32)
+
+
+def _checked_svd(X: np.ndarray, rank: int):
+    """truncated_svd, with a domain error instead of an overflow or a LAPACK failure (values
+    near float32's limit only come from a damaged file)."""
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            return truncated_svd(X, rank)
+    except (FloatingPointError, np.linalg.LinAlgError):
+        raise UserError(f"values up to {float(np.abs(X).max()):.3g} are too large for a float32 SVD "
+                        "(a damaged weight?)") from None
 
 
 def factors(E: np.ndarray, rank: int, structure: str, col_scale: np.ndarray | None = None):

@@ -19,6 +19,7 @@ from ..calibration import write_imatrix, write_imatrix_legacy
 from ..defaults import find_calibration_text, find_eval_text
 from ..errors import UserError
 from ..measure import read_text
+from ..output_paths import check_output_path
 from ..report import human_bytes, print_json, print_table, say
 from .common import add_output_flags, add_runtime_flags, byte_size, model_path, positive_int
 
@@ -67,6 +68,7 @@ def run(args) -> int:
     model = model_path(args.model)
     text_path = find_calibration_text(args.text)
     check_not_eval_text(text_path)
+    check_output_path(args.output, [model, text_path], "--output")
     if args.ctx < 8:
         raise UserError(f"--ctx must be at least 8, not {args.ctx}")
     quiet = args.quiet or args.json

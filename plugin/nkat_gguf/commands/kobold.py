@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import kobold, kobold_config, kobold_server
 from ..errors import UserError
+from ..output_paths import check_output_path
 from ..report import human_bytes, print_json, print_table, say
 
 DEFAULT_TIMEOUT_S = 180.0
@@ -173,8 +174,21 @@ def launch_config(ctx: Context, model, args, directory: Path) -> Path:
     return path
 
 
-def start_server(ctx: Context, model, args, directory: Path) -> kobold_server.RunningServer:
-    log = Path(args.log) if args.log else directory / "server.log"
+def server_log(args, inputs) -> tuple[Path, bool]:
+    """(log path, keep it afterwards): --log, or a new file in the system temp dir that outlives
+    the run's private directory, so a failed start-up's message can point at it."""
+    if args.log:
+        log = Path(args.log)
+        # The log is appended to, never replaced: a FIFO or /dev/stderr is fine, an input is not.
+        if not (log.exists() and not log.is_dir() and not log.is_file()):
+            check_output_path(log, inputs, flag="--log")
+        return log, True
+    fd, path = tempfile.mkstemp(prefix="nkat-server-", suffix=".log")
+    os.close(fd)
+    return Path(path), False
+
+
+def start_server(ctx: Context, model, args, directory: Path, log: Path) -> kobold_server.RunningServer:
     if ctx.backend.name == "llama-cpp-python":
         gpu_layers = ctx.settings.gpu_layers if ctx.settings.gpu_layers is not None else 0
         return kobold_server.start_llama_server(model.base, model.theta, args.host, args.port, log,
@@ -195,27 +209,40 @@ def generate_text(server, args) -> str:
 def launch(ctx: Context, args) -> dict:
     model = pick_model(ctx, args)
     quiet = args.quiet or args.json
-    with tempfile.TemporaryDirectory(prefix="nkat-kobold-") as tmp:
-        server = start_server(ctx, model, args, Path(tmp))
-        say(f"starting {server.kind} ({ctx.backend.name}) for {model.name} on {server.url} ...", quiet)
-        try:
-            ready_s = kobold_server.wait_ready(server, args.timeout)
-            for path in server.cleanup:
-                path.unlink(missing_ok=True)
-            text = generate_text(server, args)
-            result = {"server": server.kind, "backend": ctx.backend.name, "model": model.name,
-                      "url": server.url, "ready_seconds": round(ready_s, 2),
-                      "prompt": args.prompt, "generated": text, "stopped": args.smoke_only}
-            say(f"{server.kind} listening on {server.url}; generated: {text!r}", quiet)
-            if not args.smoke_only:
-                say("serving until Ctrl-C", quiet)
-                server.process.wait()
-        except kobold_server.StartupError as exc:
-            for line in exc.log_tail:
-                print(f"  | {line}", file=sys.stderr)
-            raise
-        finally:
-            server.stop()
+    log, keep_log = server_log(args, [model.base, model.theta])
+    try:
+        with tempfile.TemporaryDirectory(prefix="nkat-kobold-") as tmp:
+            result = _serve(ctx, model, args, Path(tmp), log, quiet)
+    except UserError:
+        keep_log = True  # the message names it
+        raise
+    finally:
+        if not keep_log:
+            log.unlink(missing_ok=True)
+    return result
+
+
+def _serve(ctx: Context, model, args, tmp: Path, log: Path, quiet: bool) -> dict:
+    server = start_server(ctx, model, args, tmp, log)
+    say(f"starting {server.kind} ({ctx.backend.name}) for {model.name} on {server.url} ...", quiet)
+    try:
+        ready_s = kobold_server.wait_ready(server, args.timeout)
+        for path in server.cleanup:
+            path.unlink(missing_ok=True)
+        text = generate_text(server, args)
+        result = {"server": server.kind, "backend": ctx.backend.name, "model": model.name,
+                  "url": server.url, "ready_seconds": round(ready_s, 2),
+                  "prompt": args.prompt, "generated": text, "stopped": args.smoke_only}
+        say(f"{server.kind} listening on {server.url}; generated: {text!r}", quiet)
+        if not args.smoke_only:
+            say(f"serving until Ctrl-C (or SIGTERM); log: {log}", quiet)
+            server.process.wait()
+    except kobold_server.StartupError as exc:
+        for line in exc.log_tail:
+            print(f"  | {line}", file=sys.stderr)
+        raise
+    finally:
+        server.stop()
     return result
 
 
