@@ -123,7 +123,16 @@ def allocate_ranks(gains: dict[str, np.ndarray], costs: dict[str, float], budget
 
 
 def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
-    validate(opts)
+    return convert_budgets(input_path, [(output_path, opts.budget_mb)], opts)[0]
+
+
+def convert_budgets(input_path: str, outputs: list[tuple[str, float | None]], opts: ConvertOptions) -> list[dict]:
+    """Several .nkat files from one pass of SVDs: each (output, budget MiB or None for uniform rank).
+
+    The factors are computed once at the largest rank any output needs; each output truncates them.
+    """
+    for _, budget in outputs:
+        validate(ConvertOptions(**{**opts.__dict__, "budget_mb": budget}))
     started = time.perf_counter()
     model = ModelFile(input_path)
     if model.file_type == "adapter":
@@ -133,30 +142,32 @@ def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
     scales = load_scales(opts.imatrix, names) if opts.source == "residual-act" else {}
     gamma = opts.resolved_gamma()
 
-    search_rank = opts.rank
-    if opts.budget_mb is not None:
-        search_rank = min(opts.rank * RANK_SEARCH_FACTOR, RANK_SEARCH_CAP)
+    budgeted = any(budget is not None for _, budget in outputs)
+    search_rank = min(opts.rank * RANK_SEARCH_FACTOR, RANK_SEARCH_CAP) if budgeted else opts.rank
 
     pieces = {}
     for name in progress(names, desc="theta", quiet=opts.quiet, unit="tensor"):
-        rank = min(search_rank, min(model.shape(name))) if opts.budget_mb is not None else opts.rank
+        rank = min(search_rank, min(model.shape(name))) if budgeted else opts.rank
         pieces[name] = _matrix_factors(model, ref, name, opts, scales, rank)
+    svd_seconds = time.perf_counter() - started
 
-    if opts.budget_mb is not None:
-        ranks = _budget_ranks(model, pieces, opts)
-    else:
-        ranks = {name: opts.rank for name in names}
+    summaries = []
+    for output_path, budget_mb in outputs:
+        t0 = time.perf_counter()
+        if budget_mb is not None:
+            ranks = _budget_ranks(model, pieces, opts.theta_type, budget_mb)
+        else:
+            ranks = {name: opts.rank for name in names}
+        all_factors = [truncated_theta(name, *pieces[name][:2], ranks[name], pieces[name][2])
+                       for name in names if ranks[name] > 0]
+        if not all_factors:
+            raise UserError(f"--budget-mb {budget_mb} is too small for even one rank of one matrix")
+        summaries.append(_write(model, ref, output_path, all_factors, opts, gamma, budget_mb,
+                                svd_seconds + time.perf_counter() - t0))
+    return summaries
 
-    all_factors = []
-    for name in names:
-        P, Q, structure = pieces.pop(name)
-        r = ranks[name]
-        if r == 0:
-            continue
-        all_factors.append(truncated_theta(name, P, Q, r, structure))
-    if not all_factors:
-        raise UserError(f"--budget-mb {opts.budget_mb} is too small for even one rank of one matrix")
 
+def _write(model, ref, output_path, all_factors, opts, gamma, budget_mb, seconds) -> dict:
     structures = {theta_math.resolve_structure(opts.structure, model.shape(f.name)) for f in all_factors}
     meta = NkatMeta(
         theta_rank=opts.rank,
@@ -167,37 +178,38 @@ def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
         base=model.identity(),
         reference=ref.identity() if ref else None,
         imatrix=str(opts.imatrix or ""),
-        extra={"rank_allocation": "budget" if opts.budget_mb is not None else "uniform"},
+        extra={"rank_allocation": "budget" if budget_mb is not None else "uniform"},
     )
     theta_bytes = write_nkat(output_path, model.architecture, all_factors, meta)
     stored_ranks = [f.rank for f in all_factors]
     return {
         "output": str(output_path),
-        "model": str(input_path),
+        "model": str(model.path),
         "reference": str(opts.reference) if opts.reference else None,
         "source": opts.source,
         "structure": opts.structure,
         "theta_rank": opts.rank,
         "theta_gamma": gamma,
         "theta_type": opts.theta_type,
+        "budget_mb": budget_mb,
         "tensors": len(all_factors),
         "stored_rank_min": min(stored_ranks),
         "stored_rank_max": max(stored_ranks),
         "theta_bytes": theta_bytes,
         "base_bytes": model.file_size,
         "rho": theta_bytes / model.file_size,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
-def _budget_ranks(model, pieces, opts) -> dict[str, int]:
+def _budget_ranks(model, pieces, theta_type: str, budget_mb: float) -> dict[str, int]:
     gains, costs = {}, {}
     for name, (P, Q, structure) in pieces.items():
         n_out, n_in = model.shape(name)
         per_component = 2 if structure == "antisymmetric" else 1
         # Bytes of one rank at the worst storage (lora_b falls back to F16 off multiples of 32),
         # so the file never exceeds the budget.
-        costs[name] = per_component * factor_bytes(n_out, n_in, 1, opts.theta_type)
+        costs[name] = per_component * factor_bytes(n_out, n_in, 1, theta_type)
         gains[name] = (P.astype(np.float64) ** 2).sum(axis=0)  # = S_k^2 of the (scaled) SVD
-    return allocate_ranks(gains, costs, opts.budget_mb * 1024 * 1024)
+    return allocate_ranks(gains, costs, budget_mb * 1024 * 1024)
