@@ -64,8 +64,8 @@ def test_logprob_store_round_trip(tmp_path):
 def frontier_run(tmp_path_factory, reference_model, short_text, calib_text):
     work = tmp_path_factory.mktemp("frontier")
     args = ["frontier", "--reference", reference_model, "--text", short_text, "--calib-text", calib_text,
-            "--calib-chunks", 2, "--work-dir", work, "--ladder", "q4_0,q5_0", "--bases", "q4_0",
-            "--budgets", "5%,next", "--theta-rank", 8, "--chunks", CHUNKS, "--ctx", CTX, "--json"]
+            "--calib-chunks", 1, "--work-dir", work, "--ladder", "q4_0,q5_0", "--bases", "q4_0",
+            "--budgets", "5%,next", "--theta-rank", 4, "--chunks", CHUNKS, "--ctx", CTX, "--json"]
     done = nkat(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     return work, args, json.loads(done.stdout)

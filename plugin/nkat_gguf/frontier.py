@@ -293,7 +293,12 @@ class Frontier:
         ladder = self.ladder(imatrix)
         points = self.theta_points(ladder, imatrix)
         controls = self.controls(ladder, points, imatrix) if self.o.controls else []
-        rows = ladder + controls + points
+        # Scored in order of interest (each result is cached as it completes): the ladder, then each
+        # theta point beside its control, the largest budget first.
+        paired = []
+        for p in sorted(points, key=lambda p: -p["budget_mb"]):
+            paired += [p] + [c for c in controls if c["for"] == p["label"]]
+        rows = ladder + paired
         t0 = time.perf_counter()
         o = self.o
         self.n_chunks, self.runtime_settings = score_rows(

@@ -43,7 +43,7 @@ def add_parser(subparsers) -> None:
                    help=f"ladder types that get theta points (default {','.join(DEFAULT_BASES)})")
     p.add_argument("--budgets", type=csv, default=list(DEFAULT_BUDGETS), metavar="B,B,...",
                    help="theta sizes: percentages of the base's bytes, or 'next' = up to the next larger "
-                   f"rung's bytes (default {','.join(DEFAULT_BUDGETS)})")
+                   f"rung's bytes (default {','.join(DEFAULT_BUDGETS)})".replace("%", "%%"))
     p.add_argument("--source", choices=SOURCES, default="residual-act", help="theta source (default residual-act)")
     p.add_argument("--theta-rank", type=positive_int, default=32, metavar="R",
                    help="rank unit; the budgeted search goes up to 4R per matrix (default 32)")
