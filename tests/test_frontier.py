@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 CTX, CHUNKS = 128, 2
 
 
-def nkat(*args, timeout=900):
+def nkat(*args, timeout=1800):
     env = dict(os.environ, PYTHONPATH=str(REPO / "plugin"))
     return subprocess.run([sys.executable, "-m", "nkat_gguf.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
@@ -170,3 +170,27 @@ def test_mixed_file_takes_donor_tensors_verbatim(tmp_path, frontier_run, referen
         src = ref[name] if name in names else b[name]
         assert mixed[name].tensor_type == src.tensor_type
         assert np.array_equal(np.asarray(mixed[name].data), np.asarray(src.data))
+
+
+def test_quantize_overrides_and_imatrix(tmp_path, frontier_run, reference_model):
+    """tt_overrides set the named tensors' type; the imatrix changes the rounding, not the size."""
+    from nkat_gguf.gguf_io import open_gguf
+    from nkat_gguf.quantize import quantize_model
+
+    work, _, _ = frontier_run
+    imatrix = next(work.glob("*.imatrix"))
+    plain = quantize_model(str(reference_model), str(tmp_path / "plain.gguf"), "q4_0",
+                           overrides={r"attn_v\.weight$": "q8_0"})
+    weighted = quantize_model(str(reference_model), str(tmp_path / "imat.gguf"), "q4_0", imatrix=str(imatrix))
+    types = {t.name: t.tensor_type.name for t in open_gguf(plain["output"]).tensors}
+    assert all(types[n] == "Q8_0" for n in types if n.endswith("attn_v.weight"))
+    assert types["blk.0.attn_q.weight"] == "Q4_0"
+    a = {t.name: t for t in open_gguf(tmp_path / "plain.gguf").tensors}
+    b = {t.name: t for t in open_gguf(weighted["output"]).tensors}
+    name = "blk.0.attn_q.weight"
+    assert a[name].n_bytes == b[name].n_bytes and not np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data))
+
+
+def test_quantize_bad_override_is_one_line(tmp_path, reference_model):
+    done = nkat("quantize", "--input", reference_model, "--output", tmp_path / "x.gguf", "--tensor-type", "attn_v")
+    assert done.returncode == 2 and "REGEX=TYPE" in done.stderr and not (tmp_path / "x.gguf").exists()

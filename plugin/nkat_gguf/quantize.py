@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 
 import numpy as np
 
@@ -39,6 +40,10 @@ def overrides_array(llama_cpp, overrides: dict[str, str]):
     """Per-tensor types by regex (as llama-quantize --tensor-type), NULL-pattern terminated."""
     entries = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
     for i, (pattern, type_name) in enumerate(overrides.items()):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UserError(f"--tensor-type {pattern!r}: not a regular expression ({exc})") from None
         entries[i].pattern = pattern.encode()
         entries[i].type = int(quant_type_by_name(type_name))
     return entries
