@@ -65,7 +65,7 @@ def frontier_run(tmp_path_factory, reference_model, short_text, calib_text):
     work = tmp_path_factory.mktemp("frontier")
     args = ["frontier", "--reference", reference_model, "--text", short_text, "--calib-text", calib_text,
             "--calib-chunks", 1, "--work-dir", work, "--ladder", "q4_0,q5_0", "--bases", "q4_0",
-            "--budgets", "5%,next", "--theta-rank", 4, "--chunks", CHUNKS, "--ctx", CTX, "--json"]
+            "--budgets", "5%,next", "--theta-rank", 4, "--chunks", CHUNKS, "--ctx", CTX, "--threads", 1, "--json"]
     done = nkat(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     return work, args, json.loads(done.stdout)
@@ -104,7 +104,7 @@ def test_frontier_stored_scores_equal_the_in_memory_scorer(frontier_run, referen
     _, _, result = frontier_run
     point = next(r for r in result["rows"] if r["kind"] == "theta")
     direct = run_ppl(PplRequest(models=[point["model"]], thetas=[point["theta"]], text=str(short_text),
-                                reference=str(reference_model), ctx=CTX, chunks=CHUNKS, quiet=True))
+                                reference=str(reference_model), ctx=CTX, chunks=CHUNKS, threads=1, quiet=True))
     row = next(r for r in direct["rows"] if "gamma" in r)
     assert row["ppl"] == pytest.approx(point["ppl"], rel=1e-6)
     assert row["kld_mean"] == pytest.approx(point["kld_mean"], rel=2e-3, abs=2e-4)
@@ -140,7 +140,7 @@ def test_attribute_restoring_everything_gives_the_reference(tmp_path, frontier_r
     base = next(r for r in result["rows"] if r["label"] == "Q4_0-imat")
     done = nkat("attribute", "--base", base["model"], "--reference", reference_model, "--text", short_text,
                 "--work-dir", tmp_path / "a", "--groups", "attn_v,token_embd,blk 0-99", "--chunks", CHUNKS,
-                "--ctx", CTX, "--json")
+                "--ctx", CTX, "--threads", 1, "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     att = json.loads(done.stdout)
     groups = {g["group"]: g for g in att["groups"]}

@@ -379,7 +379,7 @@ def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, ctx: 
 
 def goals(rows: list[dict]) -> list[dict]:
     """Each base + theta at <= the bytes of the next rung vs that rung, on PPL and KLD."""
-    ladder = sorted((r for r in rows if r["kind"] == "ladder"), key=lambda r: r["bytes"])
+    ladder = sorted((r for r in rows if r["kind"] in ("ladder", "reference")), key=lambda r: r["bytes"])
     out = []
     for p in (r for r in rows if r["kind"] == "theta"):
         rung = next((r for r in ladder if r["bytes"] > p["model_bytes"] * 1.005), None)

@@ -26,8 +26,8 @@ def _readers(base_path, replacements: dict[str, str]):
     return base, donors
 
 
-def mixed_tensors(base_path, replacements: dict[str, str]) -> list:
-    """The tensors of the assembled model, in the base's order: (name, reader tensor) pairs."""
+def mixed_tensors(base_path, replacements: dict[str, str]):
+    """(base reader, the assembled model's tensors in the base's order, each from the base or its donor)."""
     base, donors = _readers(base_path, replacements)
     by_donor = {path: {t.name: t for t in r.tensors} for path, r in donors.items()}
     out = []
