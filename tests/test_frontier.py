@@ -194,3 +194,25 @@ def test_quantize_overrides_and_imatrix(tmp_path, frontier_run, reference_model)
 def test_quantize_bad_override_is_one_line(tmp_path, reference_model):
     done = nkat("quantize", "--input", reference_model, "--output", tmp_path / "x.gguf", "--tensor-type", "attn_v")
     assert done.returncode == 2 and "REGEX=TYPE" in done.stderr and not (tmp_path / "x.gguf").exists()
+
+
+def test_ppl_rows_use_the_one_rule(tmp_path):
+    """nkat ppl's rows (measure.assemble): TPE charged by bytes beyond the base, controls by the rule."""
+    from nkat_gguf.measure import assemble
+
+    files = {}
+    for name, size in (("base.gguf", 1000), ("next.gguf", 1050), ("big.gguf", 1200)):
+        files[name] = tmp_path / name
+        files[name].write_bytes(bytes(size))
+    res = {"base.gguf": {"ppl": 12.0, "kld_mean": 0.3}, "+ t.nkat": {"ppl": 11.0, "kld_mean": 0.2},
+           "next.gguf": {"ppl": 10.5, "kld_mean": 0.1}, "big.gguf": {"ppl": 10.0, "kld_mean": 0.05}}
+    info = {"base.gguf": {"theta_bytes": 0, "model": files["base.gguf"]},
+            "+ t.nkat": {"theta_bytes": 40, "gamma": 1.0, "model": files["base.gguf"]},
+            "next.gguf": {"theta_bytes": 0, "model": files["next.gguf"]},
+            "big.gguf": {"theta_bytes": 0, "model": files["big.gguf"]}}
+    out = assemble(res, info, "base.gguf", None, {}, 0.0)
+    rows = {r["label"]: r for r in out["rows"]}
+    assert rows["next.gguf"]["tpe"] == pytest.approx(charged_tpe(10.5, 1050, 1000))
+    assert rows["+ t.nkat"]["tpe"] == pytest.approx(tpe(11.0, 40, 1000))
+    control = out["controls"]["+ t.nkat"]
+    assert control["label"] == "next.gguf" and control["beaten"]  # 1050 <= 1.02 * 1040; big.gguf is not matched
