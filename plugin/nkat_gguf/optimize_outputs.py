@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from .atomic import atomic_path, write_text_atomic
-from .evaluate import tpe
+from .byte_control import byte_matched, charged_tpe
 from .report import say, to_json
 
 HISTORY = "optimization_history.json"
@@ -91,13 +91,12 @@ class OutputWriter:
         if ref is None:
             return None
         ref_bytes = self.opt.reference.file_size
-        extra = max(0, ref_bytes - self.opt.base_bytes)
         out = {"label": f"{Path(self.opt.opts.reference).name} (reference)", "ppl": ref["ppl"],
                "ppl_err": ref["ppl_err"], "bytes": ref_bytes,
-               "tpe": tpe(ref["ppl"], extra, self.opt.base_bytes), "chunks": ref["chunks"],
-               "note": "TPE counts the reference's bytes beyond the base model like theta bytes"}
+               "tpe": charged_tpe(ref["ppl"], ref_bytes, self.opt.base_bytes), "chunks": ref["chunks"],
+               "note": "TPE charges the reference's bytes beyond the base model like theta bytes (byte_control rule)"}
         if best_bytes:
-            out["byte_matched"] = abs(ref_bytes - best_bytes) <= 0.1 * best_bytes
+            out["byte_matched"] = byte_matched(ref_bytes, best_bytes)
             out["bytes_vs_best"] = ref_bytes / best_bytes
         return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..defaults import find_eval_text
 from ..measure import PplRequest, run_ppl
+from ..byte_control import verdict_line
 from ..report import human_bytes, print_json, print_table
 from ..runtime import BACKENDS
 from .common import add_output_flags, add_runtime_flags, model_path
@@ -66,21 +67,14 @@ def print_ppl_table(result: dict) -> None:
 
 
 def print_verdict(result: dict) -> None:
-    """Plain words: does theta help, and does a plain model at similar bytes do better?"""
-    theta_rows = [r for r in result["rows"] if "gamma" in r]
-    for r in theta_rows:
+    """Plain words: does theta help, and does a plain model at the same bytes do better?"""
+    for r in (r for r in result["rows"] if "gamma" in r):
         gap = r.get("gap_recovered")
         delta = r["ppl"] - result["ppl_base"]
         words = "helps" if delta < 0 else "makes it WORSE"
         line = f"{r['label']}: theta {words} (PPL {delta:+.3f}"
         line += f", {100 * gap:.1f} % of the gap to the reference recovered)" if gap is not None else ")"
         print(line)
-    if not theta_rows:
-        return
-    best = max(theta_rows, key=lambda r: r["tpe"])
-    for r in result["rows"]:
-        if "gamma" in r or r["label"] == best["label"]:
-            continue
-        if r["bytes"] <= 1.05 * best["bytes"] and r["tpe"] > best["tpe"]:
-            print(f"byte-matched control: {r['label']} ({human_bytes(r['bytes'])}) beats the best theta "
-                  f"({human_bytes(best['bytes'])}): TPE {r['tpe']:.4f} vs {best['tpe']:.4f}, PPL {r['ppl']:.3f} vs {best['ppl']:.3f}")
+        control = result.get("controls", {}).get(r["label"])
+        if control is not None:
+            print("  byte-matched control: " + verdict_line(r["label"], control))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 from ..quantize import quantize_model
 from ..report import human_bytes, print_json, print_table
 from .common import add_output_flags, model_path
@@ -16,13 +17,24 @@ def add_parser(subparsers) -> None:
     p.add_argument("--input", help="the higher-precision model (default: embedded SmolLM2 Q4_1)")
     p.add_argument("--output", required=True, help="the GGUF file to write")
     p.add_argument("--type", default="q4_0", help="llama.cpp type, e.g. q4_0, q3_k_m, q2_k (default q4_0)")
+    p.add_argument("--imatrix", metavar="FILE", help="importance-weighted quantization with this imatrix "
+                   "(nkat calibrate on the input model), as community quants are made")
+    p.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
+                   help="per-tensor type override, e.g. 'attn_v=q6_k' (repeatable; as llama-quantize)")
     p.add_argument("--threads", type=int, default=None)
     add_output_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    result = quantize_model(model_path(args.input), args.output, args.type, args.threads)
+    overrides = {}
+    for item in args.tensor_type:
+        pattern, sep, type_name = item.rpartition("=")
+        if not sep or not pattern:
+            raise UserError(f"--tensor-type {item!r}: expected REGEX=TYPE, e.g. attn_v=q6_k")
+        overrides[pattern] = type_name
+    result = quantize_model(model_path(args.input), args.output, args.type, args.threads,
+                            imatrix=args.imatrix, overrides=overrides)
     if args.json:
         print_json(result)
     else:

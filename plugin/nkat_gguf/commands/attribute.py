@@ -1,0 +1,50 @@
+"""nkat attribute: what quantization cost, and where (KLD share per tensor group, with bytes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..attribute import AttributeOptions, run_attribution
+from ..defaults import find_eval_text
+from ..frontier_report import attribution_markdown, attribution_plot, write_outputs
+from ..report import print_json, say
+from .common import add_output_flags, add_runtime_flags, positive_int
+from .frontier import csv, reference_path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "attribute", help="share of a quantized model's KLD each tensor group causes, and its byte cost",
+        description="For each tensor group (token_embd, output, attn_q/k/v/output, ffn_gate/up/down and ranges "
+        "of blocks) assemble BASE with that group restored from REFERENCE (tensors copied as stored) and score "
+        "it against the reference on the same chunks: the share of the base's KL-divergence the group causes, "
+        "and the bytes restoring it costs. Writes JSON, a markdown table and a bar chart (PNG) in --work-dir; "
+        "results are cached there, so a rerun resumes.")
+    p.add_argument("--base", "--model", dest="base", required=True, metavar="BASE.gguf",
+                   help="the quantized model (e.g. a Q2_K of the reference)")
+    p.add_argument("--reference", help="the model BASE was quantized from (default: qwen, see nkat models)")
+    p.add_argument("--text", help="evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
+    p.add_argument("--work-dir", required=True, metavar="DIR", help="assembled models, caches and outputs go here")
+    p.add_argument("--groups", type=csv, default=[], metavar="G,G,...",
+                   help="groups to restore (roles like attn_q or token_embd, or block ranges like 'blk 0-6'; "
+                   "default: every role and --block-parts ranges)")
+    p.add_argument("--block-parts", type=positive_int, default=4, metavar="N", help="block ranges (default 4)")
+    p.add_argument("--chunks", type=positive_int, default=8, metavar="N", help="evaluation chunks (default 8)")
+    add_runtime_flags(p)
+    add_output_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    quiet = args.quiet or args.json
+    opts = AttributeOptions(base=args.base, reference=reference_path(args.reference), text=str(find_eval_text(args.text)),
+                            work_dir=args.work_dir, groups=args.groups, block_parts=args.block_parts, chunks=args.chunks,
+                            ctx=args.ctx, threads=args.threads, flash_attn=args.flash_attn, quiet=quiet)
+    result = run_attribution(opts)
+    paths = write_outputs(result, Path(args.work_dir), "attribution", attribution_markdown, attribution_plot)
+    if args.json:
+        print_json(result)
+        return 0
+    print(attribution_markdown(result))
+    say(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}", quiet)
+    return 0

@@ -1,0 +1,82 @@
+"""nkat frontier: does theta pay for its bytes? The quant ladder, byte-matched controls and theta points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..defaults import find_eval_text
+from ..frontier import DEFAULT_BASES, DEFAULT_BUDGETS, DEFAULT_LADDER, FrontierOptions, run_frontier
+from ..frontier_report import frontier_markdown, frontier_plot, write_outputs
+from ..report import print_json, say
+from ..runtime import BACKENDS
+from ..theta import SOURCES
+from .common import add_output_flags, add_runtime_flags, positive_int
+
+
+def csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "frontier", help="quality per byte: quant ladder vs mixed-precision controls vs theta, one run",
+        description="Quantize the reference to each --ladder type (importance-weighted with an imatrix of the "
+        "reference on the calibration text), make theta for each --bases type at each --budgets size, build "
+        "a mixed-precision control per theta point (the base with its most damaged tensors taken from the "
+        "next larger quantization until the bytes match), and score everything against the reference on the "
+        "same chunks: PPL ± error, KLD mean ± error and p99, top-1, bytes. Writes JSON, a markdown table and "
+        "a PNG with the Pareto frontier; prints one verdict per theta point. Every step is cached in --work-dir: "
+        "rerun the same command to resume.")
+    p.add_argument("--reference", help="the reference model (default: qwen from the [qwen] extra, see nkat models)")
+    p.add_argument("--text", help="evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
+    p.add_argument("--calib-text", help="calibration text for the imatrix (default: WikiText-2 valid)")
+    p.add_argument("--imatrix", metavar="FILE", help="use this imatrix of the reference instead of calibrating")
+    p.add_argument("--calib-chunks", type=positive_int, default=8, metavar="N", help="calibration chunks (default 8)")
+    p.add_argument("--work-dir", required=True, metavar="DIR", help="models, thetas, caches and outputs go here")
+    p.add_argument("--quant-dir", metavar="DIR", help="where ladder quantizations go / are reused (default --work-dir)")
+    p.add_argument("--name", help="file-name prefix for ladder files (default: the reference's stem)")
+    p.add_argument("--ladder", type=csv, default=list(DEFAULT_LADDER), metavar="T,T,...",
+                   help=f"llama.cpp types (default {','.join(DEFAULT_LADDER)}; the reference is always scored)")
+    p.add_argument("--no-ladder-imatrix", dest="ladder_imatrix", action="store_false",
+                   help="quantize the ladder without the imatrix (plain llama.cpp quants)")
+    p.add_argument("--bases", type=csv, default=list(DEFAULT_BASES), metavar="T,T",
+                   help=f"ladder types that get theta points (default {','.join(DEFAULT_BASES)})")
+    p.add_argument("--budgets", type=csv, default=list(DEFAULT_BUDGETS), metavar="B,B,...",
+                   help="theta sizes: percentages of the base's bytes, or 'next' = up to the next larger "
+                   f"rung's bytes (default {','.join(DEFAULT_BUDGETS)})".replace("%", "%%"))
+    p.add_argument("--source", choices=SOURCES, default="residual-act", help="theta source (default residual-act)")
+    p.add_argument("--theta-rank", type=positive_int, default=32, metavar="R",
+                   help="rank unit; the budgeted search goes up to 4R per matrix (default 32)")
+    p.add_argument("--no-controls", dest="controls", action="store_false", help="skip the mixed-precision controls")
+    p.add_argument("--backend", choices=BACKENDS, default="lora", help="how theta is applied (default lora)")
+    p.add_argument("--chunks", type=positive_int, default=8, metavar="N", help="evaluation chunks (default 8)")
+    add_runtime_flags(p)
+    add_output_flags(p)
+    p.set_defaults(func=run)
+
+
+def reference_path(value) -> str:
+    if value:
+        return str(value)
+    from ..defaults import qwen_model_path
+
+    return str(qwen_model_path())
+
+
+def run(args) -> int:
+    quiet = args.quiet or args.json
+    opts = FrontierOptions(
+        reference=reference_path(args.reference), text=str(find_eval_text(args.text)), work_dir=args.work_dir,
+        calib_text=args.calib_text, imatrix=args.imatrix, calib_chunks=args.calib_chunks, quant_dir=args.quant_dir,
+        name=args.name, ladder=args.ladder, ladder_imatrix=args.ladder_imatrix, bases=args.bases,
+        budgets=args.budgets, source=args.source, theta_rank=args.theta_rank, controls=args.controls,
+        chunks=args.chunks, ctx=args.ctx, threads=args.threads, flash_attn=args.flash_attn, backend=args.backend,
+        quiet=quiet)
+    result = run_frontier(opts)
+    paths = write_outputs(result, Path(args.work_dir), "frontier", frontier_markdown, frontier_plot)
+    if args.json:
+        print_json(result)
+        return 0
+    print(frontier_markdown(result))
+    say(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}", quiet)
+    return 0
