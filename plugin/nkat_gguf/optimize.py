@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -542,6 +543,7 @@ class Optimizer:
             if self.reference.fingerprint == self.model.fingerprint:
                 raise UserError(f"{o.reference}: is the model itself; the reference must be a higher-precision copy")
         self.space = SearchSpace.for_inputs(bool(o.reference), bool(o.imatrix), groups, o.target_rank)
+        self.notes = [] if o.reference else [search_space_note(self.space)]
         for name in self.names:
             if self.space.max_rank > min(self.model.shape(name)):
                 if o.target_rank is not None:
@@ -782,6 +784,8 @@ class Optimizer:
             if made and not any(out.iterdir()):
                 out.rmdir()
             raise
+        for note in self.notes:
+            print(f"nkat optimize: note: {note}", file=sys.stderr)
         say(f"study {o.study_name!r} in {redact(self.storage_url)}: "
             f"{'new' if self.created else 'resumed'}, {self._counts()['COMPLETE']}/{self.n_trials} trials complete",
             o.quiet)
@@ -829,6 +833,13 @@ class Optimizer:
         out["beats_baseline"] = out["best"]["tpe"] > out["baseline"]["tpe"]
         out["wall_seconds"] = results["_wall_seconds"]
         return out
+
+
+def search_space_note(space: SearchSpace) -> str:
+    """What a study without --reference can search, and what that source was measured to do."""
+    low, high = space.gamma["weight"]
+    return (f"no --reference: only the weight source is searchable (SVD of W itself, gamma {low:g}..{high:g}); "
+            f"{theta_math.WEIGHT_SOURCE_EFFECT}. Pass --reference REF.gguf to search the residual sources")
 
 
 def run_optimize(opts: OptimizeOptions) -> dict:
