@@ -136,11 +136,11 @@ CHEAP_CHECK_BYTES = 2 << 30  # models up to this size are checked by default (se
 
 
 def check_theta(model: str, theta: str, text: str, chunks: int = CHECK_CHUNKS, backend: str = "lora",
-                threads: int | None = None) -> dict:
+                ctx: int = 512, threads: int | None = None, flash_attn: bool = False) -> dict:
     """Score base and base + theta on the first `chunks` chunks: does theta make the model worse?"""
-    res = run_ppl(PplRequest(models=[model], text=text, thetas=[theta], backend=backend, chunks=chunks,
-                             threads=threads, quiet=True))
-    return {"chunks": res["settings"]["chunks"], "text": text, "ppl_base": res["ppl_base"], "ppl": res["ppl"],
+    res = run_ppl(PplRequest(models=[model], text=text, thetas=[theta], backend=backend, chunks=chunks, ctx=ctx,
+                             threads=threads, flash_attn=flash_attn, quiet=True))
+    return {"chunks": res["settings"]["chunks"], "ctx": ctx, "text": text, "ppl_base": res["ppl_base"], "ppl": res["ppl"],
             "tpe_base": res["tpe_base"], "tpe": res["tpe"], "harmful": bool(res["ppl"] > res["ppl_base"])}
 
 

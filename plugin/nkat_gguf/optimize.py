@@ -101,6 +101,7 @@ class OptimizeOptions:
     flash_attn: bool = False
     seed: int | None = None
     quiet: bool = False
+    given_theta: str | None = None  # --model X.nkat: X is scored beside the best trial in the final check
     extra: dict = field(default_factory=dict)
 
 
@@ -810,13 +811,14 @@ class Optimizer:
         rt_kwargs = dict(n_ctx=o.ctx, n_threads=o.threads, flash_attn=o.flash_attn)
         rt = Runtime(o.model, nkat_path, backend=o.backend, **rt_kwargs)
         ref = Runtime(o.reference, **rt_kwargs) if o.reference else None
+        given = Runtime(o.model, o.given_theta, backend=o.backend, **rt_kwargs) if o.given_theta else None
+        candidates = {"baseline": (rt, 0.0), "best": (rt, rt.file_gamma)} | ({"given": given} if given else {})
         try:
-            results = evaluate({"baseline": (rt, 0.0), "best": (rt, rt.file_gamma)}, self.scorer.tokens, o.ctx, n,
-                               reference=ref, quiet=o.quiet)
+            results = evaluate(candidates, self.scorer.tokens, o.ctx, n, reference=ref, quiet=o.quiet)
         finally:
-            rt.close()
-            if ref is not None:
-                ref.close()
+            for runtime in (rt, ref, given):
+                if runtime is not None:
+                    runtime.close()
         theta_bytes = int(rt.theta_meta["theta_bytes"])
         best, base = results["best"], results["baseline"]
         ref_res = results.get("reference")
@@ -830,6 +832,11 @@ class Optimizer:
         out["baseline"]["bytes"] = self.base_bytes
         if ref_res:
             out["reference"] = {"ppl": ref_res["ppl"], "ppl_err": ref_res["ppl_err"]}
+        if given is not None:
+            given_bytes = int(given.theta_meta["theta_bytes"])
+            out["given"] = {k: results["given"].get(k) for k in ("ppl", "ppl_err", "kld_mean", "kld_p99")}
+            out["given"] |= {"theta": str(o.given_theta), "tpe": tpe(results["given"]["ppl"], given_bytes, self.base_bytes),
+                             "bytes": self.base_bytes + given_bytes}
         out["beats_baseline"] = out["best"]["tpe"] > out["baseline"]["tpe"]
         out["wall_seconds"] = results["_wall_seconds"]
         return out

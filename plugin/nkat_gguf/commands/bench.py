@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
                    help="benchmark the model as given (base + theta for a .nkat): what this command does "
                    "without --compare; the guide's flag")
     p.add_argument("--text", help="prompts come from this text; with --compare the PPL change is measured on "
-                   "2 chunks of it (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
+                   "2 chunks of --seq-len tokens of it (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--no-cuda", action="store_true", help="force CPU (n_gpu_layers = 0)")
     add_models_dir_flag(p)
@@ -71,7 +71,7 @@ def run(args) -> int:
         note += (f"\noverhead: generation {g['median']:+.1f} % ({g['min']:+.1f}..{g['max']:+.1f}), "
                  f"prompt {pp['median']:+.1f} % ({pp['min']:+.1f}..{pp['max']:+.1f})")
     if result.get("ppl_delta") is not None:
-        note += (f"\nPPL on {PPL_CHUNKS} chunks of {result['ppl_text']}: baseline {result['ppl_baseline']:.3f}, "
+        note += (f"\nPPL on {PPL_CHUNKS} chunks of {args.seq_len} tokens of {result['ppl_text']}: baseline {result['ppl_baseline']:.3f}, "
                  f"NKAT {result['ppl_nkat']:.3f} ({result['perplexity_change_percent']:+.2f} %)"
                  + ("" if result["ppl_delta"] < 0 else ": theta makes the model WORSE"))
     elif args.compare:
@@ -81,15 +81,15 @@ def run(args) -> int:
 
 
 def perplexity_change(model: str, theta: str, args) -> dict:
-    """The measured PPL change theta makes on PPL_CHUNKS chunks of the evaluation text (the
-    guide printed an estimated one); skipped, with the reason, when no evaluation text is found."""
+    """The measured PPL change theta makes on PPL_CHUNKS chunks of --seq-len tokens of the evaluation
+    text (the guide printed an estimated one); skipped, with the reason, when no text is found."""
     try:
         text_path = str(find_eval_text(args.text))
     except UserError as exc:
         return {"ppl_delta": None, "ppl_skipped": str(exc)}
-    ppl = run_ppl(PplRequest(models=[model], text=text_path, thetas=[theta], gamma=args.gamma,
-                             backend=args.backend, chunks=PPL_CHUNKS, threads=args.threads, quiet=True))
+    ppl = run_ppl(PplRequest(models=[model], text=text_path, thetas=[theta], gamma=args.gamma, backend=args.backend,
+                             ctx=args.seq_len, chunks=PPL_CHUNKS, threads=args.threads, quiet=True))
     delta = ppl["ppl"] - ppl["ppl_base"]
     return {"ppl_baseline": ppl["ppl_base"], "ppl_nkat": ppl["ppl"], "ppl_delta": delta,
             "perplexity_change": delta, "perplexity_change_percent": 100 * delta / ppl["ppl_base"],
-            "ppl_chunks": PPL_CHUNKS, "ppl_text": text_path}
+            "ppl_chunks": PPL_CHUNKS, "ppl_ctx": args.seq_len, "ppl_text": text_path}

@@ -14,7 +14,7 @@ from ..measure import CHEAP_CHECK_BYTES, CHECK_CHUNKS, check_theta, check_words
 from ..nkat_format import THETA_TYPES
 from ..report import human_bytes, print_json, print_table, say
 from ..theta import NO_REFERENCE, SOURCES, STRUCTURES, WEIGHT_SOURCE_EFFECT
-from .common import add_output_flags, model_path
+from .common import add_output_flags, add_runtime_flags, model_path
 
 TARGET_SIZE_NOTE = ("note: --target-size is not needed and is ignored: the SVD here is a randomized range finder "
                     "(Halko et al.) on the whole matrix, holding one matrix in float32 plus (rows + cols) x 2 rank "
@@ -65,6 +65,7 @@ def add_parser(subparsers) -> None:
                    "beside a checkout)")
     p.add_argument("--keep-harmful", action="store_true",
                    help="write the theta even when the check finds it makes the model worse (with a warning)")
+    add_runtime_flags(p)  # the check's chunks
     add_output_flags(p)
     p.set_defaults(func=run)
 
@@ -102,11 +103,11 @@ def run_check(args, model: str, theta: str, plan) -> dict:
     if not chunks:
         return {"skipped": why}
     try:
-        return check_theta(model, theta, text, chunks, threads=None)
+        return check_theta(model, theta, text, chunks, ctx=args.ctx, threads=args.threads, flash_attn=args.flash_attn)
     except UserError as exc:
         if args.check_chunks:
             raise
-        return {"skipped": f"llama.cpp could not score it: {exc}"}  # e.g. a model llama.cpp cannot run
+        return {"skipped": str(exc)}  # e.g. a model llama.cpp cannot run: said, not fatal
 
 
 def run(args) -> int:

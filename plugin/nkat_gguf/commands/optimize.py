@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..defaults import find_eval_text
 from ..report import human_bytes, print_json, print_table, say
 from ..runtime import BACKENDS
@@ -58,14 +60,15 @@ def run(args) -> int:
 
     model, given, _ = model_and_thetas([args.model], [], args.models_dir)
     if given:
-        say(f"{args.model}: optimizing theta for its base model {model}", args.quiet or args.json)
+        say(f"{args.model}: optimizing theta for its base model {model}; the final check scores "
+            f"{args.model} beside the best trial", args.quiet or args.json)
     opts = OptimizeOptions(
         model=model, output_dir=args.output_dir, text=str(find_eval_text(args.text)),
         reference=args.reference, imatrix=args.imatrix, mode=args.mode, trials=args.trials,
         storage=args.storage, study_name=args.study_name, backend=args.backend, target_rank=args.target_rank,
         max_kld=args.max_kld, max_overhead=args.max_overhead, chunks=args.chunks, final_chunks=args.final_chunks,
         ctx=args.ctx, threads=args.threads, flash_attn=args.flash_attn, seed=args.seed,
-        quiet=args.quiet or args.json,
+        quiet=args.quiet or args.json, given_theta=given[0] if given else None,
     )
     summary = run_optimize(opts)
     if args.json:
@@ -98,6 +101,10 @@ def print_summary(s: dict) -> None:
                      human_bytes(fb["bytes"]), _pct(fb["gap_recovered"])))
         if final.get("reference"):
             rows.append(("reference", final["chunks"], final["reference"]["ppl"], 0.0, None, "-", "100.0 %"))
+        if final.get("given"):
+            g = final["given"]
+            rows.append((f"given {Path(g['theta']).name}", final["chunks"], g["ppl"], g["kld_mean"], g["tpe"],
+                         human_bytes(g["bytes"]), "-"))
     counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(s["trials"].items()))
     spt = s["seconds_per_trial"]
     note = (f"study {s['study_name']!r} ({s['storage']}): {counts}; "
