@@ -72,7 +72,8 @@ def test_the_guides_workflow(tmp_path, reference_model, base_model, eval_text):
     else:
         assert "makes the model worse" in proc.stderr and not (tmp_path / "M.nkat").exists()
     proc = run("nkat_gguf_converter.py", "--input", model, "--output", "kept.nkat", "--theta-rank", "4",
-               "--theta-gamma", "0.97", "--source", "weight", "--keep-harmful", *small, "--json")
+               "--theta-gamma", "0.97", "--source", "weight", "--keep-harmful", "--selective-layers", "blk.0.*",
+               *small, "--json")
     assert exits_0_or_explains(proc)
     assert "10390" in proc.stderr and json.loads(proc.stdout)["warnings"]
     written[tmp_path / "kept.nkat"] = proc.stderr
@@ -87,11 +88,13 @@ def test_the_guides_workflow(tmp_path, reference_model, base_model, eval_text):
         written[tmp_path / "sel.nkat"] = proc.stderr
         assert json.loads(proc.stdout)["tensors"] == 2
     proc = run("nkat_gguf_converter.py", "--input", base, "--reference", model, "--output", "res.nkat",
-               "--theta-rank", "16", "--target-size", "256", *small, "--json")
+               "--theta-rank", "16", "--target-size", "256", "--selective-layers",
+               "model.layers.*.self_attn.*_proj.weight", *small, "--json")  # Hugging Face names, globbed
     assert exits_0_or_explains(proc), proc.stderr
     assert "--target-size is not needed" in proc.stderr
     check = json.loads(proc.stdout)["check"]
     assert check["chunks"] == 2 and not check["harmful"]
+    assert json.loads(proc.stdout)["tensors"] == 4 * 30  # q, k, v, o of SmolLM2's 30 blocks
     written[tmp_path / "res.nkat"] = proc.stderr
     independent = ppl_json(eval_text, "--model", base, "--theta", tmp_path / "res.nkat", "--chunks", "2", *small)
     assert check["ppl"] == pytest.approx(independent["ppl"], rel=1e-9)
@@ -119,7 +122,7 @@ def test_the_guides_workflow(tmp_path, reference_model, base_model, eval_text):
 
     # 5. the auto optimizer, as in the guide (no reference) and with one; small trial and chunk counts
     few = ["--mode", "custom", "--trials", "3", "--chunks", "1", "--final-chunks", "2", "--seed", "1", *small]
-    proc = run("nkat_auto_optimizer.py", "--model", model, "--output-dir", "D", *few)
+    proc = run("nkat_auto_optimizer.py", "--model", model, "--output-dir", "D", "--target-rank", "8", *few)
     assert exits_0_or_explains(proc), proc.stderr
     assert "only the weight source is searchable" in proc.stderr
     logs = {"D": proc.stderr}

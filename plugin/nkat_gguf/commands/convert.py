@@ -130,7 +130,7 @@ def run(args) -> int:
     )
     plan = plan_check(args, model)
     if args.target_size is not None:
-        say(TARGET_SIZE_NOTE, args.quiet or args.json)
+        say(TARGET_SIZE_NOTE, args.quiet)  # stderr: also with --json
     with atomic_path(args.output) as tmp:  # the file appears only once it has passed the check
         summary = convert(model, str(tmp), opts)
         check = run_check(args, model, str(tmp), plan)
