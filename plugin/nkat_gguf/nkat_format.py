@@ -262,8 +262,13 @@ def find_base_model(theta: str | os.PathLike, base: str | os.PathLike | None = N
         base = Path(base)
         if not base.is_file():
             raise UserError(f"base model not found: {base}")
-        identity = {"architecture": meta.get("base.architecture") or meta.get("architecture"),
-                    "fingerprint": fingerprint_file(base), "path": str(base)}
+        if meta.get("base.fingerprint"):  # same content fingerprint = same model
+            identity = {"architecture": meta.get("base.architecture") or meta.get("architecture"),
+                        "fingerprint": fingerprint_file(base), "path": str(base)}
+        else:  # only then the architecture is worth parsing the whole GGUF header for
+            from .gguf_io import ModelFile
+
+            identity = ModelFile(base).identity()
         check_base_matches(meta, identity, theta)
         return base
     recorded = Path(str(meta.get("base.path") or ""))
