@@ -174,7 +174,7 @@ class OutputWriter:
             "best_trial": best,
             "beats_baseline": beats,
             "verdict": verdict(best, base, final, opt.opts.max_kld, opt.opts.max_overhead,
-                               self.control(best["bytes"] if best else None)),
+                               self.control(best["bytes"] if best else None), opt.opts.final_chunks),
             "final": final,
             "files": files,
             "notes": opt.notes,
@@ -303,7 +303,8 @@ def redact_value(flag: str, value) -> str:
     return str(value)
 
 
-def verdict(best: dict | None, base: dict, final: dict | None, max_kld, max_overhead, control=None) -> str:
+def verdict(best: dict | None, base: dict, final: dict | None, max_kld, max_overhead, control=None,
+            final_chunks: int = 0) -> str:
     bars = []
     if max_kld is not None:
         bars.append(f"KLD <= {max_kld:g}")
@@ -325,6 +326,8 @@ def verdict(best: dict | None, base: dict, final: dict | None, max_kld, max_over
                     f"{best['tpe']:.5f} vs {base['tpe']:.5f}) but NOT on the final {final['chunks']} chunks: TPE "
                     f"{b['tpe']:.5f} vs {f['tpe']:.5f} (PPL {b['ppl']:.3f} vs {f['ppl']:.3f}); no optimal theta written")
         text += f"; confirmed on {final['chunks']} chunks: TPE {b['tpe']:.5f} vs {f['tpe']:.5f} (PPL {b['ppl']:.3f} vs {f['ppl']:.3f})"
+    elif final_chunks:
+        text += f"; to be confirmed on {final_chunks} chunks when the study finishes"
     else:
         text += "; not re-evaluated on more chunks (--final-chunks 0)"
     if control and control.get("byte_matched") and control["tpe"] > best["tpe"]:
