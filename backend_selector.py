@@ -4,10 +4,9 @@
 import sys
 from pathlib import Path
 
-try:
-    import nkat_gguf  # noqa: F401
-except ImportError:  # running from a checkout without pip install
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "plugin"))
+PLUGIN = Path(__file__).resolve().parent / "plugin"
+if (PLUGIN / "nkat_gguf").is_dir():  # this checkout's package, even when another copy is installed
+    sys.path.insert(0, str(PLUGIN))
 
 from nkat_gguf.cli import run_command
 

@@ -52,7 +52,7 @@ def test_truncated_gguf(tmp_path, reference_model):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(reference_model.read_bytes()[: 40 << 20])
     out = tmp_path / "o.nkat"
-    assert_user_error(nkat("convert", "--input", cut, "--output", out), "truncated")
+    assert_user_error(nkat("convert", "--input", cut, "--source", "weight", "--output", out), "truncated")
     assert not out.exists()
 
 
@@ -77,7 +77,7 @@ def test_unsupported_quant_type(tmp_path):
     writer = GGUFWriter(str(model), "llama")
     writer.add_tensor("blk.0.attn_q.weight", rng.integers(-5, 5, (32, 32), dtype=np.int8))
     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
-    assert_user_error(nkat("convert", "--input", model, "--theta-rank", "2", "--output", tmp_path / "o.nkat"),
+    assert_user_error(nkat("convert", "--input", model, "--source", "weight", "--theta-rank", "2", "--output", tmp_path / "o.nkat"),
                       "I8", "blk.0.attn_q.weight")
 
 
@@ -85,30 +85,30 @@ def test_nan_in_a_weight(tmp_path):
     w = rng.standard_normal((64, 64))
     w[3, 5] = np.nan
     model = make_gguf(tmp_path / "nan.gguf", {"blk.0.attn_q.weight": w})
-    assert_user_error(nkat("convert", "--input", model, "--theta-rank", "2", "--output", tmp_path / "o.nkat"),
+    assert_user_error(nkat("convert", "--input", model, "--source", "weight", "--theta-rank", "2", "--output", tmp_path / "o.nkat"),
                       "NaN", "blk.0.attn_q.weight")
 
 
 @pytest.mark.parametrize("rank", ["0", "-3", "65"])
 def test_rank_out_of_range(tmp_path, tiny, rank):
     out = tmp_path / "o.nkat"
-    assert_user_error(nkat("convert", "--input", tiny, "--theta-rank", rank, "--output", out), "--theta-rank")
+    assert_user_error(nkat("convert", "--input", tiny, "--source", "weight", "--theta-rank", rank, "--output", out), "--theta-rank")
     assert not out.exists()
 
 
 @pytest.mark.parametrize("gamma", ["nan", "inf", "0"])
 def test_gamma_not_finite_or_zero(tmp_path, tiny, gamma):
-    assert_user_error(nkat("convert", "--input", tiny, "--theta-rank", "2", "--theta-gamma", gamma,
+    assert_user_error(nkat("convert", "--input", tiny, "--source", "weight", "--theta-rank", "2", "--theta-gamma", gamma,
                            "--output", tmp_path / "o.nkat"), "--theta-gamma")
 
 
 def test_unwritable_output(tmp_path, tiny):
-    assert_user_error(nkat("convert", "--input", tiny, "--theta-rank", "2", "--output", tmp_path / "no" / "dir" / "o.nkat"),
+    assert_user_error(nkat("convert", "--input", tiny, "--source", "weight", "--theta-rank", "2", "--output", tmp_path / "no" / "dir" / "o.nkat"),
                       "output directory does not exist")
 
 
 def test_selective_layers_matching_nothing(tmp_path, tiny):
-    assert_user_error(nkat("convert", "--input", tiny, "--theta-rank", "2", "--selective-layers", "blk.9.*",
+    assert_user_error(nkat("convert", "--input", tiny, "--source", "weight", "--theta-rank", "2", "--selective-layers", "blk.9.*",
                            "--output", tmp_path / "o.nkat"), "matches no weight")
 
 

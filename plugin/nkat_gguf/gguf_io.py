@@ -22,6 +22,7 @@ from .signals import raise_if_terminated
 
 # Transformer-block weight matrices: blk.N.<anything>.weight, 2-D, not a norm.
 _BLOCK_WEIGHT = re.compile(r"^blk\.\d+\.[A-Za-z0-9_.]+\.weight$")
+_BLOCK_ID = re.compile(r"^blk\.(\d+)\.")
 _FINGERPRINT_SAMPLES = 64
 _FINGERPRINT_SAMPLE_BYTES = 64 * 1024
 
@@ -138,13 +139,43 @@ class ModelFile:
             n for n, t in self.tensors.items() if is_target_name(n) and len(t.shape) == 2
         ]
         if globs:
-            names = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+            gguf_globs = [g for pattern in globs for g in self.gguf_globs(pattern)]
+            names = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in gguf_globs)]
             if not names:
                 raise UserError(
                     f"--selective-layers {' '.join(globs)} matches no weight matrix in {self.path.name} "
-                    "(names look like blk.0.attn_q.weight)"
+                    "(names look like blk.0.attn_q.weight; Meta layers.0.attention.wq.weight and Hugging Face "
+                    "model.layers.0.self_attn.q_proj.weight names are translated)"
                 )
         return names
+
+    @cached_property
+    def _name_map(self):
+        """gguf-py's table of Meta / Hugging Face tensor names -> GGUF names for this architecture."""
+        from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, get_tensor_name_map
+
+        arch = {name: a for a, name in MODEL_ARCH_NAMES.items()}.get(self.architecture, MODEL_ARCH.LLAMA)
+        blocks = [int(m.group(1)) for m in map(_BLOCK_ID.match, self.tensors) if m]
+        return get_tensor_name_map(arch, max(blocks, default=-1) + 1)
+
+    def gguf_globs(self, pattern: str) -> list[str]:
+        """One --selective-layers pattern as GGUF-name globs: GGUF names pass unchanged; Meta
+        (layers.N.feed_forward.w1.weight) and Hugging Face (model.layers.N.mlp.gate_proj.weight)
+        names, globs included, become the GGUF names they stand for (blk.N.ffn_gate.weight)."""
+        if pattern.startswith("blk.") or not pattern.strip():
+            return [pattern]
+        key, suffix = pattern, ".weight"
+        for end in (".weight", ".bias"):
+            if pattern.endswith(end):
+                key, suffix = pattern[: -len(end)], end
+        mapping = self._name_map.mapping
+        if key in mapping:
+            return [mapping[key][1] + suffix]
+        if any(c in key for c in "*?["):
+            found = sorted({gguf for k, (_, gguf) in mapping.items() if fnmatch.fnmatchcase(k, key)})
+            if found:
+                return [name + suffix for name in found]
+        return [pattern]
 
     def shape(self, name: str) -> tuple[int, int]:
         """(n_out, n_in) in numpy order; ggml's ne is (n_in, n_out)."""

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .gguf_io import ModelFile, fingerprint_file
-from .nkat_format import check_base_matches, read_meta
+from .nkat_format import find_base_model, is_nkat_path, read_meta
 
 KOBOLDCPP_ENV = "KOBOLDCPP"
 MODELS_DIR_ENV = "NKAT_MODELS_DIR"
@@ -355,31 +354,15 @@ def nkat_files(models_dir: Path | None, thetas: list[str] | None) -> list[Path]:
     return sorted(models_dir.glob("*.nkat"))
 
 
-def resolve_model(theta: Path, base: str | os.PathLike | None = None) -> NkatModel:
-    """The .nkat with its base model (--model or the recorded path), checked by fingerprint."""
-    if not theta.is_file():
-        raise UserError(f"{theta}: no such .nkat file")
-    meta = read_meta(theta)
-    base_path = Path(base) if base else Path(str(meta.get("base.path") or ""))
-    if not str(base_path) or str(base_path) == ".":
-        raise UserError(f"{theta}: records no base model path; pass --model BASE.gguf")
-    if not base_path.is_file():
-        raise UserError(f"{theta}: base model not found: {base_path} (pass --model BASE.gguf)")
-    check_base(meta, base_path, theta)
-    return NkatModel(theta.resolve(), base_path.resolve(), meta)
-
-
-def check_base(meta: dict, base_path: Path, theta: Path) -> None:
-    """Same content fingerprint = same model. Only a .nkat without a recorded fingerprint needs
-    the base's architecture, which means parsing its whole GGUF header (seconds for a big vocab)."""
-    recorded = meta.get("base.fingerprint")
-    if recorded:
-        identity = {"architecture": meta.get("base.architecture") or meta.get("architecture"),
-                    "fingerprint": fingerprint_file(base_path), "path": str(base_path)}
-    else:
-        identity = ModelFile(base_path).identity()
-    check_base_matches(meta, identity, theta)
+def resolve_model(theta: Path, base: str | os.PathLike | None = None,
+                  models_dir: Path | None = None) -> NkatModel:
+    """The .nkat with its base model (nkat_format.find_base_model: --model, the recorded path,
+    the .nkat's directory, the models directory), checked by fingerprint."""
+    base_path = find_base_model(theta, base, models_dir)
+    return NkatModel(theta.resolve(), base_path.resolve(), read_meta(theta))
 
 
 def find_models(models_dir: Path | None, thetas: list[str] | None, base=None) -> list[NkatModel]:
-    return [resolve_model(path, base) for path in nkat_files(models_dir, thetas)]
+    if is_nkat_path(base):  # --model X.nkat: that adapter, its base found from its metadata
+        thetas, base = [str(base)] + list(thetas or []), None
+    return [resolve_model(path, base, models_dir) for path in nkat_files(models_dir, thetas)]

@@ -149,3 +149,24 @@ def assemble(results: dict, info: dict, base_label: str, reference_path, setting
     plain = [r for r in rows if "gamma" not in r]
     controls = {r["label"]: best_control(r, plain) for r in rows if "gamma" in r}
     return summary | {"rows": rows, "controls": controls, "settings": settings, "wall_seconds": time.perf_counter() - started}
+
+
+CHECK_CHUNKS = 2  # the quick check of a new theta against its base
+CHEAP_CHECK_BYTES = 2 << 30  # models up to this size are checked by default (seconds on 2 cores)
+
+
+def check_theta(model: str, theta: str, text: str, chunks: int = CHECK_CHUNKS, backend: str = "lora",
+                ctx: int = 512, threads: int | None = None, flash_attn: bool = False) -> dict:
+    """Score base and base + theta on the first `chunks` chunks: does theta make the model worse?"""
+    res = run_ppl(PplRequest(models=[model], text=text, thetas=[theta], backend=backend, chunks=chunks, ctx=ctx,
+                             threads=threads, flash_attn=flash_attn, quiet=True))
+    return {"chunks": res["settings"]["chunks"], "ctx": ctx, "text": text, "ppl_base": res["ppl_base"], "ppl": res["ppl"],
+            "tpe_base": res["tpe_base"], "tpe": res["tpe"], "harmful": bool(res["ppl"] > res["ppl_base"])}
+
+
+def check_words(check: dict) -> str:
+    """One phrase for a check's figures, e.g. 'PPL 29.65 -> 28.90 on 2 chunks of wiki.test.raw'."""
+    if "skipped" in check:
+        return f"not measured ({check['skipped']})"
+    return (f"PPL {check['ppl_base']:.2f} -> {check['ppl']:.2f} on {check['chunks']} chunks of "
+            f"{Path(check['text']).name}")

@@ -265,3 +265,71 @@ def check_base_matches(meta: dict, model_identity: dict, theta_path) -> None:
             f"{theta_path}: made for base model {meta.get('base.name')!r} "
             f"(fingerprint {fp[:12]}), not {model_identity['path']} (fingerprint {model_identity['fingerprint'][:12]})"
         )
+
+
+def is_nkat_path(value: str | os.PathLike | None) -> bool:
+    """A --model value that names a .nkat adapter rather than a model."""
+    return bool(value) and Path(value).suffix.lower() == ".nkat"
+
+
+def _same_base(meta: dict, candidate: Path) -> bool:
+    from .gguf_io import fingerprint_file
+
+    size = int(meta.get("base.file_size") or 0)
+    if size and candidate.stat().st_size != size:
+        return False
+    recorded = meta.get("base.fingerprint")
+    return not recorded or fingerprint_file(candidate) == recorded
+
+
+def find_base_model(theta: str | os.PathLike, base: str | os.PathLike | None = None,
+                    models_dir: str | os.PathLike | None = None) -> Path:
+    """The base model a .nkat corrects, checked by fingerprint.
+
+    Looked for in this order: `base` when given; the path recorded in the .nkat; a file of that
+    name, or any GGUF of the recorded size and fingerprint, in the .nkat's directory and then in
+    `models_dir`. The one place that turns an adapter into its base model.
+    """
+    from .gguf_io import fingerprint_file
+
+    theta = Path(theta)
+    if not theta.is_file():
+        raise UserError(f"{theta}: no such .nkat file")
+    meta = read_meta(theta)
+    if base:
+        base = Path(base)
+        if not base.is_file():
+            raise UserError(f"base model not found: {base}")
+        if meta.get("base.fingerprint"):  # same content fingerprint = same model
+            identity = {"architecture": meta.get("base.architecture") or meta.get("architecture"),
+                        "fingerprint": fingerprint_file(base), "path": str(base)}
+        else:  # only then the architecture is worth parsing the whole GGUF header for
+            from .gguf_io import ModelFile
+
+            identity = ModelFile(base).identity()
+        check_base_matches(meta, identity, theta)
+        return base
+    recorded = Path(str(meta.get("base.path") or ""))
+    candidates = [recorded] if recorded.name else []
+    for directory in [theta.parent] + ([Path(models_dir)] if models_dir else []):
+        if not directory.is_dir():
+            continue
+        if recorded.name:
+            candidates.append(directory / recorded.name)
+        candidates += sorted(p for p in directory.glob("*.gguf") if p.name != recorded.name)
+    for candidate in candidates:
+        if candidate.is_file() and _same_base(meta, candidate):
+            return candidate
+    where = ", ".join([str(theta.parent)] + ([str(models_dir)] if models_dir else []))
+    changed = " (a file with another fingerprint is there)" if recorded.name and recorded.is_file() else ""
+    raise UserError(f"{theta}: base model not found: {recorded or 'no path recorded'}{changed}, nor a GGUF with "
+                    f"its fingerprint in {where}: pass --model BASE.gguf with --theta, or --models-dir DIR")
+
+
+def split_model_argument(model: str | os.PathLike, thetas: list | None = None,
+                         models_dir: str | os.PathLike | None = None) -> tuple[str, list[str]]:
+    """--model X.nkat -> (its base model, [X.nkat] + thetas); a model path is returned as is."""
+    thetas = [str(t) for t in (thetas or [])]
+    if not is_nkat_path(model):
+        return str(model), thetas
+    return str(find_base_model(model, None, models_dir)), [str(model)] + thetas

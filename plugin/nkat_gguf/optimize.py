@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -104,6 +105,7 @@ class OptimizeOptions:
     flash_attn: bool = False
     seed: int | None = None
     quiet: bool = False
+    given_theta: str | None = None  # --model X.nkat: X is scored beside the best trial in the final check
     extra: dict = field(default_factory=dict)
 
 
@@ -579,6 +581,7 @@ class Optimizer:
                 raise UserError(f"{o.reference}: is the model itself; the reference must be a higher-precision copy")
         self.space = SearchSpace.for_inputs(bool(o.reference), bool(o.imatrix), groups, o.target_rank,
                                             has_covariance=bool(o.covariance))
+        self.notes = [] if o.reference else [search_space_note(self.space)]
         for name in self.names:
             if self.space.max_rank > min(self.model.shape(name)):
                 if o.target_rank is not None:
@@ -819,6 +822,8 @@ class Optimizer:
             if made and not any(out.iterdir()):
                 out.rmdir()
             raise
+        for note in self.notes:
+            print(f"nkat optimize: note: {note}", file=sys.stderr)
         say(f"study {o.study_name!r} in {redact(self.storage_url)}: "
             f"{'new' if self.created else 'resumed'}, {self._counts()['COMPLETE']}/{self.n_trials} trials complete",
             o.quiet)
@@ -843,13 +848,14 @@ class Optimizer:
         rt_kwargs = dict(n_ctx=o.ctx, n_threads=o.threads, flash_attn=o.flash_attn)
         rt = Runtime(o.model, nkat_path, backend=o.backend, **rt_kwargs)
         ref = Runtime(o.reference, **rt_kwargs) if o.reference else None
+        given = Runtime(o.model, o.given_theta, backend=o.backend, **rt_kwargs) if o.given_theta else None
+        candidates = {"baseline": (rt, 0.0), "best": (rt, rt.file_gamma)} | ({"given": given} if given else {})
         try:
-            results = evaluate({"baseline": (rt, 0.0), "best": (rt, rt.file_gamma)}, self.scorer.tokens, o.ctx, n,
-                               reference=ref, quiet=o.quiet)
+            results = evaluate(candidates, self.scorer.tokens, o.ctx, n, reference=ref, quiet=o.quiet)
         finally:
-            rt.close()
-            if ref is not None:
-                ref.close()
+            for runtime in (rt, ref, given):
+                if runtime is not None:
+                    runtime.close()
         theta_bytes = int(rt.theta_meta["theta_bytes"])
         best, base = results["best"], results["baseline"]
         ref_res = results.get("reference")
@@ -863,9 +869,21 @@ class Optimizer:
         out["baseline"]["bytes"] = self.base_bytes
         if ref_res:
             out["reference"] = {"ppl": ref_res["ppl"], "ppl_err": ref_res["ppl_err"]}
+        if given is not None:
+            given_bytes = int(given.theta_meta["theta_bytes"])
+            out["given"] = {k: results["given"].get(k) for k in ("ppl", "ppl_err", "kld_mean", "kld_p99")}
+            out["given"] |= {"theta": str(o.given_theta), "tpe": tpe(results["given"]["ppl"], given_bytes, self.base_bytes),
+                             "bytes": self.base_bytes + given_bytes}
         out["beats_baseline"] = out["best"]["tpe"] > out["baseline"]["tpe"]
         out["wall_seconds"] = results["_wall_seconds"]
         return out
+
+
+def search_space_note(space: SearchSpace) -> str:
+    """What a study without --reference can search, and what that source was measured to do."""
+    low, high = space.gamma["weight"]
+    return (f"no --reference: only the weight source is searchable (SVD of W itself, gamma {low:g}..{high:g}); "
+            f"{theta_math.WEIGHT_SOURCE_EFFECT}. Pass --reference REF.gguf to search the residual sources")
 
 
 def run_optimize(opts: OptimizeOptions) -> dict:

@@ -5,7 +5,8 @@
   optimization_results.png    optuna's matplotlib plots: history, parameter importances, slices
   optimal_rank{R}_gamma{G}.nkat / .json
                               the best trial's theta and its figures, only when it beats the
-                              baseline's TPE (an "optimal" theta that loses is never claimed)
+                              baseline's TPE on the study's chunks AND on the final, longer
+                              evaluation (an "optimal" theta that loses is never claimed)
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class OutputWriter:
         for r in rows:
             counts[r["state"]] = counts.get(r["state"], 0) + 1
         done = [r for r in rows if r["state"] == "COMPLETE" and not r["no_theta"] and r["trial_seconds"]]
-        beats = best is not None and best["tpe"] > base["tpe"]
+        beats = best is not None and best["tpe"] > base["tpe"] and (final is None or final["beats_baseline"])
         return {
             "study_name": opt.opts.study_name,
             "storage": redact(opt.storage_url),
@@ -180,9 +181,10 @@ class OutputWriter:
             "best_trial": best,
             "beats_baseline": beats,
             "verdict": verdict(best, base, final, opt.opts.max_kld, opt.opts.max_overhead,
-                               self.control(best["bytes"] if best else None)),
+                               self.control(best["bytes"] if best else None), opt.opts.final_chunks),
             "final": final,
             "files": files,
+            "notes": opt.notes,
             "search_space": opt.space.to_dict(),
             "setup": opt.setup(),
             "overhead_measure": ("generation: bench.measure_overhead per adapter (--max-overhead)"
@@ -227,9 +229,55 @@ class OutputWriter:
                 and str(meta.get("optimize.trial")) == str(best["number"])
                 and int(meta.get("theta_bytes", -1)) == best["theta_bytes"])
 
-    def finish(self, ran: int) -> dict:
+    def _confirm_and_write(self, best: dict, base: dict) -> tuple[dict | None, list[str]]:
+        """Re-evaluate the best trial on --final-chunks; write optimal_* only when that confirms
+        the win (or when the final evaluation is off). Returns (final evaluation, files written)."""
         opt = self.opt
         quiet = opt.opts.quiet
+        stem = best_stem(best)
+        nkat_path = self.out / f"{stem}.nkat"
+        previous = self._previous_summary()
+        same_best = (previous.get("best_trial") or {}).get("number") == best["number"]
+        old_final = previous.get("final") if same_best else None
+        wanted = min(opt.opts.final_chunks, opt.scorer.available_chunks)
+        reuse = bool(old_final and old_final.get("chunks") == wanted and old_final.get("ctx") == opt.opts.ctx)
+        if same_best and self._is_written(nkat_path, best):
+            say(f"the best theta (trial {best['number']}) is already in {nkat_path}", quiet)
+            final = old_final if reuse else opt.final_evaluation(nkat_path)
+            candidate = nkat_path
+        else:
+            candidate = self.out / f".{stem}.unconfirmed.nkat"  # renamed only once the final run confirms it
+            opt.factors.write(candidate, best["params"], best["params"]["gamma"],
+                              extra={"optimize.study": opt.opts.study_name, "optimize.trial": best["number"]})
+            try:
+                final = old_final if reuse else opt.final_evaluation(candidate)
+            except BaseException:
+                candidate.unlink(missing_ok=True)
+                raise
+        if final is not None and not final["beats_baseline"]:
+            candidate.unlink(missing_ok=True)
+            return final, []
+        if candidate != nkat_path:
+            say(f"writing the best theta (trial {best['number']}) to {nkat_path}", quiet)
+            candidate.replace(nkat_path)
+        best_doc = dict(best)
+        best_doc.update({
+            "trial": best["number"],
+            "baseline": {"ppl": base["ppl"], "tpe": base["tpe"], "kld_mean": base["kld_mean"],
+                         "bytes": base["bytes"], "chunks": base["chunks"]},
+            "control": self.control(best["bytes"]),
+            "final": final,
+            "nkat": nkat_path.name,
+            "study_name": opt.opts.study_name,
+            "verdict": verdict(best, base, final, opt.opts.max_kld, opt.opts.max_overhead,
+                               self.control(best["bytes"])),
+        })
+        best_doc.update(self.commands(best, nkat_path))
+        write_text_atomic(self.out / f"{stem}.json", to_json(best_doc) + "\n")
+        return final, [nkat_path.name, f"{stem}.json"]
+
+    def finish(self, ran: int) -> dict:
+        opt = self.opt
         rows = history_rows(opt.study)
         best = select_best(rows)
         base = self.baseline()
@@ -237,38 +285,7 @@ class OutputWriter:
         final = None
         stale = set(self._previous_files())
         if best is not None and best["tpe"] > base["tpe"]:
-            stem = best_stem(best)
-            nkat_path = self.out / f"{stem}.nkat"
-            previous = self._previous_summary()
-            same_best = (previous.get("best_trial") or {}).get("number") == best["number"]
-            if same_best and self._is_written(nkat_path, best):
-                say(f"the best theta (trial {best['number']}) is already in {nkat_path}", quiet)
-            else:
-                say(f"writing the best theta (trial {best['number']}) to {nkat_path}", quiet)
-                opt.factors.write(nkat_path, best["params"], best["params"]["gamma"],
-                                  extra={"optimize.study": opt.opts.study_name, "optimize.trial": best["number"]})
-                same_best = False
-            old_final = previous.get("final") if same_best else None
-            wanted = min(opt.opts.final_chunks, opt.scorer.available_chunks)
-            if old_final and old_final.get("chunks") == wanted and old_final.get("ctx") == opt.opts.ctx:
-                final = old_final  # this theta was re-evaluated on these chunks by an earlier run
-            else:
-                final = opt.final_evaluation(nkat_path)
-            best_doc = dict(best)
-            best_doc.update({
-                "trial": best["number"],
-                "baseline": {"ppl": base["ppl"], "tpe": base["tpe"], "kld_mean": base["kld_mean"],
-                             "bytes": base["bytes"], "chunks": base["chunks"]},
-                "control": self.control(best["bytes"]),
-                "final": final,
-                "nkat": nkat_path.name,
-                "study_name": opt.opts.study_name,
-                "verdict": verdict(best, base, final, opt.opts.max_kld, opt.opts.max_overhead,
-                               self.control(best["bytes"] if best else None)),
-            })
-            best_doc.update(self.commands(best, nkat_path))
-            write_text_atomic(self.out / f"{stem}.json", to_json(best_doc) + "\n")
-            files = [nkat_path.name, f"{stem}.json"]
+            final, files = self._confirm_and_write(best, base)
         for name in stale - set(files):
             if name.startswith("optimal_") and (self.out / name).is_file():
                 (self.out / name).unlink()  # an earlier best of this same study
@@ -293,7 +310,8 @@ def redact_value(flag: str, value) -> str:
     return str(value)
 
 
-def verdict(best: dict | None, base: dict, final: dict | None, max_kld, max_overhead, control=None) -> str:
+def verdict(best: dict | None, base: dict, final: dict | None, max_kld, max_overhead, control=None,
+            final_chunks: int = 0) -> str:
     bars = []
     if max_kld is not None:
         bars.append(f"KLD <= {max_kld:g}")
@@ -303,18 +321,22 @@ def verdict(best: dict | None, base: dict, final: dict | None, max_kld, max_over
         return ("no feasible trial with theta completed" + (f" ({', '.join(bars)})" if bars else "")
                 + ": nothing to recommend over the baseline")
     if best["tpe"] <= base["tpe"]:
-        return (f"no trial beats the baseline: best TPE {best['tpe']:.5f} (trial {best['number']}, PPL "
+        return (f"nothing beat the baseline: best TPE {best['tpe']:.5f} (trial {best['number']}, PPL "
                 f"{best['ppl']:.3f}) <= baseline TPE {base['tpe']:.5f} (PPL {base['ppl']:.3f}); "
                 "no optimal theta written")
     text = (f"trial {best['number']} beats the baseline on {best['chunks']} chunks: TPE {best['tpe']:.5f} vs "
             f"{base['tpe']:.5f} (PPL {best['ppl']:.3f} vs {base['ppl']:.3f})")
     if final:
         b, f = final["best"], final["baseline"]
-        if final["beats_baseline"]:
-            text += f"; on {final['chunks']} chunks TPE {b['tpe']:.5f} vs {f['tpe']:.5f} (PPL {b['ppl']:.3f} vs {f['ppl']:.3f})"
-        else:
-            text += (f"; but NOT on {final['chunks']} chunks: TPE {b['tpe']:.5f} vs {f['tpe']:.5f} "
-                     f"(PPL {b['ppl']:.3f} vs {f['ppl']:.3f})")
+        if not final["beats_baseline"]:
+            return (f"nothing beat the baseline: trial {best['number']} led on {best['chunks']} chunks (TPE "
+                    f"{best['tpe']:.5f} vs {base['tpe']:.5f}) but NOT on the final {final['chunks']} chunks: TPE "
+                    f"{b['tpe']:.5f} vs {f['tpe']:.5f} (PPL {b['ppl']:.3f} vs {f['ppl']:.3f}); no optimal theta written")
+        text += f"; confirmed on {final['chunks']} chunks: TPE {b['tpe']:.5f} vs {f['tpe']:.5f} (PPL {b['ppl']:.3f} vs {f['ppl']:.3f})"
+    elif final_chunks:
+        text += f"; to be confirmed on {final_chunks} chunks when the study finishes"
+    else:
+        text += "; not re-evaluated on more chunks (--final-chunks 0)"
     if control and control.get("byte_matched") and control["tpe"] > best["tpe"]:
         text += (f". The byte-matched control {control['label']} scores higher still (TPE {control['tpe']:.5f}, "
                  f"PPL {control['ppl']:.3f} at {control['bytes_vs_best']:.2f}x the bytes): at this size the "

@@ -66,6 +66,13 @@ def source_info(name: str) -> Source:
     except KeyError:
         raise UnknownSource(f"unknown theta source {name!r} (known: {', '.join(SOURCES)})") from None
 
+# What the seed's source was measured to do (README results, nkat ppl --chunks 8 on the demo pair).
+WEIGHT_SOURCE_EFFECT = ("theta from the weight itself (the seed's method) was measured to break the model: "
+                        "PPL 29.6 -> 10390 on SmolLM2-135M Q4_0 at rank 8, gamma 0.97")
+NO_REFERENCE = ("no --reference: theta corrects what quantization lost, measured against a reference (a "
+                "higher-precision GGUF of the same model); pass --reference REF.gguf (or make a lower-bit base "
+                "from the model you have: nkat quantize --input M.gguf --output base.gguf), or ask for the "
+                "seed's method by name with --source weight")
 STRUCTURES = ("auto", "antisymmetric", "general")
 _OVERSAMPLE = 10
 _POWER_ITERATIONS = 3

@@ -6,9 +6,12 @@ from ..bench import BenchOptions, benchmark, gpu_offload_available
 from ..defaults import find_eval_text
 from ..errors import UserError
 from ..measure import PplRequest, read_text, run_ppl
+from ..nkat_format import is_nkat_path
 from ..report import print_json, print_table
 from ..runtime import BACKENDS
-from .common import add_output_flags, model_path, positive_int
+from .common import add_models_dir_flag, add_output_flags, model_and_thetas, positive_int
+
+PPL_CHUNKS = 2  # --compare's measured perplexity change
 
 
 def add_parser(subparsers) -> None:
@@ -17,7 +20,8 @@ def add_parser(subparsers) -> None:
         description="Prompt-processing tokens/s at --seq-len, generation tokens/s and per-token latency "
         "over --iterations greedy tokens. With --compare, baseline and NKAT run alternately in one "
         "process and the overhead is reported as median (min..max) over --repeats pairs.")
-    p.add_argument("--model", help="GGUF model (default: embedded SmolLM2 Q4_1)")
+    p.add_argument("--model", help="GGUF model, or a .nkat: its base model (found from its metadata) with it "
+                   "as --theta (default: embedded SmolLM2 Q4_1)")
     p.add_argument("--theta", metavar="T.nkat", help="theta to apply")
     p.add_argument("--backend", choices=BACKENDS, default="lora")
     p.add_argument("--theta-gamma", "--gamma", dest="gamma", type=float, default=None,
@@ -26,32 +30,32 @@ def add_parser(subparsers) -> None:
     p.add_argument("--iterations", type=positive_int, default=100, help="generated tokens per run (default 100)")
     p.add_argument("--repeats", type=positive_int, default=3, help="runs per side (default 3)")
     p.add_argument("--compare", action="store_true", help="baseline and NKAT alternately, with overhead")
-    p.add_argument("--benchmark", action="store_true", help="accepted for the seed's CLI; benchmarking is the default")
-    p.add_argument("--text", help="with --compare: also measure the PPL delta on 2 chunks of this text; "
-                   "prompts come from it too")
+    p.add_argument("--benchmark", action="store_true",
+                   help="benchmark the model as given (base + theta for a .nkat): what this command does "
+                   "without --compare; the guide's flag")
+    p.add_argument("--text", help="prompts come from this text; with --compare the PPL change is measured on "
+                   "2 chunks of --seq-len tokens of it (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--no-cuda", action="store_true", help="force CPU (n_gpu_layers = 0)")
+    add_models_dir_flag(p)
     add_output_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    model = model_path(args.model)
-    if args.compare and not args.theta:
-        raise UserError("--compare needs --theta")
-    text_path = str(find_eval_text(args.text)) if args.text else None
+    if args.theta and is_nkat_path(args.model):
+        raise UserError(f"--model {args.model} is already a theta: drop --theta, or give its base as --model")
+    model, thetas, _ = model_and_thetas([args.model], [args.theta] if args.theta else [], args.models_dir)
+    theta = thetas[0] if thetas else None
+    if args.compare and not theta:
+        raise UserError("--compare needs a theta: --theta T.nkat, or --model T.nkat")
+    prompt_text = read_text(find_eval_text(args.text)) if args.text else None
     gpu_layers = 0 if args.no_cuda or not gpu_offload_available() else 999
     opts = BenchOptions(seq_len=args.seq_len, iterations=args.iterations, repeats=args.repeats,
                         threads=args.threads, n_gpu_layers=gpu_layers, quiet=args.quiet or args.json)
-    result = benchmark(model, args.theta, args.backend, args.gamma, opts, args.compare,
-                       text=read_text(text_path) if text_path else None)
-    if args.compare and text_path:
-        ppl = run_ppl(PplRequest(models=[model], text=text_path, thetas=[args.theta], gamma=args.gamma,
-                                 backend=args.backend, chunks=2, threads=args.threads, quiet=True))
-        result["ppl_baseline"] = ppl["ppl_base"]
-        result["ppl_nkat"] = ppl["ppl"]
-        result["ppl_delta"] = ppl["ppl"] - ppl["ppl_base"]
-        result["ppl_chunks"] = 2
+    result = benchmark(model, theta, args.backend, args.gamma, opts, args.compare, text=prompt_text)
+    if args.compare:
+        result |= perplexity_change(model, theta, args)
     if args.json:
         print_json(result)
         return 0
@@ -66,7 +70,26 @@ def run(args) -> int:
         g, pp = result["overhead"]["generation_percent"], result["overhead"]["prompt_percent"]
         note += (f"\noverhead: generation {g['median']:+.1f} % ({g['min']:+.1f}..{g['max']:+.1f}), "
                  f"prompt {pp['median']:+.1f} % ({pp['min']:+.1f}..{pp['max']:+.1f})")
-    if "ppl_delta" in result:
-        note += f"\nPPL on 2 chunks: baseline {result['ppl_baseline']:.3f}, NKAT {result['ppl_nkat']:.3f} ({result['ppl_delta']:+.3f})"
+    if result.get("ppl_delta") is not None:
+        note += (f"\nPPL on {PPL_CHUNKS} chunks of {args.seq_len} tokens of {result['ppl_text']}: baseline {result['ppl_baseline']:.3f}, "
+                 f"NKAT {result['ppl_nkat']:.3f} ({result['perplexity_change_percent']:+.2f} %)"
+                 + ("" if result["ppl_delta"] < 0 else ": theta makes the model WORSE"))
+    elif args.compare:
+        note += f"\nperplexity change not measured: {result['ppl_skipped']}"
     print_table("throughput", ["run", "prompt tok/s", "gen tok/s", "avg ms/token", "p50 ms", "p95 ms"], rows, note=note)
     return 0
+
+
+def perplexity_change(model: str, theta: str, args) -> dict:
+    """The measured PPL change theta makes on PPL_CHUNKS chunks of --seq-len tokens of the evaluation
+    text (the guide printed an estimated one); skipped, with the reason, when no text is found."""
+    try:
+        text_path = str(find_eval_text(args.text))
+    except UserError as exc:
+        return {"ppl_delta": None, "ppl_skipped": str(exc)}
+    ppl = run_ppl(PplRequest(models=[model], text=text_path, thetas=[theta], gamma=args.gamma, backend=args.backend,
+                             ctx=args.seq_len, chunks=PPL_CHUNKS, threads=args.threads, quiet=True))
+    delta = ppl["ppl"] - ppl["ppl_base"]
+    return {"ppl_baseline": ppl["ppl_base"], "ppl_nkat": ppl["ppl"], "ppl_delta": delta,
+            "perplexity_change": delta, "perplexity_change_percent": 100 * delta / ppl["ppl_base"],
+            "ppl_chunks": PPL_CHUNKS, "ppl_ctx": args.seq_len, "ppl_text": text_path}

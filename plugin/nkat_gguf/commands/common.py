@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..defaults import default_model_path
+from ..errors import UserError
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +27,36 @@ def add_runtime_flags(parser: argparse.ArgumentParser, ctx_default: int = 512) -
 def model_path(value) -> str:
     """--model, or the embedded SmolLM2-135M-Instruct Q4_1."""
     return str(value) if value else str(default_model_path())
+
+
+def add_models_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", metavar="DIR",
+                        help="where to look for a .nkat's base model when it is not at the recorded path "
+                             "or beside the .nkat (default $NKAT_MODELS_DIR or ./models)")
+
+
+def model_and_thetas(values, thetas=(), models_dir=None) -> tuple[str, list[str], list[str]]:
+    """--model values (GGUF models or .nkat adapters) -> (first model, thetas for it, other models).
+
+    A .nkat stands for its base model plus itself as theta (nkat_format.find_base_model finds the
+    base); every .nkat must correct the same base as the first model.
+    """
+    from ..kobold import default_models_dir
+    from ..nkat_format import split_model_argument
+
+    models_dir = models_dir or default_models_dir()
+    values = [v for v in (values or []) if v] or [None]
+    first, out_thetas, others = None, [], []
+    for value in values:
+        base, found = split_model_argument(value, [], models_dir) if value else (model_path(None), [])
+        if first is None:
+            first = base
+        elif found and Path(base).resolve() != Path(first).resolve():
+            raise UserError(f"{value} corrects {base}, not the first --model {first}")
+        elif not found:
+            others.append(base)
+        out_thetas += found
+    return first, out_thetas + [str(t) for t in thetas], others
 
 
 def positive_int(text: str) -> int:

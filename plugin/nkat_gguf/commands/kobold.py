@@ -33,8 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help=f"directory of .nkat files (default ${kobold.MODELS_DIR_ENV} or ./models)")
     where.add_argument("--theta", metavar="FILE", action="append",
                        help="a .nkat file (repeatable; replaces the models directory scan)")
-    where.add_argument("--model", metavar="BASE", help="base model for the .nkat files "
-                       "(default: the path recorded in each .nkat; checked by fingerprint)")
+    where.add_argument("--model", metavar="BASE", help="base model for the .nkat files (default: the path "
+                       "recorded in each .nkat, then its directory, then --models-dir; checked by fingerprint); "
+                       "a .nkat here serves that adapter")
     where.add_argument("--koboldcpp", metavar="PATH", help=f"koboldcpp.py, a koboldcpp binary or "
                        f"their directory (default ${kobold.KOBOLDCPP_ENV}, then PATH)")
     where.add_argument("--backend", choices=kobold.BACKENDS,

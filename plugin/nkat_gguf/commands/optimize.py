@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..defaults import find_eval_text
-from ..report import human_bytes, print_json, print_table
+from ..report import human_bytes, print_json, print_table, say
 from ..runtime import BACKENDS
-from .common import add_output_flags, add_runtime_flags, model_path
+from .common import add_models_dir_flag, add_output_flags, add_runtime_flags, model_and_thetas
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +22,8 @@ def add_parser(subparsers) -> None:
         "The best trial is written as optimal_rank{R}_gamma{G}.nkat only when it beats the baseline.",
     )
     p.add_argument("--model", metavar="BASE.gguf",
-                   help="the quantized model theta corrects (default: embedded SmolLM2-135M-Instruct Q4_1)")
+                   help="the quantized model theta corrects (default: embedded SmolLM2-135M-Instruct Q4_1); a "
+                   ".nkat stands for its base model, found from its metadata")
     p.add_argument("--reference", metavar="REF.gguf",
                    help="higher-precision GGUF of the same model: enables the residual sources and KLD")
     p.add_argument("--imatrix", metavar="FILE", help="llama.cpp imatrix: enables the residual-act source")
@@ -37,7 +40,8 @@ def add_parser(subparsers) -> None:
                    help=f"study to create or resume (default {DEFAULT_STUDY_NAME!r})")
     p.add_argument("--backend", choices=BACKENDS, default="lora",
                    help="lora: llama.cpp's adapter path (default); shim: the native eval-callback hook")
-    p.add_argument("--target-rank", type=int, default=None, metavar="R", help="fix the rank instead of searching it")
+    p.add_argument("--target-rank", type=int, default=None, metavar="R",
+                   help="fix the rank instead of searching it (the guide's flag)")
     p.add_argument("--max-kld", type=float, default=None, metavar="X",
                    help="trials with mean KL-divergence above X are infeasible (needs --reference)")
     p.add_argument("--max-overhead", type=float, default=None, metavar="PCT",
@@ -47,6 +51,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--final-chunks", type=int, default=DEFAULT_FINAL_CHUNKS, metavar="N",
                    help=f"re-evaluate the best trial on this many chunks at the end (default {DEFAULT_FINAL_CHUNKS}; 0 = off)")
     p.add_argument("--seed", type=int, default=None, help="sampler seed (default: random; give each worker its own)")
+    add_models_dir_flag(p)
     add_runtime_flags(p)
     add_output_flags(p)
     p.set_defaults(func=run)
@@ -55,13 +60,17 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..optimize import OptimizeOptions, run_optimize
 
+    model, given, _ = model_and_thetas([args.model], [], args.models_dir)
+    if given:
+        say(f"{args.model}: optimizing theta for its base model {model}; the final check scores "
+            f"{args.model} beside the best trial", args.quiet or args.json)
     opts = OptimizeOptions(
-        model=model_path(args.model), output_dir=args.output_dir, text=str(find_eval_text(args.text)),
+        model=model, output_dir=args.output_dir, text=str(find_eval_text(args.text)),
         reference=args.reference, imatrix=args.imatrix, covariance=args.covariance, mode=args.mode, trials=args.trials,
         storage=args.storage, study_name=args.study_name, backend=args.backend, target_rank=args.target_rank,
         max_kld=args.max_kld, max_overhead=args.max_overhead, chunks=args.chunks, final_chunks=args.final_chunks,
         ctx=args.ctx, threads=args.threads, flash_attn=args.flash_attn, seed=args.seed,
-        quiet=args.quiet or args.json,
+        quiet=args.quiet or args.json, given_theta=given[0] if given else None,
     )
     summary = run_optimize(opts)
     if args.json:
@@ -94,6 +103,10 @@ def print_summary(s: dict) -> None:
                      human_bytes(fb["bytes"]), _pct(fb["gap_recovered"])))
         if final.get("reference"):
             rows.append(("reference", final["chunks"], final["reference"]["ppl"], 0.0, None, "-", "100.0 %"))
+        if final.get("given"):
+            g = final["given"]
+            rows.append((f"given {Path(g['theta']).name}", final["chunks"], g["ppl"], g["kld_mean"], g["tpe"],
+                         human_bytes(g["bytes"]), "-"))
     counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(s["trials"].items()))
     spt = s["seconds_per_trial"]
     note = (f"study {s['study_name']!r} ({s['storage']}): {counts}; "
@@ -104,5 +117,6 @@ def print_summary(s: dict) -> None:
         print(f"best parameters: source {p['source']}, structure {p['structure']}, rank {p['rank']}, "
               f"gamma {p['gamma']:.3f}, groups {' '.join(p['groups'])}")
     print(s["verdict"])
-    if s["files"]:
-        print(f"wrote {', '.join(s['files'])} in {s['output_dir']}")
+    written = ["optimization_history.json", "optuna_study.json"] + ([s["plot"]] if s.get("plot") else [])
+    print(f"wrote {', '.join(s['files'] + written)} in {s['output_dir']}"
+          + ("" if s["files"] else " (no optimal_* file: nothing beat the baseline)"))
