@@ -24,6 +24,9 @@ from test_bad_input import assert_user_error, nkat
 
 from nkat_gguf.errors import UserError
 
+# The tiny test models have no reference and cannot be scored: the weight source by name, no check.
+TINY = ("--source", "weight", "--check-chunks", "0")
+
 rng = np.random.default_rng(13)
 
 
@@ -56,7 +59,7 @@ def test_convert_output_that_is_its_input_is_refused(tmp_path, tiny, how):
         out.symlink_to(tiny)
     elif how == "hard link":
         os.link(tiny, out)
-    assert_user_error(nkat("convert", "--input", tiny, "--theta-rank", "2", "--output", out), "is the input")
+    assert_user_error(nkat("convert", "--input", tiny, "--theta-rank", "2", *TINY, "--output", out), "is the input")
     assert tiny.read_bytes() == before
 
 
@@ -64,7 +67,7 @@ def test_convert_output_that_is_the_reference_is_refused(tmp_path, tiny):
     ref = make_gguf(tmp_path / "ref.gguf", {"blk.0.attn_q.weight": rng.standard_normal((64, 64)),
                                              "blk.0.ffn_up.weight": rng.standard_normal((96, 64))})
     before = ref.read_bytes()
-    assert_user_error(nkat("convert", "--input", tiny, "--reference", ref, "--theta-rank", "2", "--output", ref),
+    assert_user_error(nkat("convert", "--input", tiny, "--reference", ref, "--theta-rank", "2", *TINY, "--output", ref),
                       "is the input", "ref.gguf")
     assert ref.read_bytes() == before
 
@@ -82,7 +85,7 @@ def test_quantize_in_place_is_refused(tmp_path, reference_model):
 def test_output_that_is_not_a_regular_file_is_never_replaced(tmp_path, tiny):
     fifo = tmp_path / "pipe.nkat"          # stands in for a device node such as /dev/null
     os.mkfifo(fifo)
-    assert_user_error(nkat("convert", "--input", tiny, "--theta-rank", "2", "--output", fifo), "not a regular file")
+    assert_user_error(nkat("convert", "--input", tiny, "--theta-rank", "2", *TINY, "--output", fifo), "not a regular file")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     from nkat_gguf.output_paths import check_output_path
 
@@ -95,9 +98,9 @@ def test_output_that_is_a_directory_is_refused_before_any_work(tmp_path):
     truncated.write_bytes(b"GGUF" + b"\0" * 20)
     outdir = tmp_path / "out.nkat"
     outdir.mkdir()
-    assert_user_error(nkat("convert", "--input", truncated, "--theta-rank", "2", "--output", outdir), "is a directory")
+    assert_user_error(nkat("convert", "--input", truncated, "--theta-rank", "2", *TINY, "--output", outdir), "is a directory")
     missing = tmp_path / "no" / "such" / "o.nkat"
-    assert_user_error(nkat("convert", "--input", truncated, "--theta-rank", "2", "--output", missing),
+    assert_user_error(nkat("convert", "--input", truncated, "--theta-rank", "2", *TINY, "--output", missing),
                       "output directory does not exist")
 
 
@@ -105,14 +108,14 @@ def test_replaced_output_keeps_its_mode_and_new_ones_follow_the_umask(tmp_path, 
     existing = tmp_path / "shared.nkat"
     existing.write_text("old")
     os.chmod(existing, 0o640)
-    assert nkat("convert", "--input", tiny, "--theta-rank", "2", "--output", existing, "--quiet").returncode == 0
+    assert nkat("convert", "--input", tiny, "--theta-rank", "2", *TINY, "--output", existing, "--quiet").returncode == 0
     assert mode_of(existing) == 0o640
     env = dict(os.environ, PYTHONPATH=str(REPO / "plugin"))
     for umask, expected in ((0o022, 0o644), (0o027, 0o640)):
         out = tmp_path / f"new-{umask:o}.nkat"
         done = subprocess.run([sys.executable, "-c", f"import os, sys; os.umask({umask}); "
                                "from nkat_gguf.cli import main; sys.exit(main(sys.argv[1:]))",
-                               "convert", "--input", str(tiny), "--theta-rank", "2", "--output", str(out), "--quiet"],
+                               "convert", "--input", str(tiny), "--theta-rank", "2", *TINY, "--output", str(out), "--quiet"],
                               env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert mode_of(out) == expected
@@ -138,7 +141,7 @@ def test_stale_partials_of_dead_writers_are_removed_on_the_next_run(tmp_path, ti
     foreign = tmp_path / ".o.nkat.notapid.partial"                 # not our pattern: left alone
     for p in (stale, live, foreign):
         p.write_bytes(b"x" * 100)
-    assert nkat("convert", "--input", tiny, "--theta-rank", "2", "--output", out, "--quiet").returncode == 0
+    assert nkat("convert", "--input", tiny, "--theta-rank", "2", *TINY, "--output", out, "--quiet").returncode == 0
     assert out.is_file() and not stale.exists() and live.exists() and foreign.exists()
 
 
@@ -402,12 +405,12 @@ def patch_bytes(path: Path, old: bytes, new: bytes) -> None:
 
 def test_invalid_utf8_in_gguf_strings(tmp_path, tiny):
     patch_bytes(tiny, b"tiny test model", b"tiny\xfftest model")
-    assert_user_error(nkat("convert", "--input", tiny, "--theta-rank", "2", "--output", tmp_path / "o.nkat"),
+    assert_user_error(nkat("convert", "--input", tiny, "--theta-rank", "2", *TINY, "--output", tmp_path / "o.nkat"),
                       "general.name", "UTF-8")
     assert not (tmp_path / "o.nkat").exists()
     good = make_gguf(tmp_path / "good.gguf", {"blk.0.attn_q.weight": rng.standard_normal((64, 64))})
     theta = tmp_path / "t.nkat"
-    assert nkat("convert", "--input", good, "--theta-rank", "2", "--output", theta, "--quiet").returncode == 0
+    assert nkat("convert", "--input", good, "--theta-rank", "2", *TINY, "--output", theta, "--quiet").returncode == 0
     patch_bytes(theta, b"tiny test model", b"tiny\xfftest model")   # the .nkat's nkat.base.name
     assert_user_error(nkat("inspect", theta), "nkat.base.name", "not valid UTF-8")
 
@@ -426,11 +429,11 @@ def test_gguf_header_fuzzer(tmp_path):
     model = make_gguf(tmp_path / "m.gguf", {"blk.0.attn_q.weight": rng.standard_normal((32, 32)),
                                              "blk.0.ffn_up.weight": rng.standard_normal((64, 32))})
     theta = tmp_path / "t.nkat"
-    assert run_in_process(["convert", "--input", str(model), "--theta-rank", "2", "--output", str(theta),
+    assert run_in_process(["convert", "--input", str(model), "--theta-rank", "2", *TINY, "--output", str(theta),
                            "--theta-type", "f32", "--quiet"])[0] == 0
     fuzz = np.random.default_rng(1300)
     outcomes = {0: 0, 2: 0}
-    for original, command in ((theta, ["inspect"]), (model, ["convert", "--theta-rank", "2", "--quiet", "--input"])):
+    for original, command in ((theta, ["inspect"]), (model, ["convert", "--theta-rank", "2", *TINY, "--quiet", "--input"])):
         data = original.read_bytes()
         header = min(len(data), 1200)
         for i in range(150):
