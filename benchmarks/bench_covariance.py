@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO / "plugin"))
 sys.path.insert(0, str(REPO / "plugin"))
 
 from nkat_gguf.defaults import default_model_path  # noqa: E402
+from nkat_gguf.report import cpu_name  # noqa: E402
 
 
 def nkat(*args: str) -> dict:
@@ -43,15 +43,6 @@ def nkat(*args: str) -> dict:
     out["_command"] = "nkat " + " ".join(args)
     return out
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:

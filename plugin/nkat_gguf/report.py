@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import sys
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from rich.console import Console
@@ -83,3 +85,14 @@ def say(message: str, quiet: bool = False) -> None:
     """A status line on stderr (keeps stdout clean for --json)."""
     if not quiet:
         print(message, file=sys.stderr)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, named beside every published figure."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 from nkat_gguf.atomic import atomic_path
 from nkat_gguf.errors import UserError
-from nkat_gguf.report import progress
+from nkat_gguf.report import cpu_name, progress
 from torch.nn import functional as F
 
 from . import augment, metrics
@@ -62,15 +61,6 @@ def set_threads(threads: int | None) -> int:
     torch.set_num_threads(threads)
     return threads
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def model_config_for(data: ImageData, cfg: ViTConfig) -> ViTConfig:
