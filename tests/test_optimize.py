@@ -78,7 +78,7 @@ def test_tiny_study_writes_consistent_outputs(tiny_study):
 
         assert r["tpe"] == pytest.approx(tpe(r["ppl"], r["theta_bytes"], study["baseline"]["bytes"]), rel=1e-12)
     assert history[0]["params"] == {"source": "residual-act", "structure": "general", "rank": 8, "gamma": 2.0,
-                                    "groups": ["attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up",
+                                    "allocation": "uniform", "groups": ["attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up",
                                                "ffn_down"]}
     # The activation-scaled default recovers a real share of the gap on these chunks.
     assert history[0]["ppl"] < study["baseline"]["ppl"]
