@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from ..attribute import AttributeOptions, run_attribution
 from ..defaults import find_eval_text
-from ..frontier_report import attribution_markdown, attribution_plot, write_outputs
-from ..report import print_json, say
+from ..frontier_report import attribution_markdown, attribution_plot
 from .common import add_output_flags, add_runtime_flags, positive_int
-from .frontier import csv, reference_path
+from .frontier import csv, reference_path, show_outputs
 
 
 def add_parser(subparsers) -> None:
@@ -40,11 +38,4 @@ def run(args) -> int:
     opts = AttributeOptions(base=args.base, reference=reference_path(args.reference), text=str(find_eval_text(args.text)),
                             work_dir=args.work_dir, groups=args.groups, block_parts=args.block_parts, chunks=args.chunks,
                             ctx=args.ctx, threads=args.threads, flash_attn=args.flash_attn, quiet=quiet)
-    result = run_attribution(opts)
-    paths = write_outputs(result, Path(args.work_dir), "attribution", attribution_markdown, attribution_plot)
-    if args.json:
-        print_json(result)
-        return 0
-    print(attribution_markdown(result))
-    say(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}", quiet)
-    return 0
+    return show_outputs(args, run_attribution(opts), "attribution", attribution_markdown, attribution_plot)

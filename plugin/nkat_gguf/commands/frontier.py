@@ -72,11 +72,15 @@ def run(args) -> int:
         budgets=args.budgets, source=args.source, theta_rank=args.theta_rank, controls=args.controls,
         chunks=args.chunks, ctx=args.ctx, threads=args.threads, flash_attn=args.flash_attn, backend=args.backend,
         quiet=quiet)
-    result = run_frontier(opts)
-    paths = write_outputs(result, Path(args.work_dir), "frontier", frontier_markdown, frontier_plot)
+    return show_outputs(args, run_frontier(opts), "frontier", frontier_markdown, frontier_plot)
+
+
+def show_outputs(args, result: dict, stem: str, markdown, plot) -> int:
+    """Write JSON, markdown and PNG into --work-dir; print the JSON or the markdown table."""
+    paths = write_outputs(result, Path(args.work_dir), stem, markdown, plot)
     if args.json:
         print_json(result)
         return 0
-    print(frontier_markdown(result))
-    say(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}", quiet)
+    print(markdown(result))
+    say(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}", args.quiet)
     return 0
