@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO / "plugin"))
 from gguf import GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
-from nkat_gguf import theta  # noqa: E402
-from nkat_gguf.defaults import default_model_path  # noqa: E402
-from nkat_gguf.nkat_format import encode  # noqa: E402
+from nkat_gguf.theta import lowrank as theta  # noqa: E402
+from nkat_gguf.formats.defaults import default_model_path  # noqa: E402
+from nkat_gguf.formats.nkat_format import encode  # noqa: E402
 
 SEVEN_B_LAYERS = 32
 SEVEN_B_SHAPES = {"attn 4096x4096": ((4096, 4096), 4), "ffn gate/up 11008x4096": ((11008, 4096), 2),

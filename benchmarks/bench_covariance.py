@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(REPO / "plugin"))
 sys.path.insert(0, str(REPO / "plugin"))
 
-from nkat_gguf.defaults import default_model_path  # noqa: E402
-from nkat_gguf.report import cpu_name  # noqa: E402
+from nkat_gguf.formats.defaults import default_model_path  # noqa: E402
+from nkat_gguf.util.report import cpu_name  # noqa: E402
 
 
 def nkat(*args: str) -> dict:

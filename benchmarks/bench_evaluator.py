@@ -18,9 +18,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "plugin"))
 
-from nkat_gguf.defaults import default_model_path, find_eval_text  # noqa: E402
-from nkat_gguf.evaluate import Accumulator, chunk_logprobs  # noqa: E402
-from nkat_gguf.runtime import Runtime  # noqa: E402
+from nkat_gguf.formats.defaults import default_model_path, find_eval_text  # noqa: E402
+from nkat_gguf.measure.evaluate import Accumulator, chunk_logprobs  # noqa: E402
+from nkat_gguf.runtime.engine import Runtime  # noqa: E402
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from nkat_gguf import native
-from nkat_gguf.native import ffi, lib
+from nkat_gguf.runtime import native
+from nkat_gguf.runtime.native import ffi, lib
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 

@@ -22,10 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 
-from nkat_gguf import theta  # noqa: E402
-from nkat_gguf.covariance import CovarianceFile  # noqa: E402
-from nkat_gguf.gguf_io import ModelFile  # noqa: E402
-from nkat_gguf.nkat_format import stored_roundtrip  # noqa: E402
+from nkat_gguf.theta import lowrank as theta  # noqa: E402
+from nkat_gguf.formats.covariance import CovarianceFile  # noqa: E402
+from nkat_gguf.formats.gguf_io import ModelFile  # noqa: E402
+from nkat_gguf.formats.nkat_format import stored_roundtrip  # noqa: E402
 
 
 def whitened_error(E, L, B, A) -> float:

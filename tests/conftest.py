@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nkat_gguf.defaults import default_model_path
+from nkat_gguf.formats.defaults import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -47,7 +47,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def base_model(work, reference_model) -> Path:
     """The demo pair's base: a Q4_0 copy of the reference made by llama.cpp's quantizer."""
-    from nkat_gguf.quantize import quantize_model
+    from nkat_gguf.runtime.quantize import quantize_model
 
     out = work / "base-q4_0.gguf"
     quantize_model(str(reference_model), str(out), "q4_0")
@@ -57,7 +57,7 @@ def base_model(work, reference_model) -> Path:
 @pytest.fixture(scope="session")
 def theta_r8(work, base_model, reference_model) -> Path:
     """A rank-8 residual theta (INT8) for the demo pair, every block matrix."""
-    from nkat_gguf.convert import ConvertOptions, convert
+    from nkat_gguf.theta.convert import ConvertOptions, convert
 
     out = work / "residual-r8.nkat"
     convert(str(base_model), str(out), ConvertOptions(rank=8, source="residual", reference=str(reference_model), quiet=True))

@@ -1,5 +1,5 @@
 """Both run-time backends against an independent reference: the model with theta merged into
-its weights (F16, written by nkat_gguf.merge), scored on the same positions.
+its weights (F16, written by nkat_gguf.formats.merge), scored on the same positions.
 
 Noise: the base is Q4_0, whose matmuls quantize activations to Q8; the merged reference has
 exact (F16) weights and no such step. That noise is measured here on the same positions as
@@ -16,13 +16,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nkat_gguf import native
-from nkat_gguf.convert import ConvertOptions, convert
-from nkat_gguf.evaluate import log_softmax
-from nkat_gguf.gguf_io import ModelFile
-from nkat_gguf.merge import write_merged
-from nkat_gguf.nkat_format import read_nkat
-from nkat_gguf.runtime import Runtime
+from nkat_gguf.runtime import native
+from nkat_gguf.theta.convert import ConvertOptions, convert
+from nkat_gguf.measure.evaluate import log_softmax
+from nkat_gguf.formats.gguf_io import ModelFile
+from nkat_gguf.formats.merge import write_merged
+from nkat_gguf.formats.nkat_format import read_nkat
+from nkat_gguf.runtime.engine import Runtime
 
 pytestmark = pytest.mark.slow
 CTX = 256

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nkat_gguf import native
-from nkat_gguf.calibration import (
+from nkat_gguf.runtime import native
+from nkat_gguf.formats.imatrix import (
     LEGACY_CHUNK_SIZE,
     SCALE_FLOOR,
     column_scales,
@@ -21,8 +21,8 @@ from nkat_gguf.calibration import (
 )
 from nkat_gguf.cli import main
 from nkat_gguf.errors import UserError
-from nkat_gguf.gguf_io import ModelFile, field_value
-from nkat_gguf.runtime import Runtime
+from nkat_gguf.formats.gguf_io import ModelFile, field_value
+from nkat_gguf.runtime.engine import Runtime
 
 
 def random_stats(rng, n=3) -> dict:

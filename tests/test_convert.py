@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from nkat_gguf.convert import ConvertOptions, convert
-from nkat_gguf.evaluate import Accumulator, chunk_logprobs
-from nkat_gguf.nkat_format import read_meta
-from nkat_gguf.runtime import Runtime
+from nkat_gguf.theta.convert import ConvertOptions, convert
+from nkat_gguf.measure.evaluate import Accumulator, chunk_logprobs
+from nkat_gguf.formats.nkat_format import read_meta
+from nkat_gguf.runtime.engine import Runtime
 
 
 def test_stock_llama_cpp_python_loads_the_nkat_and_it_changes_logits(base_model, theta_r8):
@@ -29,7 +29,7 @@ def test_stock_llama_cpp_python_loads_the_nkat_and_it_changes_logits(base_model,
 
 
 def test_metadata_records_base_reference_and_bytes(theta_r8, base_model, reference_model):
-    from nkat_gguf.gguf_io import fingerprint_file
+    from nkat_gguf.formats.gguf_io import fingerprint_file
 
     meta = read_meta(theta_r8)
     assert meta["base.fingerprint"] == fingerprint_file(base_model)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from test_calibrate import first_layer_inputs
 
-from nkat_gguf import native
-from nkat_gguf.calibration import read_imatrix
+from nkat_gguf.runtime import native
+from nkat_gguf.formats.imatrix import read_imatrix
 from nkat_gguf.cli import main
-from nkat_gguf.convert import ConvertOptions, convert
-from nkat_gguf.covariance import CovarianceFile, covariance_writer, input_of
-from nkat_gguf.nkat_format import read_layout
-from nkat_gguf.runtime import Runtime
+from nkat_gguf.theta.convert import ConvertOptions, convert
+from nkat_gguf.formats.covariance import CovarianceFile, covariance_writer, input_of
+from nkat_gguf.formats.nkat_format import read_layout
+from nkat_gguf.runtime.engine import Runtime
 
 
 def test_shared_inputs_are_collected_once():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nkat_gguf import native
+from nkat_gguf.runtime import native
 
 REPO = Path(__file__).resolve().parents[1]
 NATIVE = REPO / "native"
@@ -42,7 +42,7 @@ def test_cuda_source_compiles_and_links(cuda_lib):
 @needs_nvcc
 def test_hook_loads_the_cuda_library(cuda_lib):
     rng = np.random.default_rng(0)
-    from nkat_gguf.nkat_format import ThetaFactors
+    from nkat_gguf.formats.nkat_format import ThetaFactors
 
     f = ThetaFactors("blk.0.attn_q.weight", rng.standard_normal((2, 8)).astype(np.float32),
                      rng.standard_normal((8, 2)).astype(np.float32))

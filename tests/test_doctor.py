@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from nkat_gguf import doctor, kobold
+from nkat_gguf import doctor
+from nkat_gguf.integrations.kobold import discovery as kobold
 from nkat_gguf.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,10 +68,10 @@ def test_nvcc_row_matches_the_machine(capsys):
 
 
 def test_missing_native_shim_fails_with_the_rebuild_fix(monkeypatch):
-    import nkat_gguf
+    import nkat_gguf.runtime
 
-    monkeypatch.setitem(sys.modules, "nkat_gguf.native", None)     # import now raises ImportError
-    monkeypatch.delattr(nkat_gguf, "native", raising=False)
+    monkeypatch.setitem(sys.modules, "nkat_gguf.runtime.native", None)     # import now raises ImportError
+    monkeypatch.delattr(nkat_gguf.runtime, "native", raising=False)
     check = doctor.check_native()
     assert check.status == "FAIL"
     assert check.detail == "native shim not built"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax as scipy_log_softmax
 
-from nkat_gguf.evaluate import chunk_count, evaluate, tpe
+from nkat_gguf.measure.evaluate import chunk_count, evaluate, tpe
 from nkat_gguf.errors import UserError
-from nkat_gguf.measure import PplRequest, run_ppl
-from nkat_gguf.runtime import Runtime
+from nkat_gguf.measure.ppl import PplRequest, run_ppl
+from nkat_gguf.runtime.engine import Runtime
 
 CTX = 256
 

@@ -87,7 +87,7 @@ def test_output_that_is_not_a_regular_file_is_never_replaced(tmp_path, tiny):
     os.mkfifo(fifo)
     assert_user_error(nkat("convert", "--input", tiny, "--theta-rank", "2", *TINY, "--output", fifo), "not a regular file")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
-    from nkat_gguf.output_paths import check_output_path
+    from nkat_gguf.util.output_paths import check_output_path
 
     with pytest.raises(UserError, match="not a regular file"):
         check_output_path("/dev/null")       # refused before anything could touch it
@@ -122,7 +122,7 @@ def test_replaced_output_keeps_its_mode_and_new_ones_follow_the_umask(tmp_path, 
 
 
 def test_text_outputs_such_as_kcpps_follow_the_umask(tmp_path):
-    from nkat_gguf.atomic import write_text_atomic
+    from nkat_gguf.util.atomic import write_text_atomic
 
     old = os.umask(0o022)
     try:
@@ -163,7 +163,7 @@ def test_sigterm_during_a_write_leaves_no_partial(tmp_path, reference_model):
 
 
 def test_optimize_scratch_lives_in_the_output_dir_and_stale_scratch_is_removed(tmp_path):
-    from nkat_gguf.optimize import SCRATCH_PREFIX, TrialRunner, remove_stale_scratch
+    from nkat_gguf.optimize.study import SCRATCH_PREFIX, TrialRunner, remove_stale_scratch
 
     stale = tmp_path / f"{SCRATCH_PREFIX}{dead_pid()}-zz"
     stale.mkdir()
@@ -196,7 +196,7 @@ SECRET = "Pa/Secret9"
     ("sqlite:////tmp/x/optuna_study.db", None, "sqlite:////tmp/x/optuna_study.db"),
 ])
 def test_every_password_form_is_redacted(url, password, visible):
-    from nkat_gguf.redaction import redact_url, scrub
+    from nkat_gguf.util.redaction import redact_url, scrub
 
     shown = redact_url(url)
     assert "Secret9" not in shown
@@ -215,8 +215,8 @@ def test_optimize_storage_password_never_printed_and_storage_checked_before_mode
 
 
 def test_reproducing_command_and_summary_hide_the_password(tmp_path):
-    from nkat_gguf.optimize import OptimizeOptions
-    from nkat_gguf.optimize_outputs import OutputWriter
+    from nkat_gguf.optimize.study import OptimizeOptions
+    from nkat_gguf.optimize.outputs import OutputWriter
 
     url = "postgresql://u@db.example/optuna?password=Secret9"
     opts = OptimizeOptions(model="m.gguf", output_dir=str(tmp_path), text="t.txt", storage=url)
@@ -249,8 +249,8 @@ def kill_listeners(port: int) -> None:
 def test_signal_to_nkat_kobold_stops_the_server_it_started(tmp_path, sig):
     from test_kobold import make_theta
 
-    from nkat_gguf import kobold_server
-    from nkat_gguf.defaults import default_model_path
+    from nkat_gguf.integrations.kobold import server as kobold_server
+    from nkat_gguf.formats.defaults import default_model_path
 
     if kobold_server.server_extras_missing():
         pytest.skip(f"llama-cpp-python server extras missing: {kobold_server.SERVER_EXTRAS_PIP}")
@@ -279,9 +279,9 @@ def test_signal_to_nkat_kobold_stops_the_server_it_started(tmp_path, sig):
 def test_failed_startup_log_is_kept_where_the_message_says(tmp_path, monkeypatch, capsys):
     from test_kobold import make_launcher, make_theta
 
-    from nkat_gguf import kobold_server
+    from nkat_gguf.integrations.kobold import server as kobold_server
     from nkat_gguf.cli import main
-    from nkat_gguf.defaults import default_model_path
+    from nkat_gguf.formats.defaults import default_model_path
 
     import tempfile
 
@@ -310,7 +310,7 @@ def test_reviving_trials_of_a_dead_worker_raises_no_experimental_warning(tmp_pat
     import optuna
     from optuna.trial import TrialState
 
-    from nkat_gguf.optimize import Optimizer, open_storage, worker_id
+    from nkat_gguf.optimize.study import Optimizer, open_storage, worker_id
 
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
@@ -341,8 +341,8 @@ def test_ppl_ctx_and_chunks_limits(reference_model, short_text, flags, words):
 
 def small_theta(path: Path, model: Path, names: list[str], rank: int = 4, shape=None) -> Path:
     """A theta for `model` (its identity recorded, so the fingerprint check passes) on `names`."""
-    from nkat_gguf.gguf_io import ModelFile
-    from nkat_gguf.nkat_format import NkatMeta, ThetaFactors, write_nkat
+    from nkat_gguf.formats.gguf_io import ModelFile
+    from nkat_gguf.formats.nkat_format import NkatMeta, ThetaFactors, write_nkat
 
     m = ModelFile(model)
     factors = []
@@ -381,8 +381,8 @@ def test_theta_for_weights_the_model_lacks_is_refused(tmp_path, base_model, shor
 
 
 def test_shim_reports_tensors_it_never_applied(base_model, theta_r8):
-    from nkat_gguf.native import ShimHook  # noqa: F401  (skips below when the shim is not built)
-    from nkat_gguf.runtime import Runtime
+    from nkat_gguf.runtime.native import ShimHook  # noqa: F401  (skips below when the shim is not built)
+    from nkat_gguf.runtime.engine import Runtime
 
     tokens = np.arange(1, 33, dtype=np.int32)
     with Runtime(base_model, theta_r8, backend="shim", n_ctx=64) as rt:
@@ -463,7 +463,7 @@ def test_theta_for_another_model_is_refused_before_llama_cpp_loads(tmp_path, tin
 
 
 def test_llama_cpp_refusal_shows_its_reason(tmp_path, base_model, short_text):
-    from nkat_gguf.runtime import Runtime
+    from nkat_gguf.runtime.engine import Runtime
 
     theta = small_theta(tmp_path / "arch.nkat", base_model, ["blk.0.attn_q.weight"])
     patch_bytes(theta, b"general.architecture\x08\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00llama",

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from nkat_gguf.byte_control import BYTE_TOLERANCE, best_control, byte_matched, charged_tpe
-from nkat_gguf.evaluate import LogprobStore, log_softmax, tpe
+from nkat_gguf.measure.byte_control import BYTE_TOLERANCE, best_control, byte_matched, charged_tpe
+from nkat_gguf.measure.evaluate import LogprobStore, log_softmax, tpe
 
 pytestmark = pytest.mark.slow
 CTX, CHUNKS = 128, 2
@@ -99,7 +99,7 @@ def test_frontier_rows_controls_and_outputs(frontier_run):
 
 def test_frontier_stored_scores_equal_the_in_memory_scorer(frontier_run, reference_model, short_text):
     """The one-model-at-a-time path (reference log-probs on disk) vs evaluate() with both loaded."""
-    from nkat_gguf.measure import PplRequest, run_ppl
+    from nkat_gguf.measure.ppl import PplRequest, run_ppl
 
     _, _, result = frontier_run
     point = next(r for r in result["rows"] if r["kind"] == "theta")
@@ -154,8 +154,8 @@ def test_attribute_restoring_everything_gives_the_reference(tmp_path, frontier_r
 
 
 def test_mixed_file_takes_donor_tensors_verbatim(tmp_path, frontier_run, reference_model):
-    from nkat_gguf.gguf_assemble import assembled_size, write_mixed
-    from nkat_gguf.gguf_io import open_gguf
+    from nkat_gguf.formats.assemble import assembled_size, write_mixed
+    from nkat_gguf.formats.gguf_io import open_gguf
 
     work, _, result = frontier_run
     base = next(r for r in result["rows"] if r["label"] == "Q4_0-imat")["model"]
@@ -174,8 +174,8 @@ def test_mixed_file_takes_donor_tensors_verbatim(tmp_path, frontier_run, referen
 
 def test_quantize_overrides_and_imatrix(tmp_path, frontier_run, reference_model):
     """tt_overrides set the named tensors' type; the imatrix changes the rounding, not the size."""
-    from nkat_gguf.gguf_io import open_gguf
-    from nkat_gguf.quantize import quantize_model
+    from nkat_gguf.formats.gguf_io import open_gguf
+    from nkat_gguf.runtime.quantize import quantize_model
 
     work, _, _ = frontier_run
     imatrix = next(work.glob("*.imatrix"))
@@ -198,7 +198,7 @@ def test_quantize_bad_override_is_one_line(tmp_path, reference_model):
 
 def test_ppl_rows_use_the_one_rule(tmp_path):
     """nkat ppl's rows (measure.assemble): TPE charged by bytes beyond the base, controls by the rule."""
-    from nkat_gguf.measure import assemble
+    from nkat_gguf.measure.ppl import assemble
 
     files = {}
     for name, size in (("base.gguf", 1000), ("next.gguf", 1050), ("big.gguf", 1200)):

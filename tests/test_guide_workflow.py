@@ -161,7 +161,7 @@ def test_the_guides_workflow(tmp_path, reference_model, base_model, eval_text):
 
 
 def test_selective_layers_take_meta_and_hugging_face_names(tmp_path):
-    from nkat_gguf.gguf_io import ModelFile
+    from nkat_gguf.formats.gguf_io import ModelFile
 
     rng = np.random.default_rng(0)
     names = [f"blk.{b}.{t}.weight" for b in range(3)
@@ -185,8 +185,8 @@ def test_selective_layers_take_meta_and_hugging_face_names(tmp_path):
 def test_nkat_as_model_finds_its_base(tmp_path, base_model):
     """Recorded path, then the .nkat's directory, then --models-dir; a wrong fingerprint is refused."""
     from nkat_gguf.errors import UserError
-    from nkat_gguf.gguf_io import ModelFile
-    from nkat_gguf.nkat_format import NkatMeta, ThetaFactors, find_base_model, split_model_argument, write_nkat
+    from nkat_gguf.formats.gguf_io import ModelFile
+    from nkat_gguf.formats.nkat_format import NkatMeta, ThetaFactors, find_base_model, split_model_argument, write_nkat
 
     model = ModelFile(base_model)
     name = "blk.0.attn_q.weight"

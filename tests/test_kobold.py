@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nkat_gguf import kobold, kobold_server
+from nkat_gguf.integrations.kobold import discovery as kobold
+from nkat_gguf.integrations.kobold import server as kobold_server
 from nkat_gguf.cli import main
-from nkat_gguf.defaults import default_model_path
+from nkat_gguf.formats.defaults import default_model_path
 from nkat_gguf.errors import UserError
-from nkat_gguf.gguf_io import ModelFile
-from nkat_gguf.nkat_format import NkatMeta, ThetaFactors, write_nkat
+from nkat_gguf.formats.gguf_io import ModelFile
+from nkat_gguf.formats.nkat_format import NkatMeta, ThetaFactors, write_nkat
 
 # ---------------------------------------------------------------- launcher excerpts
 
@@ -145,7 +146,7 @@ def make_launcher(directory: Path, kind: str, libraries=("default",)) -> Path:
 
 
 def help_options(launcher: Path) -> set[str]:
-    """Long options the launcher's --help lists, read independently of nkat_gguf.kobold."""
+    """Long options the launcher's --help lists, read independently of nkat_gguf.integrations.kobold.discovery."""
     text = subprocess.run([sys.executable, str(launcher), "--help"], capture_output=True, text=True).stdout
     found = set()
     for line in text.splitlines():

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from nkat_gguf.errors import UserError
-from nkat_gguf.model_parts import QWEN_1_5B, assemble, assembled_path
+from nkat_gguf.formats.model_parts import QWEN_1_5B, assemble, assembled_path
 
 
 def make_parts(root, spec, payload: bytes):

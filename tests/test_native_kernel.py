@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nkat_gguf import native
+from nkat_gguf.runtime import native
 from nkat_gguf.errors import UserError
 
 # (n_out, n_in, rank, n_cols): odd sizes, rank 1 and 64, n_in not a multiple of 32 (nor of the

@@ -5,7 +5,7 @@ import pytest
 from gguf import GGUFReader
 
 from nkat_gguf.errors import UserError
-from nkat_gguf.nkat_format import NkatMeta, ThetaFactors, read_meta, read_nkat, write_nkat
+from nkat_gguf.formats.nkat_format import NkatMeta, ThetaFactors, read_meta, read_nkat, write_nkat
 
 rng = np.random.default_rng(7)
 BASE = {"name": "m", "architecture": "llama", "file_size": 123, "fingerprint": "abc", "path": "/m.gguf"}
@@ -62,7 +62,7 @@ def q8_0_step_bound(X):
 
 
 def test_antisymmetric_theta_survives_int8_within_its_bound(tmp_path):
-    from nkat_gguf import theta
+    from nkat_gguf.theta import lowrank as theta
 
     E = rng.standard_normal((64, 64)).astype(np.float32)
     B, A = theta.factors(E, 16, "antisymmetric")  # stored rank 32: Q8_0 for both halves

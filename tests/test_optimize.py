@@ -74,7 +74,7 @@ def test_tiny_study_writes_consistent_outputs(tiny_study):
             assert r[key] is not None, key
         assert r["chunks"] == 2
         # TPE is evaluate.tpe of the row's own PPL and bytes
-        from nkat_gguf.evaluate import tpe
+        from nkat_gguf.measure.evaluate import tpe
 
         assert r["tpe"] == pytest.approx(tpe(r["ppl"], r["theta_bytes"], study["baseline"]["bytes"]), rel=1e-12)
     assert history[0]["params"] == {"source": "residual-act", "structure": "general", "rank": 8, "gamma": 2.0,
@@ -107,7 +107,7 @@ def test_tiny_study_writes_consistent_outputs(tiny_study):
     assert doc["command"].startswith("nkat ppl ") and doc["nkat"] in doc["command"]
     assert doc["final"]["chunks"] == 3 and doc["final"] == study["final"]
     # The written file holds the best trial's theta: the final run on its first 2 chunks...
-    from nkat_gguf.nkat_format import read_meta
+    from nkat_gguf.formats.nkat_format import read_meta
 
     meta = read_meta(out / f"{stem}.nkat")
     assert meta["theta_gamma"] == pytest.approx(best["params"]["gamma"], rel=1e-6)
@@ -163,10 +163,10 @@ def test_bad_input_one_line_exit_2_nothing_touched(case, tiny_study, work, base_
 
 def test_runtime_gamma_equals_file_gamma(work, base_model, reference_model, short_text):
     """A trial's gamma applied at run time (adapter scale) scores like a file written with it."""
-    from nkat_gguf.evaluate import Accumulator, chunk_logprobs
-    from nkat_gguf.gguf_io import ModelFile
-    from nkat_gguf.optimize import FILE_GAMMA, FactorCache
-    from nkat_gguf.runtime import Runtime
+    from nkat_gguf.measure.evaluate import Accumulator, chunk_logprobs
+    from nkat_gguf.formats.gguf_io import ModelFile
+    from nkat_gguf.optimize.study import FILE_GAMMA, FactorCache
+    from nkat_gguf.runtime.engine import Runtime
 
     model, ref = ModelFile(base_model), ModelFile(reference_model)
     names = [n for n in model.target_names() if n.endswith(("attn_output.weight", "ffn_down.weight"))]
@@ -251,7 +251,7 @@ def test_resume_after_kill_keeps_completed_trials(work, base_model, reference_mo
 
 def test_mode_counts():
     from nkat_gguf.errors import UserError
-    from nkat_gguf.optimize import trial_budget
+    from nkat_gguf.optimize.study import trial_budget
 
     assert trial_budget("quick", None) == 12 and trial_budget("full", None) == 100
     assert trial_budget("custom", 7) == 7

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nkat_gguf import native
+from nkat_gguf.runtime import native
 from nkat_gguf.errors import UserError
-from nkat_gguf.evaluate import log_softmax
-from nkat_gguf.nkat_format import ThetaFactors, read_nkat
-from nkat_gguf.runtime import Runtime
+from nkat_gguf.measure.evaluate import log_softmax
+from nkat_gguf.formats.nkat_format import ThetaFactors, read_nkat
+from nkat_gguf.runtime.engine import Runtime
 
 pytestmark = pytest.mark.slow
 CTX = 256

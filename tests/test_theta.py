@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from nkat_gguf import theta
+from nkat_gguf.theta import lowrank as theta
 from nkat_gguf.errors import UserError
 
 rng = np.random.default_rng(42)

@@ -4,7 +4,7 @@ independent numpy computations on synthetic data."""
 import numpy as np
 import pytest
 
-from nkat_gguf import theta
+from nkat_gguf.theta import lowrank as theta
 from nkat_gguf.errors import UserError
 
 rng = np.random.default_rng(7)

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from nkat_gguf.errors import UserError  # noqa: E402
-from nkat_gguf.evaluate import tpe as gguf_tpe  # noqa: E402
+from nkat_gguf.measure.evaluate import tpe as gguf_tpe  # noqa: E402
 from nkat_vit import metrics  # noqa: E402
 from nkat_vit.config import ViTConfig  # noqa: E402
 from nkat_vit.model import NKATViT, sparsify  # noqa: E402

@@ -14,7 +14,7 @@ import sys
 
 from . import __version__
 from .errors import UserError
-from .signals import terminate_like_interrupt
+from .util.signals import terminate_like_interrupt
 
 COMMANDS = [
     "quickstart",

@@ -13,9 +13,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import kobold, kobold_server
+from .integrations.kobold import discovery as kobold
+from .integrations.kobold import server as kobold_server
 from .errors import UserError
-from .report import human_bytes
+from .util.report import human_bytes
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 MIN_PYTHON = (3, 10)
@@ -81,7 +82,7 @@ def _error_figure(result: dict) -> str:
 
 def check_native() -> Check:
     try:
-        from . import native
+        from .runtime import native
         result = native.self_test()
     except ImportError:
         return Check("native shim", FAIL, "native shim not built", REBUILD_FIX)
@@ -160,7 +161,7 @@ def check_disk(models_dir: Path) -> Check:
 
 
 def check_default_model() -> Check:
-    from .defaults import default_model_path
+    from .formats.defaults import default_model_path
 
     try:
         path = default_model_path()

@@ -11,14 +11,14 @@ import os
 import time
 from pathlib import Path
 
-from .convert import ConvertOptions, convert
-from .defaults import default_model_path, find_calibration_text
+from .theta.convert import ConvertOptions, convert
+from .formats.defaults import default_model_path, find_calibration_text
 from .errors import UserError
-from .measure import PplRequest, read_text, run_ppl
-from .output_paths import check_output_dir
-from .quantize import quantize_model
-from .report import say, to_json
-from .atomic import write_text_atomic
+from .measure.ppl import PplRequest, read_text, run_ppl
+from .util.output_paths import check_output_dir
+from .runtime.quantize import quantize_model
+from .util.report import say, to_json
+from .util.atomic import write_text_atomic
 
 
 def default_work_dir() -> Path:
@@ -29,9 +29,9 @@ def default_work_dir() -> Path:
 def calibrate_if_possible(reference: str, work: Path, ctx: int, chunks: int, threads, quiet: bool) -> str | None:
     """An imatrix from the calibration text through the native hook; None when unavailable."""
     try:
-        from .calibration import write_imatrix
-        from .activation_stats import collect
-        from .native import self_test
+        from .formats.imatrix import write_imatrix
+        from .runtime.activation_stats import collect
+        from .runtime.native import self_test
 
         self_test()
     except (ImportError, OSError) as exc:

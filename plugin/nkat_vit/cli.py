@@ -181,11 +181,11 @@ def _gate(text: str | None, datasets: list[str]) -> tuple[str, float] | None:
 
 
 def run(args) -> int:
-    from nkat_gguf.report import print_json, print_table
+    from nkat_gguf.util.report import print_json, print_table
 
     if args.vit_command == "train":
-        from nkat_gguf.atomic import write_text_atomic
-        from nkat_gguf.report import to_json
+        from nkat_gguf.util.atomic import write_text_atomic
+        from nkat_gguf.util.report import to_json
 
         from .data import load_dataset, subset
         from .train import train

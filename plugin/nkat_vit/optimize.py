@@ -6,7 +6,7 @@ Optuna constraint > 0) and stops there. Stage 2 trains it on the other datasets 
 returns the Global TPE (nkat_vit.metrics) over all of them: only feasible trials can win.
 
 Storage, sampler seeding and the output files follow nkat optimize (the storage helpers are
-nkat_gguf.optimize's; the plot is nkat_gguf.optimize_outputs.write_plot):
+nkat_gguf.optimize.study's; the plot is nkat_gguf.optimize.outputs.write_plot):
   optimization_history.json  every trial: parameters, per-dataset accuracy / TPE, Global TPE,
                              Consistency, Robustness, feasibility
   optuna_study.json          the study summary (datasets present, gate, best trial, verdict)
@@ -24,11 +24,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nkat_gguf.atomic import write_text_atomic
+from nkat_gguf.util.atomic import write_text_atomic
 from nkat_gguf.errors import UserError
-from nkat_gguf.optimize import default_storage_url, open_storage, redact
-from nkat_gguf.optimize_outputs import write_plot
-from nkat_gguf.report import progress, say, to_json
+from nkat_gguf.optimize.study import default_storage_url, open_storage, redact
+from nkat_gguf.optimize.outputs import write_plot
+from nkat_gguf.util.report import progress, say, to_json
 
 from . import metrics
 from .data import ImageData, load_dataset, subset

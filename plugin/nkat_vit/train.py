@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-from nkat_gguf.atomic import atomic_path
+from nkat_gguf.util.atomic import atomic_path
 from nkat_gguf.errors import UserError
-from nkat_gguf.report import cpu_name, progress
+from nkat_gguf.util.report import cpu_name, progress
 from torch.nn import functional as F
 
 from . import augment, metrics

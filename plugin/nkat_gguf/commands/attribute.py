@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 
-from ..attribute import AttributeOptions, run_attribution
-from ..defaults import find_eval_text
-from ..frontier_report import attribution_markdown, attribution_plot
+from ..measure.attribute import AttributeOptions, run_attribution
+from ..formats.defaults import find_eval_text
+from ..measure.frontier_report import attribution_markdown, attribution_plot
 from .common import add_output_flags, add_runtime_flags, positive_int
 from .frontier import csv, reference_path, show_outputs
 

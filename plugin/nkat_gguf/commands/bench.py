@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ..bench import BenchOptions, benchmark, gpu_offload_available
-from ..defaults import find_eval_text
+from ..measure.bench import BenchOptions, benchmark, gpu_offload_available
+from ..formats.defaults import find_eval_text
 from ..errors import UserError
-from ..measure import PplRequest, read_text, run_ppl
-from ..nkat_format import is_nkat_path
-from ..report import print_json, print_table
-from ..runtime import BACKENDS
+from ..measure.ppl import PplRequest, read_text, run_ppl
+from ..formats.nkat_format import is_nkat_path
+from ..util.report import print_json, print_table
+from ..runtime.engine import BACKENDS
 from .common import add_models_dir_flag, add_output_flags, model_and_thetas, positive_int
 
 PPL_CHUNKS = 2  # --compare's measured perplexity change

@@ -1,10 +1,10 @@
 """nkat calibrate: activation statistics (llama.cpp's imatrix) from a calibration text.
 
-The native hook (nkat_gguf.native.ActivationCollector) sums x_i^2 over every input column of
+The native hook (nkat_gguf.runtime.native.ActivationCollector) sums x_i^2 over every input column of
 each block weight's matmul while llama.cpp decodes non-overlapping chunks of the text, the way
 llama-imatrix does (BOS first in each chunk where the vocab adds one, all logits computed).
 With --covariance it records the full sum of x x^T per distinct input instead
-(nkat_gguf.native.CovarianceCollector, file format in nkat_gguf.covariance), a group of blocks
+(nkat_gguf.runtime.native.CovarianceCollector, file format in nkat_gguf.formats.covariance), a group of blocks
 per pass over the text so that the sums fit in --max-memory.
 """
 
@@ -14,13 +14,13 @@ import resource
 import time
 from pathlib import Path
 
-from ..activation_stats import collect, collect_covariance
-from ..calibration import write_imatrix, write_imatrix_legacy
-from ..defaults import find_calibration_text, find_eval_text
+from ..runtime.activation_stats import collect, collect_covariance
+from ..formats.imatrix import write_imatrix, write_imatrix_legacy
+from ..formats.defaults import find_calibration_text, find_eval_text
 from ..errors import UserError
-from ..measure import read_text
-from ..output_paths import check_output_path
-from ..report import human_bytes, print_json, print_table, say
+from ..measure.ppl import read_text
+from ..util.output_paths import check_output_path
+from ..util.report import human_bytes, print_json, print_table, say
 from .common import add_output_flags, add_runtime_flags, byte_size, model_path, positive_int
 
 FORMATS = ("gguf", "dat")
@@ -105,8 +105,8 @@ def run(args) -> int:
 
 
 def run_covariance(args, model: str, text_path: Path, quiet: bool) -> int:
-    from ..activation_stats import MemoryLimitError
-    from ..covariance import covariance_writer
+    from ..runtime.activation_stats import MemoryLimitError
+    from ..formats.covariance import covariance_writer
 
     if args.format != "gguf":
         raise UserError("--covariance writes its own GGUF format: drop --format dat")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..defaults import default_model_path
+from ..formats.defaults import default_model_path
 from ..errors import UserError
 
 
@@ -41,8 +41,8 @@ def model_and_thetas(values, thetas=(), models_dir=None) -> tuple[str, list[str]
     A .nkat stands for its base model plus itself as theta (nkat_format.find_base_model finds the
     base); every .nkat must correct the same base as the first model.
     """
-    from ..kobold import default_models_dir
-    from ..nkat_format import split_model_argument
+    from ..integrations.kobold.discovery import default_models_dir
+    from ..formats.nkat_format import split_model_argument
 
     models_dir = models_dir or default_models_dir()
     values = [v for v in (values or []) if v] or [None]

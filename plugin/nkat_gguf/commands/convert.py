@@ -5,16 +5,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..atomic import atomic_path
-from ..convert import ConvertOptions, convert
-from ..defaults import find_eval_text
+from ..util.atomic import atomic_path
+from ..theta.convert import ConvertOptions, convert
+from ..formats.defaults import find_eval_text
 from ..errors import UserError
-from ..gguf_io import open_gguf_magic
-from ..measure import CHEAP_CHECK_BYTES, CHECK_CHUNKS, check_theta, check_words
-from ..nkat_format import THETA_TYPES
-from ..output_paths import check_output_path
-from ..report import human_bytes, print_json, print_table, say
-from ..theta import NO_REFERENCE, SOURCE_TABLE, SOURCES, STRUCTURES, WEIGHT_SOURCE_EFFECT
+from ..formats.gguf_io import open_gguf_magic
+from ..measure.ppl import CHEAP_CHECK_BYTES, CHECK_CHUNKS, check_theta, check_words
+from ..formats.nkat_format import THETA_TYPES
+from ..util.output_paths import check_output_path
+from ..util.report import human_bytes, print_json, print_table, say
+from ..theta.lowrank import NO_REFERENCE, SOURCE_TABLE, SOURCES, STRUCTURES, WEIGHT_SOURCE_EFFECT
 from .common import add_output_flags, add_runtime_flags, model_path, positive_int
 
 TARGET_SIZE_NOTE = ("note: --target-size is not needed and is ignored: the SVD here is a randomized range finder "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 
 from .. import doctor
-from ..report import print_json, print_table
+from ..util.report import print_json, print_table
 
 _STYLE = {doctor.PASS: "green", doctor.WARN: "yellow", doctor.FAIL: "bold red"}
 

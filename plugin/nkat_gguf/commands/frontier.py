@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..defaults import find_eval_text
-from ..frontier import DEFAULT_BASES, DEFAULT_BUDGETS, DEFAULT_LADDER, FrontierOptions, run_frontier
-from ..frontier_report import frontier_markdown, frontier_plot, write_outputs
-from ..report import print_json, say
-from ..runtime import BACKENDS
-from ..theta import SOURCES
+from ..formats.defaults import find_eval_text
+from ..measure.frontier import DEFAULT_BASES, DEFAULT_BUDGETS, DEFAULT_LADDER, FrontierOptions, run_frontier
+from ..measure.frontier_report import frontier_markdown, frontier_plot, write_outputs
+from ..util.report import print_json, say
+from ..runtime.engine import BACKENDS
+from ..theta.lowrank import SOURCES
 from .common import add_output_flags, add_runtime_flags, positive_int
 
 
@@ -58,7 +58,7 @@ def add_parser(subparsers) -> None:
 def reference_path(value) -> str:
     if value:
         return str(value)
-    from ..defaults import qwen_model_path
+    from ..formats.defaults import qwen_model_path
 
     return str(qwen_model_path())
 

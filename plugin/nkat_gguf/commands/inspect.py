@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..nkat_format import read_layout
-from ..report import human_bytes, print_json, print_table
+from ..formats.nkat_format import read_layout
+from ..util.report import human_bytes, print_json, print_table
 from .common import add_output_flags
 
 

@@ -11,10 +11,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import kobold, kobold_config, kobold_server
+from ..integrations.kobold import discovery as kobold
+from ..integrations.kobold import config as kobold_config
+from ..integrations.kobold import server as kobold_server
 from ..errors import UserError
-from ..output_paths import check_output_path
-from ..report import human_bytes, print_json, print_table, say
+from ..util.output_paths import check_output_path
+from ..util.report import human_bytes, print_json, print_table, say
 
 DEFAULT_TIMEOUT_S = 180.0
 

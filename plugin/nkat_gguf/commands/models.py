@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..model_parts import PARTED_MODELS, assembled_path, is_complete, model_path
-from ..report import print_json
+from ..formats.model_parts import PARTED_MODELS, assembled_path, is_complete, model_path
+from ..util.report import print_json
 
 
 def add_parser(subparsers) -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..defaults import find_eval_text
-from ..report import human_bytes, print_json, print_table, say
-from ..runtime import BACKENDS
+from ..formats.defaults import find_eval_text
+from ..util.report import human_bytes, print_json, print_table, say
+from ..runtime.engine import BACKENDS
 from .common import add_models_dir_flag, add_output_flags, add_runtime_flags, model_and_thetas
 
 
 def add_parser(subparsers) -> None:
-    from ..optimize import DEFAULT_CHUNKS, DEFAULT_FINAL_CHUNKS, DEFAULT_STUDY_NAME, MODES
+    from ..optimize.study import DEFAULT_CHUNKS, DEFAULT_FINAL_CHUNKS, DEFAULT_STUDY_NAME, MODES
 
     p = subparsers.add_parser(
         "optimize", help="search source, rank, gamma, structure and tensor groups for the best TPE (Optuna)",
@@ -58,7 +58,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..optimize import OptimizeOptions, run_optimize
+    from ..optimize.study import OptimizeOptions, run_optimize
 
     model, given, _ = model_and_thetas([args.model], [], args.models_dir)
     if given:

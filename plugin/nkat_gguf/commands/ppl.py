@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..defaults import find_eval_text
-from ..measure import PplRequest, run_ppl
-from ..byte_control import verdict_line
-from ..report import human_bytes, print_json, print_table
-from ..runtime import BACKENDS
+from ..formats.defaults import find_eval_text
+from ..measure.ppl import PplRequest, run_ppl
+from ..measure.byte_control import verdict_line
+from ..util.report import human_bytes, print_json, print_table
+from ..runtime.engine import BACKENDS
 from .common import add_models_dir_flag, add_output_flags, add_runtime_flags, model_and_thetas
 
 

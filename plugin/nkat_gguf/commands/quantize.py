@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..errors import UserError
-from ..quantize import quantize_model
-from ..report import human_bytes, print_json, print_table
+from ..runtime.quantize import quantize_model
+from ..util.report import human_bytes, print_json, print_table
 from .common import add_output_flags, model_path
 
 

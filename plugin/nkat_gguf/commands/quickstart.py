@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..defaults import find_eval_text
+from ..formats.defaults import find_eval_text
 from ..quickstart import default_work_dir, quickstart
-from ..report import print_json
+from ..util.report import print_json
 from .common import add_output_flags, positive_int
 from .ppl import print_ppl_table
 

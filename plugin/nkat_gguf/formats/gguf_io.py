@@ -1,0 +1,209 @@
+"""Read GGUF model weights one tensor at a time, dequantized by gguf-py.
+
+The file is memory-mapped; only the tensor asked for is turned into float32, so a 7B model
+never sits in memory as float32.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader, GGMLQuantizationType
+from gguf.quants import dequantize
+
+from ..errors import UserError
+from ..util.signals import raise_if_terminated
+
+# Transformer-block weight matrices: blk.N.<anything>.weight, 2-D, not a norm.
+_BLOCK_WEIGHT = re.compile(r"^blk\.\d+\.[A-Za-z0-9_.]+\.weight$")
+_BLOCK_ID = re.compile(r"^blk\.(\d+)\.")
+_FINGERPRINT_SAMPLES = 64
+_FINGERPRINT_SAMPLE_BYTES = 64 * 1024
+
+
+def is_target_name(name: str) -> bool:
+    """The tensor-name filter: block weight matrices that a LoRA adapter may correct."""
+    return bool(_BLOCK_WEIGHT.match(name)) and "_norm" not in name and ".norm" not in name
+
+
+def fingerprint_file(path: str | os.PathLike) -> str:
+    """A content fingerprint that reads a few MiB, not the whole file (7B models are 4+ GB).
+
+    sha256 over the size, the first MiB (header, metadata, tensor index) and 64 evenly spaced
+    64 KiB samples of the data: any re-quantization or different weights change it.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        for i in range(_FINGERPRINT_SAMPLES):
+            f.seek(size * i // _FINGERPRINT_SAMPLES)
+            digest.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
+    return digest.hexdigest()[:32]
+
+
+def open_gguf_magic(path: str | os.PathLike) -> None:
+    """A one-line error for a missing or non-GGUF file, reading only 4 bytes."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"{path}: not a GGUF file (magic {magic!r})")
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFReader:
+    """GGUFReader with one-line errors for missing, non-GGUF and truncated files."""
+    open_gguf_magic(path)
+    path = Path(path)
+    try:
+        reader = GGUFReader(path, "r")
+        reader.nkat_path = path  # for error messages about its fields
+        return reader
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: damaged GGUF (a key or tensor name is not valid UTF-8)") from None
+    except (ValueError, IndexError, OSError, KeyError, TypeError, OverflowError, MemoryError) as exc:
+        raise UserError(f"{path}: unreadable or truncated GGUF ({exc})") from None
+
+
+def field_contents(field, path=None):
+    """A metadata value; one-line error for a string that is not valid UTF-8."""
+    try:
+        return field.contents()
+    except UnicodeDecodeError:
+        where = f"{path}: " if path else ""
+        raise UserError(f"{where}metadata {field.name} is not valid UTF-8 (damaged GGUF)") from None
+    except (ValueError, IndexError, TypeError) as exc:
+        where = f"{path}: " if path else ""
+        raise UserError(f"{where}metadata {field.name} is unreadable (damaged GGUF: {exc})") from None
+
+
+def field_value(reader: GGUFReader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field_contents(field, getattr(reader, "nkat_path", None))
+
+
+class ModelFile:
+    """A GGUF model opened for tensor-by-tensor reading."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.reader = open_gguf(self.path)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        end = max((t.data_offset + t.n_bytes for t in self.reader.tensors), default=0)
+        if end > self.file_size:
+            raise UserError(f"{self.path}: truncated GGUF (tensor data ends past the file)")
+
+    @property
+    def architecture(self) -> str:
+        return str(field_value(self.reader, "general.architecture", "unknown"))
+
+    @property
+    def name(self) -> str:
+        return str(field_value(self.reader, "general.name", self.path.stem))
+
+    @property
+    def file_type(self) -> str:
+        return str(field_value(self.reader, "general.type", "model"))
+
+    @property
+    def file_size(self) -> int:
+        return self.path.stat().st_size
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return fingerprint_file(self.path)
+
+    def identity(self) -> dict:
+        return {
+            "name": self.name,
+            "architecture": self.architecture,
+            "file_size": self.file_size,
+            "fingerprint": self.fingerprint,
+            "path": str(self.path.resolve()),
+        }
+
+    def target_names(self, globs: list[str] | None = None) -> list[str]:
+        """Block weight matrices (2-D, not norms), optionally narrowed by glob patterns."""
+        names = [
+            n for n, t in self.tensors.items() if is_target_name(n) and len(t.shape) == 2
+        ]
+        if globs:
+            gguf_globs = [g for pattern in globs for g in self.gguf_globs(pattern)]
+            names = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in gguf_globs)]
+            if not names:
+                raise UserError(
+                    f"--selective-layers {' '.join(globs)} matches no weight matrix in {self.path.name} "
+                    "(names look like blk.0.attn_q.weight; Meta layers.0.attention.wq.weight and Hugging Face "
+                    "model.layers.0.self_attn.q_proj.weight names are translated)"
+                )
+        return names
+
+    @cached_property
+    def _name_map(self):
+        """gguf-py's table of Meta / Hugging Face tensor names -> GGUF names for this architecture."""
+        from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, get_tensor_name_map
+
+        arch = {name: a for a, name in MODEL_ARCH_NAMES.items()}.get(self.architecture, MODEL_ARCH.LLAMA)
+        blocks = [int(m.group(1)) for m in map(_BLOCK_ID.match, self.tensors) if m]
+        return get_tensor_name_map(arch, max(blocks, default=-1) + 1)
+
+    def gguf_globs(self, pattern: str) -> list[str]:
+        """One --selective-layers pattern as GGUF-name globs: GGUF names pass unchanged; Meta
+        (layers.N.feed_forward.w1.weight) and Hugging Face (model.layers.N.mlp.gate_proj.weight)
+        names, globs included, become the GGUF names they stand for (blk.N.ffn_gate.weight)."""
+        if pattern.startswith("blk.") or not pattern.strip():
+            return [pattern]
+        key, suffix = pattern, ".weight"
+        for end in (".weight", ".bias"):
+            if pattern.endswith(end):
+                key, suffix = pattern[: -len(end)], end
+        mapping = self._name_map.mapping
+        if key in mapping:
+            return [mapping[key][1] + suffix]
+        if any(c in key for c in "*?["):
+            found = sorted({gguf for k, (_, gguf) in mapping.items() if fnmatch.fnmatchcase(k, key)})
+            if found:
+                return [name + suffix for name in found]
+        return [pattern]
+
+    def shape(self, name: str) -> tuple[int, int]:
+        """(n_out, n_in) in numpy order; ggml's ne is (n_in, n_out)."""
+        ne = self.tensors[name].shape
+        return int(ne[1]), int(ne[0])
+
+    def qtype(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """One weight matrix as float32 (n_out, n_in), checked for NaN/Inf."""
+        raise_if_terminated()
+        tensor = self.tensors[name]
+        try:
+            weights = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise UserError(
+                f"{self.path.name}: {name} has quant type {tensor.tensor_type.name}, "
+                "which gguf-py cannot dequantize"
+            ) from None
+        weights = np.asarray(weights, dtype=np.float32).reshape(self.shape(name))
+        if not np.isfinite(weights).all():
+            raise UserError(f"{self.path.name}: {name} contains NaN or Inf")
+        return weights
+
+
+def quant_type_by_name(name: str) -> GGMLQuantizationType:
+    try:
+        return GGMLQuantizationType[name.upper()]
+    except KeyError:
+        raise UserError(f"unknown GGML type {name!r}") from None

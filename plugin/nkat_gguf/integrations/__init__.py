@@ -1,0 +1,1 @@
+"""Other programs that run NKAT models. Imports: `errors`, `util`, `formats`, `runtime`."""

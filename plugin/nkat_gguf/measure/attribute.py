@@ -1,0 +1,104 @@
+"""Where the damage is: the share of a quantized model's KL-divergence each tensor group causes.
+
+For each group (token_embd, output, attn_q/k/v/output, ffn_gate/up/down, and ranges of blocks),
+a GGUF is assembled from the base with that group's tensors taken from the reference as stored
+(gguf_assemble), and scored against the reference on the same chunks as the base. The share of
+the base's KLD the restoration removes, and its byte cost, say what quantization cost where.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from .frontier import score_rows
+from ..formats.gguf_io import fingerprint_file, open_gguf
+from ..util.report import say
+
+ROLE_GROUPS = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+def group_members(names: list[str], group: str) -> list[str]:
+    """Weight tensors of a group: a role (e.g. attn_q, token_embd) or a block range 'blk 0-6'."""
+    weights = [n for n in names if n.endswith(".weight") and "norm" not in n]
+    if group in ("token_embd", "output"):
+        return [n for n in weights if n == f"{group}.weight"]
+    if group.startswith("blk "):
+        lo, hi = (int(x) for x in group[4:].split("-"))
+        return [n for n in weights if (m := _BLOCK.match(n)) and lo <= int(m.group(1)) <= hi]
+    return [n for n in weights if _BLOCK.match(n) and n.split(".")[2] == group]
+
+
+def block_ranges(n_blocks: int, parts: int) -> list[str]:
+    step = -(-n_blocks // parts)
+    return [f"blk {i}-{min(n_blocks, i + step) - 1}" for i in range(0, n_blocks, step)]
+
+
+@dataclass
+class AttributeOptions:
+    base: str
+    reference: str
+    text: str
+    work_dir: str
+    groups: list[str] = field(default_factory=list)  # empty: roles + block quarters
+    block_parts: int = 4
+    chunks: int = 8
+    ctx: int = 512
+    threads: int | None = None
+    flash_attn: bool = False
+    quiet: bool = False
+
+
+def run_attribution(o: AttributeOptions) -> dict:
+    started = time.perf_counter()
+    for path in (o.base, o.reference, o.text):
+        if not Path(path).is_file():
+            raise UserError(f"file not found: {path}")
+    base_t = {t.name: t for t in open_gguf(o.base).tensors}
+    ref_t = {t.name: t for t in open_gguf(o.reference).tensors}
+    if set(base_t) != set(ref_t):
+        raise UserError(f"{o.base} and {o.reference} hold different tensors: not two quantizations of one model")
+    names = list(base_t)
+    n_blocks = 1 + max((int(m.group(1)) for n in names if (m := _BLOCK.match(n))), default=-1)
+    groups = o.groups or [g for g in ROLE_GROUPS if group_members(names, g)] + block_ranges(n_blocks, o.block_parts)
+    work = Path(o.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    from ..formats.assemble import write_mixed
+
+    base_fp = fingerprint_file(o.base)[:12]
+    rows = [{"label": "base", "kind": "base", "model": o.base, "theta": None}]
+    for group in groups:
+        members = group_members(names, group)
+        if not members:
+            raise UserError(f"group {group!r} matches no weight tensor of {o.base}")
+        differing = [n for n in members if base_t[n].tensor_type != ref_t[n].tensor_type
+                     or base_t[n].n_bytes != ref_t[n].n_bytes]
+        extra = sum(int(ref_t[n].n_bytes) - int(base_t[n].n_bytes) for n in members)
+        path = work / f"restore-{base_fp}-{group.replace(' ', '').replace('-', '_')}.gguf"
+        if not path.is_file():
+            say(f"[attribute] assembling {o.base} with {group} from the reference ({len(members)} tensors)", o.quiet)
+            write_mixed(o.base, {n: o.reference for n in members}, path, {"nkat.restored": group})
+        rows.append({"label": group, "kind": "restored", "group": group, "model": str(path), "theta": None,
+                     "tensors": len(members), "tensors_differing": len(differing), "extra_bytes": extra})
+    n_chunks, runtime_settings = score_rows(rows, reference=o.reference, text=o.text, work=work, ctx=o.ctx,
+                                            chunks=o.chunks, threads=o.threads, flash_attn=o.flash_attn,
+                                            backend="lora", quiet=o.quiet)
+    base = rows[0]
+    out_groups = []
+    for r in rows[1:]:
+        share = (base["kld_mean"] - r["kld_mean"]) / base["kld_mean"] if base["kld_mean"] else float("nan")
+        out_groups.append({k: r[k] for k in ("group", "tensors", "tensors_differing", "extra_bytes", "ppl", "ppl_err",
+                                             "kld_mean", "kld_err", "kld_p99", "top1_agreement")} | {"share": share})
+    return {
+        "base": {k: base[k] for k in ("ppl", "ppl_err", "kld_mean", "kld_err", "kld_p99", "top1_agreement")}
+        | {"bytes": Path(o.base).stat().st_size},
+        "groups": out_groups,
+        "settings": asdict(o) | {"chunks_scored": n_chunks} | runtime_settings,
+        "wall_seconds": time.perf_counter() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }

@@ -1,0 +1,294 @@
+"""Perplexity, KL-divergence, top-token agreement and TPE, scored as llama.cpp's perplexity tool.
+
+Per chunk of n_ctx tokens (non-overlapping, from one tokenization of the whole text): clear the
+KV cache, put BOS first when the vocab adds one, decode, and score positions
+j in [n_ctx/2, n_ctx-2] with -log_softmax(logits_j)[tok_{j+1}]. Logits are requested only for
+those positions, and each chunk's distributions are used and dropped (never all in memory).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UserError
+from ..util.report import progress
+
+
+def tpe_lambda(rho: float) -> float:
+    """The TPE complexity term lambda = 9 * (1 + rho), rho the model's relative size.
+
+    GGUF: rho = theta bytes / base file bytes. Vision (nkat_vit): rho = parameters in millions.
+    rho = 0 gives log10(1 + lambda) = 1, so TPE is then the quality measure itself.
+    """
+    return 9.0 * (1.0 + rho)
+
+
+def tpe_score(quality: float, rho: float) -> float:
+    """TPE = quality / log10(1 + lambda(rho)); quality is 1/PPL (GGUF) or accuracy (vision)."""
+    return quality / math.log10(1.0 + tpe_lambda(rho))
+
+
+def tpe(ppl: float, theta_bytes: int = 0, base_bytes: int = 1) -> float:
+    """The project's TPE score: (1/PPL) / log10(1 + lambda), lambda = 9 * (1 + rho).
+
+    rho = theta bytes / base model file bytes; with no theta the denominator is log10(10) = 1,
+    so TPE = 1/PPL. (The seed's formula divided by zero for the baseline; see REFERENCE.md.)
+    """
+    rho = theta_bytes / base_bytes if base_bytes else 0.0
+    return tpe_score(1.0 / ppl, rho)
+
+
+def gap_recovered(ppl_base: float, ppl_nkat: float, ppl_reference: float) -> float | None:
+    """Share of the base-vs-reference perplexity gap that theta closes (1.0 = all of it);
+    None when there is no gap to close."""
+    gap = ppl_base - ppl_reference
+    return (ppl_base - ppl_nkat) / gap if gap else None
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float32 with float64 sums (vectorized over positions)."""
+    m = logits.max(axis=1, keepdims=True)
+    shifted = logits - m
+    lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    return shifted - lse
+
+
+@dataclass
+class Accumulator:
+    """Running sums for one model: NLL (PPL), and against a reference KLD and top-1."""
+
+    nll: list = field(default_factory=list)
+    kld: list = field(default_factory=list)
+    top1: int = 0
+
+    def add(self, logp: np.ndarray, targets: np.ndarray, ref_logp: np.ndarray | None) -> None:
+        self.nll.append(-logp[np.arange(len(targets)), targets].astype(np.float64))
+        if ref_logp is not None:
+            p_ref = np.exp(ref_logp)
+            self.kld.append((p_ref * (ref_logp - logp)).sum(axis=1, dtype=np.float64))
+            self.top1 += int((ref_logp.argmax(axis=1) == logp.argmax(axis=1)).sum())
+
+    def result(self) -> dict:
+        nll = np.concatenate(self.nll)
+        count = len(nll)
+        mean = float(nll.mean())
+        var = float((nll * nll).mean() - mean * mean)
+        ppl = math.exp(mean)
+        out = {
+            "ppl": ppl,
+            "ppl_err": ppl * math.sqrt(max(var, 0.0) / (count - 1)) if count > 1 else float("nan"),
+            "nll_mean": mean,
+            "tokens": count,
+        }
+        if self.kld:
+            kld = np.concatenate(self.kld)
+            out.update(
+                kld_mean=float(kld.mean()),
+                kld_err=float(kld.std() / math.sqrt(count - 1)) if count > 1 else float("nan"),
+                kld_p99=float(np.percentile(kld, 99)),
+                kld_max=float(kld.max()),
+                top1_agreement=self.top1 / count,
+            )
+        return out
+
+
+# Scored positions are [n_ctx/2, n_ctx-2]: below this a chunk scores (almost) nothing.
+MIN_CTX = 8
+
+
+def check_ctx(n_ctx: int) -> None:
+    if n_ctx < MIN_CTX:
+        raise UserError(f"--ctx must be at least {MIN_CTX} (each chunk scores its second half), not {n_ctx}")
+
+
+def check_chunks(chunks: int | None, flag: str = "--chunks") -> None:
+    """None means all chunks; anything else must be a positive count."""
+    if chunks is not None and chunks < 1:
+        raise UserError(f"{flag} must be at least 1 (leave it out for all chunks), not {chunks}")
+
+
+def chunk_count(n_tokens: int, n_ctx: int, chunks: int | None) -> int:
+    check_ctx(n_ctx)
+    check_chunks(chunks)
+    available = n_tokens // n_ctx
+    if available < 2:
+        raise UserError(
+            f"the text has {n_tokens} tokens: at least two chunks of --ctx {n_ctx} "
+            f"({2 * n_ctx} tokens) are needed"
+        )
+    if chunks is None:
+        return available
+    return min(chunks, available)
+
+
+def check_finite(acc: Accumulator, label: str, runtime, chunk: int) -> None:
+    """A NaN or Inf log-probability would turn PPL/KLD into garbage: stop and name the source."""
+    bad = [what for what, parts in (("log-probabilities", acc.nll), ("KL-divergences", acc.kld))
+           if parts and not np.isfinite(parts[-1]).all()]
+    if bad:
+        theta = getattr(runtime, "theta_path", None)
+        source = (f"theta {theta} (gamma {runtime.gamma})" if theta else f"model {runtime.model_path}")
+        raise UserError(f"{label}: non-finite {' and '.join(bad)} in chunk {chunk + 1}: {source} "
+                        "produces NaN/Inf logits; no result is reported")
+
+
+def check_same_vocab(runtimes) -> None:
+    first = runtimes[0]
+    probe = "The quick brown fox, 1234 — naïve test."
+    for other in runtimes[1:]:
+        if other.n_vocab != first.n_vocab or not np.array_equal(other.tokenize(probe), first.tokenize(probe)):
+            raise UserError(
+                f"{other.model_path.name} has another vocabulary than {first.model_path.name}: "
+                "KL-divergence needs the same tokenizer"
+            )
+
+
+def chunk_logprobs(runtime, tokens: np.ndarray, n_ctx: int, chunk: int):
+    """Decode one chunk; return (log-probs of the scored positions, their target tokens)."""
+    start = chunk * n_ctx
+    window = tokens[start : start + n_ctx].copy()
+    if runtime.add_bos:
+        window[0] = runtime.bos_token
+    first = n_ctx // 2
+    runtime.clear()
+    logits = _decode_all(runtime, window, first)
+    targets = tokens[start + first + 1 : start + n_ctx]
+    return log_softmax(logits[: n_ctx - 1 - first]), targets
+
+
+def _decode_all(runtime, window: np.ndarray, first: int) -> np.ndarray:
+    """Decode the window in batches of n_batch, keeping logits from position `first` on."""
+    parts = []
+    for pos in range(0, len(window), runtime.n_batch):
+        piece = window[pos : pos + runtime.n_batch]
+        logits_from = max(0, first - pos)
+        out = runtime.decode(piece, start_pos=pos, logits_from=logits_from if logits_from < len(piece) else None)
+        if out is not None:
+            parts.append(np.array(out))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def evaluate(candidates, tokens: np.ndarray, n_ctx: int, chunks: int | None = None,
+             reference=None, quiet: bool = False, on_chunk=None) -> dict:
+    """Score every candidate runtime (and the reference) on the same chunks in one pass.
+
+    `candidates` maps a label to a Runtime (or to a (Runtime, gamma) pair: the same loaded
+    model evaluated at several gammas without reloading). Returns label -> result dict, plus
+    "reference" when one is given.
+    """
+    runtimes = [c[0] if isinstance(c, tuple) else c for c in candidates.values()]
+    everything = runtimes + ([reference] if reference is not None else [])
+    check_same_vocab(everything)
+    n_chunks = chunk_count(len(tokens), n_ctx, chunks)
+    accumulators = {label: Accumulator() for label in candidates}
+    ref_acc = Accumulator() if reference is not None else None
+    seconds = {label: 0.0 for label in candidates}
+    started = time.perf_counter()
+    for chunk in progress(range(n_chunks), desc="perplexity", quiet=quiet, unit="chunk"):
+        ref_logp = None
+        if reference is not None:
+            ref_logp, targets = chunk_logprobs(reference, tokens, n_ctx, chunk)
+            ref_acc.add(ref_logp, targets, None)
+            check_finite(ref_acc, "the reference", reference, chunk)
+        for label, candidate in candidates.items():
+            runtime, gamma = candidate if isinstance(candidate, tuple) else (candidate, None)
+            if gamma is not None:
+                runtime.set_gamma(gamma)
+            t0 = time.perf_counter()
+            logp, targets = chunk_logprobs(runtime, tokens, n_ctx, chunk)
+            seconds[label] += time.perf_counter() - t0
+            accumulators[label].add(logp, targets, ref_logp)
+            check_finite(accumulators[label], label, runtime, chunk)
+        if on_chunk:
+            on_chunk(chunk)
+    results = {}
+    for label, acc in accumulators.items():
+        res = acc.result()
+        res["chunks"] = n_chunks
+        res["eval_seconds"] = seconds[label]
+        res["tokens_per_second"] = n_chunks * n_ctx / seconds[label] if seconds[label] else float("nan")
+        results[label] = res
+    if ref_acc is not None:
+        results["reference"] = ref_acc.result() | {"chunks": n_chunks}
+    results["_wall_seconds"] = time.perf_counter() - started
+    return results
+
+
+# ----------------------------------------------------------- reference log-probs on disk -------
+# One chunk's log-probs at a 151,936-token vocabulary are ~155 MB in float32: a run that scores
+# many models against one reference keeps them on disk, as llama-perplexity's --kl-divergence-base
+# does, quantized to uint16 per position over [max - LOGP_RANGE, max] (steps of 5e-4 nats).
+# Tokens below that range have p < e^-LOGP_RANGE of the top token and add nothing measurable to KLD.
+LOGP_RANGE = 32.0
+_LEVELS = 65535
+
+
+class LogprobStore:
+    """Per-chunk reference log-probs (uint16 + per-position offset and step) and target tokens."""
+
+    def __init__(self, directory):
+        from pathlib import Path
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, chunk: int):
+        return self.directory / f"chunk{chunk:04d}.npz"
+
+    def has(self, chunk: int) -> bool:
+        return self._path(chunk).is_file()
+
+    def save(self, chunk: int, logp: np.ndarray, targets: np.ndarray) -> None:
+        from ..util.atomic import atomic_path
+
+        hi = logp.max(axis=1)
+        lo = np.maximum(logp.min(axis=1), hi - LOGP_RANGE)
+        step = np.maximum((hi - lo) / _LEVELS, np.float32(1e-12)).astype(np.float32)
+        q = np.rint((np.clip(logp, lo[:, None], hi[:, None]) - lo[:, None]) / step[:, None]).astype(np.uint16)
+        with atomic_path(self._path(chunk)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, q=q, lo=lo.astype(np.float32), step=step, targets=np.asarray(targets, dtype=np.int32))
+
+    def load(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(self._path(chunk)) as z:
+            q, lo, step, targets = z["q"], z["lo"], z["step"], z["targets"]
+        logp = q.astype(np.float32)
+        logp *= step[:, None]
+        logp += lo[:, None]
+        return logp, targets
+
+
+def fill_store(runtime, tokens: np.ndarray, n_ctx: int, n_chunks: int, store: LogprobStore,
+               quiet: bool = False, desc: str = "reference") -> dict:
+    """Decode the reference over the chunks, store its log-probs, return its own PPL figures."""
+    acc = Accumulator()
+    t0 = time.perf_counter()
+    for chunk in progress(range(n_chunks), desc=desc, quiet=quiet, unit="chunk"):
+        logp, targets = chunk_logprobs(runtime, tokens, n_ctx, chunk)
+        acc.add(logp, targets, None)
+        if not store.has(chunk):
+            store.save(chunk, logp, targets)
+        del logp
+    return acc.result() | {"chunks": n_chunks, "eval_seconds": time.perf_counter() - t0}
+
+
+def score_against_store(runtime, tokens: np.ndarray, n_ctx: int, n_chunks: int, store: LogprobStore,
+                        quiet: bool = False, desc: str = "score") -> dict:
+    """PPL, KLD (mean, p99) and top-1 of one model against the stored reference, chunk by chunk."""
+    acc = Accumulator()
+    seconds = 0.0
+    for chunk in progress(range(n_chunks), desc=desc, quiet=quiet, unit="chunk"):
+        ref_logp, targets = store.load(chunk)
+        t0 = time.perf_counter()
+        logp, own_targets = chunk_logprobs(runtime, tokens, n_ctx, chunk)
+        seconds += time.perf_counter() - t0
+        if not np.array_equal(own_targets, targets):
+            raise UserError(f"{store.directory}: stored reference chunk {chunk} has other tokens than this text")
+        acc.add(logp, targets, ref_logp)
+        del logp, ref_logp
+    return acc.result() | {"chunks": n_chunks, "eval_seconds": seconds,
+                           "tokens_per_second": n_chunks * n_ctx / seconds if seconds else float("nan")}

@@ -1,0 +1,397 @@
+"""The quality-per-byte frontier: the quant ladder, mixed-precision controls and theta points,
+all scored against one reference on the same chunks.
+
+Steps (each cached in the work directory, so an interrupted run resumes where it stopped):
+1. activation statistics of the reference on the calibration text (an imatrix);
+2. the ladder: llama.cpp quantizations of the reference, importance-weighted with that imatrix;
+3. theta points: for each base on the ladder, theta (nkat convert --optimize-rank) at each budget,
+   all budgets of a base cut from one set of SVDs;
+4. a mixed-precision control per theta point: the base with its most damaged tensors (activation-
+   weighted error energy per extra byte, the statistic theta's source uses) taken from the next
+   larger quantization, until the bytes reach the theta point's (byte_control.BYTE_TOLERANCE);
+5. the reference decoded once, its log-probs stored on disk; then every model scored one at a
+   time against them (PPL ± error, KLD mean/p99, top-1), results cached per file fingerprint and
+   settings;
+6. rows, the Pareto frontier (bytes vs KLD, and bytes vs PPL) and one verdict per theta point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..util.atomic import write_text_atomic
+from .byte_control import BYTE_TOLERANCE, best_control, verdict_line
+from ..errors import UserError
+from ..formats.gguf_io import fingerprint_file
+from ..util.report import say, to_json
+
+DEFAULT_LADDER = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0")
+DEFAULT_BASES = ("Q2_K", "Q3_K_S")
+DEFAULT_BUDGETS = ("2%", "5%", "next")
+NEXT = "next"
+# A "next" budget stops this far below the next rung's bytes (the .nkat header is not in the budget).
+NEXT_MARGIN = 0.002
+MiB = 1024 * 1024
+
+
+@dataclass
+class FrontierOptions:
+    reference: str
+    text: str
+    work_dir: str
+    calib_text: str | None = None
+    imatrix: str | None = None  # given: use it; else calibrate the reference
+    calib_chunks: int = 8
+    quant_dir: str | None = None  # where ladder files go (default: work_dir)
+    name: str | None = None  # file prefix (default: the reference's stem)
+    ladder: list[str] = field(default_factory=lambda: list(DEFAULT_LADDER))
+    ladder_imatrix: bool = True
+    bases: list[str] = field(default_factory=lambda: list(DEFAULT_BASES))
+    budgets: list[str] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
+    source: str = "residual-act"
+    theta_rank: int = 32
+    controls: bool = True
+    chunks: int = 8
+    ctx: int = 512
+    threads: int | None = None
+    flash_attn: bool = False
+    backend: str = "lora"
+    quiet: bool = False
+
+
+def parse_budget(text: str) -> str:
+    """'5%' / '5' (percent of the base's bytes) or 'next' (up to the next larger rung)."""
+    value = text.strip().lower()
+    if value == NEXT:
+        return NEXT
+    try:
+        pct = float(value.rstrip("%"))
+    except ValueError:
+        raise UserError(f"budget {text!r}: expected a percentage like 5% or the word next") from None
+    if not 0 < pct <= 100:
+        raise UserError(f"budget {text!r}: the percentage must be in (0, 100]")
+    return f"{pct:g}%"
+
+
+def file_key(path) -> str:
+    return fingerprint_file(path) if path else "-"
+
+
+def text_key(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class ScoreCache:
+    """Results keyed by (model, theta, settings) fingerprints, saved after every model."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    @staticmethod
+    def key(parts: dict) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+    def get(self, key: str):
+        return self.data.get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        self.data[key] = value
+        write_text_atomic(self.path, to_json(self.data))
+
+
+def pareto(rows: list[dict], metric: str) -> set[str]:
+    """Labels of the rows no other row beats on both bytes (<=) and `metric` (<, lower is better)."""
+    best = float("inf")
+    front = set()
+    for r in sorted(rows, key=lambda r: (r["bytes"], r[metric])):
+        if r[metric] < best:
+            front.add(r["label"])
+            best = r[metric]
+    return front
+
+
+class Frontier:
+    def __init__(self, opts: FrontierOptions):
+        self.o = opts
+        self.work = Path(opts.work_dir)
+        self.quant_dir = Path(opts.quant_dir) if opts.quant_dir else self.work
+        self.name = opts.name or Path(opts.reference).stem
+        self.timings: dict[str, float] = {}
+
+    def check_types(self) -> None:
+        import llama_cpp
+
+        from ..runtime.quantize import ftype_names
+
+        known = ftype_names(llama_cpp)
+        for qtype in self.o.ladder:
+            if qtype.lower() not in known:
+                raise UserError(f"--ladder {qtype!r} is not a llama.cpp quant type; one of: {', '.join(sorted(known))}")
+        ladder = {t.upper() for t in self.o.ladder}
+        for base in self.o.bases:
+            if base.upper() not in ladder:
+                raise UserError(f"--bases {base!r} is not on the --ladder ({', '.join(sorted(ladder))})")
+
+    # -- 1. statistics -----------------------------------------------------------------------
+    def imatrix(self) -> str:
+        if self.o.imatrix:
+            return self.o.imatrix
+        from ..runtime.activation_stats import collect
+        from ..formats.imatrix import write_imatrix
+        from ..formats.defaults import find_calibration_text
+        from .ppl import read_text
+
+        path = self.work / f"{self.name}-calib{self.o.calib_chunks}x{self.o.ctx}.imatrix"
+        if path.is_file():
+            return str(path)
+        text = find_calibration_text(self.o.calib_text)
+        say(f"[frontier] activation statistics of {Path(self.o.reference).name} on {text.name}", self.o.quiet)
+        stats, facts = collect(self.o.reference, read_text(text), self.o.calib_chunks, self.o.ctx, self.o.threads,
+                               self.o.flash_attn, self.o.quiet)
+        write_imatrix(path, stats, dataset=str(text), chunks=facts["chunks"], chunk_size=self.o.ctx,
+                      architecture=facts["architecture"])
+        return str(path)
+
+    # -- 2. ladder ---------------------------------------------------------------------------
+    def ladder(self, imatrix: str) -> list[dict]:
+        from ..runtime.quantize import quantize_model
+
+        rows = []
+        for qtype in self.o.ladder:
+            suffix = "-imat" if self.o.ladder_imatrix else ""
+            path = self.quant_dir / f"{self.name}-{qtype.upper()}{suffix}.gguf"
+            if not path.is_file():
+                say(f"[frontier] quantizing to {qtype} -> {path}", self.o.quiet)
+                t0 = time.perf_counter()
+                quantize_model(self.o.reference, str(path), qtype, self.o.threads,
+                               imatrix=imatrix if self.o.ladder_imatrix else None)
+                self.timings[f"quantize {qtype}"] = time.perf_counter() - t0
+            rows.append({"label": qtype.upper() + suffix, "kind": "ladder", "type": qtype.upper(),
+                         "model": str(path), "theta": None})
+        rows.append({"label": f"{Path(self.o.reference).name} (reference)", "kind": "reference",
+                     "type": "reference", "model": self.o.reference, "theta": None})
+        return rows
+
+    # -- 3. theta points ---------------------------------------------------------------------
+    def theta_budget_mb(self, budget: str, base_bytes: int, ladder: list[dict]) -> float | None:
+        if budget != NEXT:
+            return float(budget.rstrip("%")) / 100 * base_bytes / MiB
+        bigger = sorted(Path(r["model"]).stat().st_size for r in ladder
+                        if Path(r["model"]).stat().st_size > base_bytes * 1.005)
+        if not bigger:
+            return None
+        return (bigger[0] * (1 - NEXT_MARGIN) - base_bytes) / MiB
+
+    def theta_points(self, ladder: list[dict], imatrix: str) -> list[dict]:
+        from ..theta.convert import ConvertOptions, convert_budgets
+
+        by_type = {r["type"]: r for r in ladder}
+        points = []
+        for base_type in (b.upper() for b in self.o.bases):
+            if base_type not in by_type:
+                raise UserError(f"--bases {base_type}: not on the ladder ({', '.join(by_type)})")
+            base = by_type[base_type]
+            base_bytes = Path(base["model"]).stat().st_size
+            todo, mine = [], []
+            for budget in self.o.budgets:
+                mb = self.theta_budget_mb(budget, base_bytes, ladder)
+                if mb is None or mb <= 0:
+                    say(f"[frontier] {base_type}: no larger rung for budget {budget}, skipped", self.o.quiet)
+                    continue
+                tag = "next" if budget == NEXT else budget.rstrip("%") + "pct"
+                out = self.work / f"{self.name}-{base['label']}-theta-{self.o.source}-{tag}.nkat"
+                mine.append({"label": f"{base['label']} + theta {budget}" + (f" ({mb:.0f} MiB)" if budget == NEXT else ""),
+                             "kind": "theta", "type": base_type, "base": base["label"], "budget": budget,
+                             "budget_mb": mb, "model": base["model"], "theta": str(out)})
+                if not out.is_file():
+                    todo.append((str(out), int(mb * MiB)))
+            if todo:
+                say(f"[frontier] theta for {base['label']}: {len(todo)} budget(s)", self.o.quiet)
+                t0 = time.perf_counter()
+                convert_budgets(base["model"], todo, ConvertOptions(
+                    rank=self.o.theta_rank, source=self.o.source, reference=self.o.reference,
+                    imatrix=imatrix if self.o.source == "residual-act" else None, quiet=self.o.quiet))
+                self.timings[f"theta {base_type}"] = time.perf_counter() - t0
+            points += mine
+        return points
+
+    # -- 4. mixed-precision controls ---------------------------------------------------------
+    def controls(self, ladder: list[dict], points: list[dict], imatrix: str) -> list[dict]:
+        from ..formats.imatrix import column_scales, read_imatrix
+        from ..formats.assemble import assembled_size, tensor_bytes, write_mixed
+        from .sensitivity import residual_energy
+
+        stats = read_imatrix(imatrix)
+        out = []
+        energies = {}
+        sizes = sorted(ladder, key=lambda r: Path(r["model"]).stat().st_size)
+        for point in points:
+            path = self.work / (Path(point["theta"]).stem.replace("-theta-", "-mixed-") + ".gguf")
+            target = Path(point["model"]).stat().st_size + Path(point["theta"]).stat().st_size
+            row = {"label": f"{point['base']} mixed {point['budget']}", "kind": "control", "type": point["type"],
+                   "base": point["base"], "for": point["label"], "model": str(path), "theta": None}
+            if path.is_file():
+                out.append(row)
+                continue
+            base_path = point["model"]
+            base_t = tensor_bytes(base_path)
+            names = [n for n in base_t if n in stats]
+            if base_path not in energies:
+                say(f"[frontier] sensitivity of {point['base']} ({len(names)} tensors)", self.o.quiet)
+                scales = {n: column_scales(*stats[n]) for n in names}
+                energies[base_path] = residual_energy(base_path, self.o.reference, names, scales)
+            # upgrade donor per tensor: the smallest larger file storing that tensor in more bytes
+            donors = [r["model"] for r in sizes if Path(r["model"]).stat().st_size > Path(base_path).stat().st_size]
+            donor_t = {d: tensor_bytes(d) for d in donors}
+            options = []
+            for n in names:
+                for d in donors:
+                    extra = donor_t[d][n][1] - base_t[n][1]
+                    if extra > 0:
+                        options.append((energies[base_path][n] / extra, n, d, extra))
+                        break
+            options.sort(reverse=True)
+            chosen, size = {}, Path(base_path).stat().st_size
+            for _, n, d, extra in options:
+                if size + extra <= target:
+                    chosen[n] = d
+                    size += extra
+            while chosen and assembled_size(base_path, chosen) > target * (1 + BYTE_TOLERANCE):
+                chosen.popitem()
+            write_mixed(base_path, chosen, path, {"nkat.control.for": Path(point["theta"]).name})
+            row["upgraded"] = len(chosen)
+            out.append(row)
+        return out
+
+    # -- 6. verdicts -------------------------------------------------------------------------
+    @staticmethod
+    def finish_rows(rows: list[dict]) -> None:
+        for r in rows:
+            r["model_bytes"] = Path(r["model"]).stat().st_size
+            r["theta_bytes"] = Path(r["theta"]).stat().st_size if r["theta"] else 0
+            r["bytes"] = r["model_bytes"] + r["theta_bytes"]
+        for metric in ("kld_mean", "ppl"):
+            front = pareto(rows, metric)
+            for r in rows:
+                r[f"pareto_{metric.split('_')[0]}"] = r["label"] in front
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.quant_dir.mkdir(parents=True, exist_ok=True)
+        for path in (self.o.reference, self.o.text):
+            if not Path(path).is_file():
+                raise UserError(f"file not found: {path}")
+        self.check_types()
+        imatrix = self.imatrix()
+        ladder = self.ladder(imatrix)
+        points = self.theta_points(ladder, imatrix)
+        controls = self.controls(ladder, points, imatrix) if self.o.controls else []
+        # Scored in order of interest (each result is cached as it completes): the ladder, then each
+        # theta point beside its control, the largest budget first.
+        paired = []
+        for p in sorted(points, key=lambda p: -p["budget_mb"]):
+            paired += [p] + [c for c in controls if c["for"] == p["label"]]
+        rows = ladder + paired
+        t0 = time.perf_counter()
+        o = self.o
+        self.n_chunks, self.runtime_settings = score_rows(
+            rows, reference=o.reference, text=o.text, work=self.work, ctx=o.ctx, chunks=o.chunks,
+            threads=o.threads, flash_attn=o.flash_attn, backend=o.backend, quiet=o.quiet)
+        self.timings["scoring"] = time.perf_counter() - t0
+        self.finish_rows(rows)
+        plain = [r for r in rows if r["kind"] != "theta"]
+        verdicts = []
+        for p in (r for r in rows if r["kind"] == "theta"):
+            control = best_control(p, plain)
+            own = next((c for c in controls if c["for"] == p["label"]), None)
+            p["control"] = control
+            p["own_control"] = own["label"] if own else None
+            p["verdict"] = verdict_line(p["label"], control)
+            verdicts.append(p["verdict"])
+        rows.sort(key=lambda r: r["bytes"])
+        return {
+            "rows": rows,
+            "verdicts": verdicts,
+            "goals": goals(rows),
+            "settings": {**asdict(self.o), "imatrix": imatrix, "chunks_scored": self.n_chunks,
+                         "byte_tolerance": BYTE_TOLERANCE, **self.runtime_settings},
+            "timings": self.timings,
+            "wall_seconds": time.perf_counter() - started,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+
+
+def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, ctx: int, chunks: int,
+               threads, flash_attn: bool, backend: str, quiet: bool) -> tuple[int, dict]:
+    """Score each row ({"model", "theta", "kind", "label"}) against the reference, in place.
+
+    The reference is decoded once and its log-probs kept on disk; then one model at a time is
+    loaded, scored and closed. Results are cached per file fingerprints and settings.
+    """
+    from .evaluate import LogprobStore, chunk_count, fill_store, score_against_store
+    from .ppl import read_text
+    from ..runtime.engine import Runtime
+
+    data = read_text(text)
+    ref_fp = file_key(reference)
+    settings = {"ctx": ctx, "flash_attn": flash_attn, "text": text_key(text), "reference": ref_fp}
+    store = LogprobStore(Path(work) / "reference-logprobs" / ScoreCache.key(settings))
+    cache = ScoreCache(Path(work) / "scores.json")
+    ref_rt = Runtime(reference, None, n_ctx=ctx, n_threads=threads, flash_attn=flash_attn)
+    try:
+        tokens = ref_rt.tokenize(data)
+        n_chunks = chunk_count(len(tokens), ctx, chunks)
+        ref_key = ScoreCache.key(settings | {"chunks": n_chunks, "model": ref_fp, "what": "reference"})
+        ref_result = cache.get(ref_key)
+        if ref_result is None or not all(store.has(c) for c in range(n_chunks)):
+            say(f"[score] reference: {n_chunks} chunks x {ctx} tokens", quiet)
+            ref_result = fill_store(ref_rt, tokens, ctx, n_chunks, store, quiet)
+            cache.put(ref_key, ref_result)
+        runtime_settings = {k: v for k, v in ref_rt.settings().items() if k in ("n_batch", "threads", "n_gpu_layers")}
+    finally:
+        ref_rt.close()
+    for row in rows:
+        if row["kind"] == "reference":
+            row.update(ref_result, kld_mean=0.0, kld_err=0.0, kld_p99=0.0, top1_agreement=1.0)
+            continue
+        key = ScoreCache.key(settings | {"chunks": n_chunks, "model": file_key(row["model"]),
+                                         "theta": file_key(row["theta"]), "backend": backend})
+        result = cache.get(key)
+        if result is None:
+            say(f"[score] {row['label']}", quiet)
+            rt = Runtime(row["model"], row["theta"], backend=backend, n_ctx=ctx, n_threads=threads,
+                         flash_attn=flash_attn)
+            try:
+                result = score_against_store(rt, tokens, ctx, n_chunks, store, quiet, row["label"])
+            finally:
+                rt.close()
+            cache.put(key, result)
+        row.update(result)
+    return n_chunks, runtime_settings
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """Each base + theta at <= the bytes of the next rung vs that rung, on PPL and KLD."""
+    ladder = sorted((r for r in rows if r["kind"] in ("ladder", "reference")), key=lambda r: r["bytes"])
+    out = []
+    for p in (r for r in rows if r["kind"] == "theta"):
+        rung = next((r for r in ladder if r["bytes"] > p["model_bytes"] * 1.005), None)
+        if rung is None or not p["bytes"] <= rung["bytes"]:
+            continue
+        out.append({"point": p["label"], "rung": rung["label"], "bytes": p["bytes"], "rung_bytes": rung["bytes"],
+                    "ppl": p["ppl"], "ppl_err": p["ppl_err"], "rung_ppl": rung["ppl"], "rung_ppl_err": rung["ppl_err"],
+                    "kld_mean": p["kld_mean"], "rung_kld_mean": rung["kld_mean"],
+                    "beats_on_ppl": p["ppl"] < rung["ppl"], "beats_on_kld": p["kld_mean"] < rung["kld_mean"]})
+    return out
+
+
+def run_frontier(opts: FrontierOptions) -> dict:
+    opts.budgets = [parse_budget(b) for b in opts.budgets]
+    return Frontier(opts).run()

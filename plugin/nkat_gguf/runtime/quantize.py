@@ -1,0 +1,95 @@
+"""A lower-bit copy of a GGUF model made by llama.cpp's own quantizer (requantizing allowed)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+
+import numpy as np
+
+from ..util.atomic import atomic_path
+from ..errors import UserError
+from ..formats.gguf_io import open_gguf, quant_type_by_name
+from ..util.output_paths import check_output_path
+
+
+def ftype_names(lib) -> dict[str, int]:
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    return {k[len(prefix):].lower(): getattr(lib, k) for k in dir(lib) if k.startswith(prefix)}
+
+
+def imatrix_array(llama_cpp, path: str):
+    """llama.cpp's importance data (E[x^2] per input column) from an imatrix file, as the C array
+    llama_model_quantize_params.imatrix expects: terminated by an entry whose name is NULL
+    (see llama-quant.cpp). Returns (array, buffers kept alive while llama.cpp reads them)."""
+    from ..formats.imatrix import read_imatrix
+
+    stats = read_imatrix(path)
+    entries = (llama_cpp.llama_model_imatrix_data * (len(stats) + 1))()
+    keep = []
+    for i, (name, (sum_sq, count)) in enumerate(sorted(stats.items())):
+        values = np.ascontiguousarray(np.asarray(sum_sq, dtype=np.float64) / max(count, 1), dtype=np.float32)
+        keep.append(values)
+        entries[i].name = name.encode()
+        entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = values.size
+    return entries, keep
+
+
+def overrides_array(llama_cpp, overrides: dict[str, str]):
+    """Per-tensor types by regex (as llama-quantize --tensor-type), NULL-pattern terminated."""
+    entries = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for i, (pattern, type_name) in enumerate(overrides.items()):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UserError(f"--tensor-type {pattern!r}: not a regular expression ({exc})") from None
+        entries[i].pattern = pattern.encode()
+        entries[i].type = int(quant_type_by_name(type_name))
+    return entries
+
+
+def quantize_model(input_path: str, output_path: str, qtype: str = "q4_0", threads: int | None = None,
+                   imatrix: str | None = None, overrides: dict[str, str] | None = None) -> dict:
+    """Quantize with llama_model_quantize; `imatrix` weights the rounding by activation statistics
+    (importance-weighted quants, as community quants are made), `overrides` maps a tensor-name regex
+    to a GGML type name."""
+    import llama_cpp
+
+    open_gguf(input_path)  # a clear error for missing / non-GGUF input
+    check_output_path(output_path, [input_path], "--output")
+    names = ftype_names(llama_cpp)
+    if qtype.lower() not in names:
+        raise UserError(f"--type {qtype!r} is not a llama.cpp quant type; one of: {', '.join(sorted(names))}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = names[qtype.lower()]
+    params.allow_requantize = True
+    params.nthread = threads or (os.cpu_count() or 1)
+    keep = []
+    if imatrix:
+        entries, buffers = imatrix_array(llama_cpp, imatrix)
+        keep += [entries, buffers]
+        params.imatrix = ctypes.cast(entries, type(params.imatrix))
+    if overrides:
+        entries = overrides_array(llama_cpp, overrides)
+        keep.append(entries)
+        params.tt_overrides = ctypes.cast(entries, type(params.tt_overrides))
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    from .engine import LLAMA_VERBOSE
+
+    with atomic_path(output_path) as tmp:
+        # llama.cpp logs ~300 lines per quantization on stderr.
+        with suppress_stdout_stderr(disable=LLAMA_VERBOSE):
+            rc = llama_cpp.llama_model_quantize(str(input_path).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise UserError(f"llama.cpp could not quantize {input_path} to {qtype} (status {rc})")
+    del keep
+    reader = open_gguf(output_path)
+    types = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return {"input": str(input_path), "output": str(output_path), "type": qtype, "imatrix": imatrix,
+            "overrides": dict(overrides or {}),
+            "bytes": os.path.getsize(output_path), "tensor_types": types}

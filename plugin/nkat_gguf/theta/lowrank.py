@@ -1,0 +1,266 @@
+"""The theta math: numpy in, numpy out. No files, no llama.cpp.
+
+theta approximates a correction E (out x in) with rank r:
+  source "weight":       E = W                     (the seed's method)
+  source "residual":     E = W_ref - W_q
+  source "residual-act": E = W_ref - W_q, with the SVD taken of E diag(s), s_i = sqrt(E[x_i^2]),
+                         and unscaled afterwards (QERA-approx / L2QER), so the error that matters
+                         for real inputs is what is minimized.
+  source "residual-cov": E = W_ref - W_q, with the SVD taken of E L where L L^T = R + delta I,
+                         R = E[x x^T] the input autocorrelation (QERA-exact / EoRA): theta then
+                         minimizes E||(E - theta) x||^2 exactly, and each discarded squared
+                         singular value is the output error it leaves (see whitened_low_rank).
+The sources are one table (SOURCE_TABLE) that convert, optimize and the CLI all read.
+structures:
+  "general":       theta = M, the rank-r approximation (any shape);
+  "antisymmetric": theta = 0.5 (M - M^T) for square W (the NKAT form), factored exactly as
+                   B = 0.5 [P, -Q], A = [Q, P]^T with M = P Q^T (stored rank 2r).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UserError
+
+
+class UnknownSource(UserError):
+    """A source name that is not in SOURCE_TABLE."""
+
+
+class StatisticsError(UserError):
+    """Activation statistics that cannot be used (empty, not finite, wrong size)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """What one theta source needs and how strongly it is applied by default."""
+
+    name: str
+    needs_reference: bool
+    statistics: str | None  # None, "diagonal" (imatrix: sum of x_i^2) or "covariance" (sum of x x^T)
+    default_gamma: float
+    gamma_range: tuple[float, float]  # what nkat optimize searches
+    summary: str
+
+
+# gamma 2 applies theta = E itself (0.5 * gamma * theta), so residual sources search around it; the
+# weight source adds a scaled copy of W's own low-rank part, sensible only near 0.
+SOURCE_TABLE = {s.name: s for s in (
+    Source("weight", False, None, 0.05, (-0.2, 0.2), "SVD of W itself (the seed's method)"),
+    Source("residual", True, None, 2.0, (0.0, 2.5), "SVD of W_ref - W"),
+    Source("residual-act", True, "diagonal", 2.0, (0.0, 2.5),
+           "SVD of W_ref - W weighted by the input RMS (imatrix)"),
+    Source("residual-cov", True, "covariance", 2.0, (0.0, 2.5),
+           "SVD of W_ref - W whitened by the input covariance (exact output error)"),
+)}
+SOURCES = tuple(SOURCE_TABLE)
+
+
+def source_info(name: str) -> Source:
+    """The table row of a source; an unknown name fails with the list of known ones."""
+    try:
+        return SOURCE_TABLE[name]
+    except KeyError:
+        raise UnknownSource(f"unknown theta source {name!r} (known: {', '.join(SOURCES)})") from None
+
+# What the seed's source was measured to do (README results, nkat ppl --chunks 8 on the demo pair).
+WEIGHT_SOURCE_EFFECT = ("theta from the weight itself (the seed's method) was measured to break the model: "
+                        "PPL 29.6 -> 10390 on SmolLM2-135M Q4_0 at rank 8, gamma 0.97")
+NO_REFERENCE = ("no --reference: theta corrects what quantization lost, measured against a reference (a "
+                "higher-precision GGUF of the same model); pass --reference REF.gguf (or make a lower-bit base "
+                "from the model you have: nkat quantize --input M.gguf --output base.gguf), or ask for the "
+                "seed's method by name with --source weight")
+STRUCTURES = ("auto", "antisymmetric", "general")
+_OVERSAMPLE = 10
+_POWER_ITERATIONS = 3
+_SEED = 0
+
+
+def truncated_svd(E: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-`rank` singular triplets (U (m,r), S (r,), Vt (r,n)).
+
+    Randomized range finder with power iterations (Halko et al.) when rank is small against the
+    matrix; LAPACK's SVD only when the sketch would be nearly as big as the matrix anyway.
+    """
+    m, n = E.shape
+    k = min(rank + max(_OVERSAMPLE, rank), m, n)
+    if k >= min(m, n) * 0.5:
+        U, S, Vt = np.linalg.svd(E, full_matrices=False)
+        return U[:, :rank], S[:rank], Vt[:rank]
+    rng = np.random.default_rng(_SEED)
+    transpose = m < n  # sketch the longer side
+    X = E.T if transpose else E
+    Q = np.linalg.qr(X @ rng.standard_normal((X.shape[1], k), dtype=np.float32))[0]
+    for _ in range(_POWER_ITERATIONS):
+        Q = np.linalg.qr(X.T @ Q)[0]
+        Q = np.linalg.qr(X @ Q)[0]
+    Ub, S, Vt = np.linalg.svd(Q.T @ X, full_matrices=False)
+    U = Q @ Ub
+    if transpose:
+        U, Vt = Vt.T, U.T
+    return U[:, :rank], S[:rank], Vt[:rank]
+
+
+def check_rank(rank: int, shape: tuple[int, int], name: str = "") -> None:
+    if rank <= 0 or rank > min(shape):
+        where = f" for {name} {shape[0]}x{shape[1]}" if name else ""
+        raise UserError(f"--theta-rank must be between 1 and {min(shape)}{where}, not {rank}")
+
+
+def resolve_structure(structure: str, shape: tuple[int, int]) -> str:
+    """auto -> antisymmetric for square matrices, general otherwise."""
+    if structure not in STRUCTURES:
+        raise UserError(f"--structure must be one of {', '.join(STRUCTURES)}, not {structure!r}")
+    if structure == "auto":
+        return "antisymmetric" if shape[0] == shape[1] else "general"
+    if structure == "antisymmetric" and shape[0] != shape[1]:
+        raise UserError(
+            f"antisymmetric theta needs a square matrix, not {shape[0]}x{shape[1]}: use --structure auto"
+        )
+    return structure
+
+
+def low_rank(E: np.ndarray, rank: int, col_scale: np.ndarray | None = None):
+    """Rank-r factors (P (m,r), Q (n,r)) with E ~ P Q^T, optionally weighted by input scales.
+
+    With col_scale s the SVD is of E diag(s): P = U S, Q = diag(1/s) V, so P Q^T minimizes the
+    error on inputs whose per-column RMS is s.
+    """
+    E = np.asarray(E, dtype=np.float32)
+    if col_scale is not None:
+        if col_scale.shape != (E.shape[1],):
+            raise UserError(f"activation scales have {col_scale.shape[0]} columns, the matrix {E.shape[1]}")
+        U, S, Vt = _checked_svd(E * col_scale[None, :], rank)
+        return (U * S).astype(np.float32), (Vt.T / col_scale[:, None]).astype(np.float32)
+    U, S, Vt = _checked_svd(E, rank)
+    return (U * S).astype(np.float32), Vt.T.astype(np.float32)
+
+
+def _checked_svd(X: np.ndarray, rank: int):
+    """truncated_svd, with a domain error instead of an overflow or a LAPACK failure (values
+    near float32's limit only come from a damaged file)."""
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            return truncated_svd(X, rank)
+    except (FloatingPointError, np.linalg.LinAlgError):
+        raise UserError(f"values up to {float(np.abs(X).max()):.3g} are too large for a float32 SVD "
+                        "(a damaged weight?)") from None
+
+
+def factors(E: np.ndarray, rank: int, structure: str, col_scale: np.ndarray | None = None):
+    """(B, A) with theta = B @ A for a resolved structure ('general' or 'antisymmetric')."""
+    P, Q = low_rank(E, rank, col_scale)
+    return structure_factors(P, Q, structure)
+
+
+def structure_factors(P: np.ndarray, Q: np.ndarray, structure: str):
+    """(B, A) from M = P Q^T: general -> (P, Q^T); antisymmetric -> 0.5 (M - M^T), rank 2r."""
+    if structure == "general":
+        return P, np.ascontiguousarray(Q.T)
+    if structure == "antisymmetric":
+        B = 0.5 * np.concatenate([P, -Q], axis=1)
+        A = np.concatenate([Q, P], axis=1).T
+        return B.astype(np.float32), np.ascontiguousarray(A, dtype=np.float32)
+    raise UserError(f"unknown structure {structure!r}")
+
+
+def correction_matrix(source: str, W: np.ndarray, W_ref: np.ndarray | None) -> np.ndarray:
+    """The matrix theta approximates for a source."""
+    if not source_info(source).needs_reference:
+        return W
+    if W_ref is None:
+        raise UserError(f"--source {source} needs --reference (a higher-precision GGUF of the same model)")
+    return W_ref - W
+
+
+# ---------------------------------------------------------------- exact (covariance) whitening --
+# R's square root is the Cholesky factor L of R + delta I, delta = COV_FLOOR * trace(R) / n: every
+# eigenvalue of R is raised by delta (a floor for the tiny and round-off-negative ones, so that
+# L^-1 in lora_a stays bounded). Any L with L L^T = R gives the same optimum as the symmetric
+# R^1/2 (||X L||_F = ||X R^1/2||_F), and Cholesky costs ~1/10 of an eigendecomposition: at n = 4096
+# here numpy took 57 s for eigh and 3.2 s for cholesky, and the 1.5B model has 28 inputs of 8960.
+COV_FLOOR = 1e-4
+_FLOOR_RETRIES = 4  # x10 each time Cholesky still meets a non-positive pivot (float32 round-off)
+
+
+def covariance_root(R: np.ndarray, floor: float = COV_FLOOR) -> np.ndarray:
+    """Lower-triangular L (float64) with L L^T = R + delta I (see COV_FLOOR); R's lower triangle is read."""
+    R = np.array(R, dtype=np.float64)  # a copy: the floor is added in place
+    n = R.shape[0]
+    if R.ndim != 2 or R.shape != (n, n) or not np.isfinite(R).all():
+        raise StatisticsError(f"covariance of shape {R.shape} is not a finite square matrix")
+    mean_eig = float(np.trace(R)) / n
+    if mean_eig <= 0:
+        raise StatisticsError("covariance has no positive variance (did the input ever fire?)")
+    diagonal, added = np.diag_indices(n), 0.0
+    for attempt in range(_FLOOR_RETRIES + 1):
+        delta = floor * mean_eig * 10.0 ** attempt
+        R[diagonal] += delta - added
+        added = delta
+        try:
+            return np.linalg.cholesky(R)
+        except np.linalg.LinAlgError:
+            continue
+    raise StatisticsError(f"covariance is not positive semi-definite even with a floor of {delta:.3g}")
+
+
+def whitened_low_rank(E: np.ndarray, L: np.ndarray, rank: int):
+    """(P (m,r), Q (n,r), S (r,)) minimizing ||(E - P Q^T) L||_F, i.e. E||(E - theta) x||^2 for
+    inputs with autocorrelation L L^T.
+
+    SVD of the whitened E L = U S V^T, P = U S, Q = L^-T V: theta = U S V^T L^-1, and the
+    error left is exactly the sum of the discarded S^2 (Eckart-Young in the whitened space).
+    """
+    from scipy.linalg import solve_triangular
+
+    E = np.asarray(E, dtype=np.float64)
+    if L.shape != (E.shape[1], E.shape[1]):
+        raise StatisticsError(f"covariance is {L.shape[0]} wide, the matrix has {E.shape[1]} columns")
+    U, S, Vt = truncated_svd(E @ L, rank)
+    Q = solve_triangular(L, Vt.T, lower=True, trans="T")
+    return (U * S).astype(np.float32), Q.astype(np.float32), S.astype(np.float64)
+
+
+def refit_b(E: np.ndarray, L: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """The B (m, r) minimizing ||(E - B A) L||_F for a fixed (e.g. INT8-rounded) A (r, n).
+
+    A least-squares solve in the whitened space: with Z = A L, B = (E L) Z^T (Z Z^T)^-1, where
+    E L Z^T is computed as E (L Z^T) (no m x n x n product).
+    """
+    Z = np.asarray(A, dtype=np.float64) @ L
+    rhs = np.asarray(E, dtype=np.float64) @ (L @ Z.T)
+    B = np.linalg.solve(Z @ Z.T, rhs.T).T
+    return B.astype(np.float32)
+
+
+
+# ---------------------------------------------------------------- rank allocation under a budget --
+def allocate_ranks(gains: dict[str, np.ndarray], costs: dict[str, float], budget_bytes: float,
+                   first_cost: dict[str, float] | None = None, max_matrices: int | None = None) -> dict[str, int]:
+    """Every matrix's rank from one global greedy cut by gain per byte.
+
+    gains[name]: what each further rank-1 component buys, non-increasing (whitened sigma^2 is
+    the output error it removes); costs[name]: its stored bytes; first_cost[name]: bytes a
+    matrix's first component costs on top (its tensors' headers). Components are taken in order
+    of gain/cost until the first that does not fit, so every matrix's rank grows with the budget
+    (a larger budget extends the same prefix). max_matrices caps how many matrices get theta.
+    """
+    first_cost = first_cost or {}
+    order = sorted(((float(g) / costs[name], i, name) for name, gs in gains.items() for i, g in enumerate(gs)),
+                   key=lambda t: (-t[0], t[1], t[2]))
+    ranks = dict.fromkeys(gains, 0)
+    spent, active = 0.0, 0
+    for _, _, name in order:
+        new = ranks[name] == 0
+        if new and max_matrices is not None and active >= max_matrices:
+            continue
+        extra = costs[name] + (first_cost.get(name, 0.0) if new else 0.0)
+        if spent + extra > budget_bytes:
+            break
+        ranks[name] += 1
+        spent += extra
+        active += new
+    return ranks
