@@ -90,6 +90,8 @@ def test_budget_allocation_spends_at_most_the_budget(work, base_model, reference
     out = work / "budget.nkat"
     summary = convert(str(base_model), str(out), ConvertOptions(rank=8, source="residual", reference=str(reference_model),
                                                                 budget_mb=0.5, layers=["blk.1?.*"], quiet=True))
-    assert summary["theta_bytes"] <= 0.5 * 1024 * 1024
-    assert summary["theta_bytes"] > 0.3 * 1024 * 1024  # and it uses most of it
+    assert out.stat().st_size <= 0.5 * 1024 * 1024
+    # and it spends nearly all of it: ranks are priced at their real storage (Q8_0 lora_b at multiples
+    # of 32), not only at the worst case (F16), which left up to half of lora_b's bytes unspent
+    assert summary["theta_bytes"] > 0.9 * 0.5 * 1024 * 1024
     assert summary["stored_rank_min"] != summary["stored_rank_max"]  # ranks differ per matrix

@@ -14,7 +14,7 @@ import resource
 import time
 from pathlib import Path
 
-from ..runtime.activation_stats import collect, collect_covariance
+from ..runtime.activation_stats import MemoryLimitError, collect, write_covariance_file
 from ..formats.imatrix import write_imatrix, write_imatrix_legacy
 from ..formats.defaults import find_calibration_text, find_eval_text
 from ..errors import UserError
@@ -105,32 +105,14 @@ def run(args) -> int:
 
 
 def run_covariance(args, model: str, text_path: Path, quiet: bool) -> int:
-    from ..runtime.activation_stats import MemoryLimitError
-    from ..formats.covariance import covariance_writer
-
     if args.format != "gguf":
         raise UserError("--covariance writes its own GGUF format: drop --format dat")
-    started = time.perf_counter()
-    stream = collect_covariance(model, read_text(text_path), args.chunks, args.ctx, args.threads,
-                                args.flash_attn, quiet, args.max_memory)
     try:
-        facts = next(stream)
+        result = write_covariance_file(model, read_text(text_path), str(text_path), args.output, args.chunks,
+                                       args.ctx, args.threads, args.flash_attn, quiet, args.max_memory)
     except MemoryLimitError as exc:
         raise UserError(f"--max-memory: {exc}") from None
-    with covariance_writer(args.output, facts["inputs"], facts["users"], [str(text_path)], facts["chunks"],
-                           args.ctx, facts["architecture"]) as write:
-        for name, total, count in stream:
-            write(name, total, count)
-            tokens = count
-    result = {
-        "output": str(args.output), "format": "covariance", "model": model, "text": str(text_path),
-        "ctx": args.ctx, "chunks": facts["chunks"], "chunks_available": facts["chunks_available"],
-        "inputs": len(facts["inputs"]), "weights": len(facts["users"]), "tokens_per_input": tokens,
-        "passes": facts["passes"], "max_memory_bytes": args.max_memory,
-        "bytes": Path(args.output).stat().st_size, "seconds": time.perf_counter() - started,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "threads": facts["threads"], "flash_attn": bool(args.flash_attn),
-    }
+    facts, tokens = result, result["tokens_per_input"]
     if args.json:
         print_json(result)
         return 0

@@ -10,7 +10,7 @@ from ..measure.frontier_report import frontier_markdown, frontier_plot, write_ou
 from ..util.report import print_json, say
 from ..runtime.engine import BACKENDS
 from ..theta.lowrank import SOURCES
-from .common import add_output_flags, add_runtime_flags, positive_int
+from .common import add_output_flags, add_runtime_flags, byte_size, positive_int
 
 
 def csv(text: str) -> list[str]:
@@ -31,6 +31,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--text", help="evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
     p.add_argument("--calib-text", help="calibration text for the imatrix (default: WikiText-2 valid)")
     p.add_argument("--imatrix", metavar="FILE", help="use this imatrix of the reference instead of calibrating")
+    p.add_argument("--covariance", metavar="FILE",
+                   help="input covariances of the reference for --source residual-cov (nkat calibrate "
+                   "--covariance); without it they are collected in --work-dir")
+    p.add_argument("--max-memory", type=byte_size, default=byte_size("8G"), metavar="SIZE",
+                   help="covariance sums held at once while collecting them (default 8G)")
     p.add_argument("--calib-chunks", type=positive_int, default=8, metavar="N", help="calibration chunks (default 8)")
     p.add_argument("--work-dir", required=True, metavar="DIR", help="models, thetas, caches and outputs go here")
     p.add_argument("--quant-dir", metavar="DIR", help="where ladder quantizations go / are reused (default --work-dir)")
@@ -67,7 +72,8 @@ def run(args) -> int:
     quiet = args.quiet or args.json
     opts = FrontierOptions(
         reference=reference_path(args.reference), text=str(find_eval_text(args.text)), work_dir=args.work_dir,
-        calib_text=args.calib_text, imatrix=args.imatrix, calib_chunks=args.calib_chunks, quant_dir=args.quant_dir,
+        calib_text=args.calib_text, imatrix=args.imatrix, covariance=args.covariance,
+        max_memory=args.max_memory, calib_chunks=args.calib_chunks, quant_dir=args.quant_dir,
         name=args.name, ladder=args.ladder, ladder_imatrix=args.ladder_imatrix, bases=args.bases,
         budgets=args.budgets, source=args.source, theta_rank=args.theta_rank, controls=args.controls,
         chunks=args.chunks, ctx=args.ctx, threads=args.threads, flash_attn=args.flash_attn, backend=args.backend,

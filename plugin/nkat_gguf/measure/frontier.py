@@ -46,6 +46,8 @@ class FrontierOptions:
     work_dir: str
     calib_text: str | None = None
     imatrix: str | None = None  # given: use it; else calibrate the reference
+    covariance: str | None = None  # for --source residual-cov: given, or collected from the reference
+    max_memory: int = 8 << 30  # covariance sums held at once while collecting them
     calib_chunks: int = 8
     quant_dir: str | None = None  # where ladder files go (default: work_dir)
     name: str | None = None  # file prefix (default: the reference's stem)
@@ -158,6 +160,28 @@ class Frontier:
                       architecture=facts["architecture"])
         return str(path)
 
+    def covariance(self) -> str | None:
+        """The reference's input covariances, for a source that whitens with them (else None)."""
+        from ..theta.lowrank import source_info
+
+        if source_info(self.o.source).statistics != "covariance":
+            return None
+        if self.o.covariance:
+            return self.o.covariance
+        from ..formats.defaults import find_calibration_text
+        from ..runtime.activation_stats import write_covariance_file
+        from .ppl import read_text
+
+        path = self.work / f"{self.name}-calib{self.o.calib_chunks}x{self.o.ctx}.cov"
+        if not path.is_file():
+            text = find_calibration_text(self.o.calib_text)
+            say(f"[frontier] input covariances of {Path(self.o.reference).name} on {text.name}", self.o.quiet)
+            t0 = time.perf_counter()
+            write_covariance_file(self.o.reference, read_text(text), str(text), path, self.o.calib_chunks,
+                                  self.o.ctx, self.o.threads, self.o.flash_attn, self.o.quiet, self.o.max_memory)
+            self.timings["covariance"] = time.perf_counter() - t0
+        return str(path)
+
     # -- 2. ladder ---------------------------------------------------------------------------
     def ladder(self, imatrix: str) -> list[dict]:
         from ..runtime.quantize import quantize_model
@@ -188,7 +212,7 @@ class Frontier:
             return None
         return (bigger[0] * (1 - NEXT_MARGIN) - base_bytes) / MiB
 
-    def theta_points(self, ladder: list[dict], imatrix: str) -> list[dict]:
+    def theta_points(self, ladder: list[dict], imatrix: str, covariance: str | None) -> list[dict]:
         from ..theta.convert import ConvertOptions, convert_budgets
 
         by_type = {r["type"]: r for r in ladder}
@@ -216,7 +240,8 @@ class Frontier:
                 t0 = time.perf_counter()
                 convert_budgets(base["model"], todo, ConvertOptions(
                     rank=self.o.theta_rank, source=self.o.source, reference=self.o.reference,
-                    imatrix=imatrix if self.o.source == "residual-act" else None, quiet=self.o.quiet))
+                    imatrix=imatrix if self.o.source == "residual-act" else None, covariance=covariance,
+                    quiet=self.o.quiet))
                 self.timings[f"theta {base_type}"] = time.perf_counter() - t0
             points += mine
         return points
@@ -291,7 +316,7 @@ class Frontier:
         self.check_types()
         imatrix = self.imatrix()
         ladder = self.ladder(imatrix)
-        points = self.theta_points(ladder, imatrix)
+        points = self.theta_points(ladder, imatrix, self.covariance())
         controls = self.controls(ladder, points, imatrix) if self.o.controls else []
         # Scored in order of interest (each result is cached as it completes): the ladder, then each
         # theta point beside its control, the largest budget first.

@@ -135,3 +135,33 @@ def collect_covariance(model: str, text: bytes, chunks: int, ctx: int, threads: 
             del results
         finally:
             collector.close()
+
+
+def write_covariance_file(model: str, text: bytes, text_name: str, output, chunks: int, ctx: int,
+                          threads: int | None, flash_attn: bool, quiet: bool, max_bytes: int) -> dict:
+    """collect_covariance written to a covariance file (atomically); the run facts, timed, with peak RSS."""
+    import resource
+    import time
+    from pathlib import Path
+
+    from ..formats.covariance import covariance_writer
+
+    started = time.perf_counter()
+    stream = collect_covariance(model, text, chunks, ctx, threads, flash_attn, quiet, max_bytes)
+    facts = next(stream)
+    tokens = 0
+    with covariance_writer(output, facts["inputs"], facts["users"], [text_name], facts["chunks"], ctx,
+                           facts["architecture"]) as write:
+        for name, total, count in stream:
+            write(name, total, count)
+            tokens = count
+    return {
+        "output": str(output), "format": "covariance", "model": model, "text": text_name,
+        "ctx": ctx, "chunks": facts["chunks"], "chunks_available": facts["chunks_available"],
+        "inputs": len(facts["inputs"]), "weights": len(facts["users"]), "tokens_per_input": tokens,
+        "passes": facts["passes"], "max_memory_bytes": max_bytes,
+        "bytes": Path(output).stat().st_size, "seconds": time.perf_counter() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": facts["threads"], "flash_attn": bool(flash_attn),
+    }
+

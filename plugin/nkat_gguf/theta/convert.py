@@ -285,14 +285,34 @@ def _write(model, ref, output_path, all_factors, opts, gamma, budget, refit, sta
 
 
 def _budget_ranks(model, pieces, opts, budget: int) -> dict[str, int]:
-    gains, costs, first = {}, {}, {}
+    """Every matrix's rank by the greedy cut, spending as much of `budget` as the real file sizes allow.
+
+    The cut prices one rank at the worst storage (lora_b falls back to F16 when its row, the rank,
+    is not a multiple of 32), which never overspends but leaves up to half of lora_b's bytes unused
+    at Q8_0 ranks. So the cut is rerun with a larger nominal budget, bisected, as long as the file it
+    gives (priced exactly) still fits: the cut is monotone in the budget, so this keeps its order."""
+    gains, costs, first, per_component = {}, {}, {}, {}
     for name, (P, Q, structure) in pieces.items():
         n_out, n_in = model.shape(name)
-        per_component = 2 if structure == "antisymmetric" else 1
-        # Bytes of one rank at the worst storage (lora_b falls back to F16 off multiples of 32),
-        # so the file never exceeds the budget.
-        costs[name] = per_component * factor_bytes(n_out, n_in, 1, opts.theta_type)
+        per_component[name] = 2 if structure == "antisymmetric" else 1
+        costs[name] = per_component[name] * factor_bytes(n_out, n_in, 1, opts.theta_type)
         first[name] = TENSOR_OVERHEAD + 2 * len(name) + len(".lora_a.lora_b")
         # S_k^2 of the SVD (P = U S): for residual-cov the output error each component removes
         gains[name] = (P.astype(np.float64) ** 2).sum(axis=0)
-    return theta_math.allocate_ranks(gains, costs, budget - FILE_OVERHEAD, first, opts.max_matrices)
+
+    def cut(nominal: float) -> dict[str, int]:
+        return theta_math.allocate_ranks(gains, costs, nominal - FILE_OVERHEAD, first, opts.max_matrices)
+
+    def file_bytes(ranks: dict[str, int]) -> int:
+        return FILE_OVERHEAD + sum(factor_bytes(*model.shape(n), per_component[n] * r, opts.theta_type) + first[n]
+                                   for n, r in ranks.items() if r)
+
+    best, low, high = cut(budget), float(budget), 2.0 * budget
+    for _ in range(16):
+        mid = (low + high) / 2
+        ranks = cut(mid)
+        if file_bytes(ranks) <= budget:
+            best, low = ranks, mid
+        else:
+            high = mid
+    return best
