@@ -10,6 +10,7 @@ from ..integrations.kobold import console
 from ..integrations.kobold import discovery as kobold
 from ..integrations.kobold import server as kobold_server
 from ..integrations.kobold.workflow import DEFAULT_TIMEOUT_S
+from .common import add_model_flag, add_output_flags
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,9 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help=f"directory of .nkat files (default ${kobold.MODELS_DIR_ENV} or ./models)")
     where.add_argument("--theta", metavar="FILE", action="append",
                        help="a .nkat file (repeatable; replaces the models directory scan)")
-    where.add_argument("--model", metavar="BASE", help="base model for the .nkat files (default: the path "
-                       "recorded in each .nkat, then its directory, then --models-dir; checked by fingerprint); "
-                       "a .nkat here serves that adapter")
+    add_model_flag(where, "base model for the .nkat files (default: the path recorded in each .nkat, then its "
+                   "directory, then --models-dir; checked by fingerprint); a .nkat here serves that adapter",
+                   metavar="BASE")
     where.add_argument("--koboldcpp", metavar="PATH", help=f"koboldcpp.py, a koboldcpp binary or "
                        f"their directory (default ${kobold.KOBOLDCPP_ENV}, then PATH)")
     where.add_argument("--backend", choices=kobold.BACKENDS,
@@ -59,7 +60,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     srv.add_argument("--admin-password-env", metavar="VAR", default=kobold.ADMIN_PASSWORD_ENV,
                      help="environment variable holding the KoboldCpp admin password "
                      "(prompted on a terminal when unset; never printed)")
-    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    p.add_argument("--quiet", action="store_true", help="no status lines")
+    add_output_flags(p, quiet_help="no status lines")
     p.set_defaults(func=console.run)
     return p
