@@ -9,6 +9,7 @@ from scipy.special import log_softmax as scipy_log_softmax
 from nkat_gguf.measure.evaluate import chunk_count, evaluate, tpe
 from nkat_gguf.errors import UserError
 from nkat_gguf.measure.ppl import PplRequest, run_ppl
+from nkat_gguf.runtime.settings import RuntimeSettings
 from nkat_gguf.runtime.engine import Runtime
 
 CTX = 256
@@ -78,14 +79,14 @@ def test_gamma_zero_is_bit_identical_and_recovers_nothing(base_model, theta_r8, 
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3  # theta at its gamma does change the logits
     res = run_ppl(PplRequest(models=[str(base_model)], text=str(short_text), thetas=[str(theta_r8)], gamma=0.0,
-                             reference=str(reference_model), ctx=CTX, chunks=2, quiet=True))
+                             reference=str(reference_model), runtime=RuntimeSettings(ctx=CTX), chunks=2, quiet=True))
     assert res["gap_recovered"] == 0.0
     assert res["ppl"] == res["ppl_base"]
 
 
 def test_residual_theta_moves_the_demo_pair_towards_the_reference(base_model, theta_r8, reference_model, short_text):
     res = run_ppl(PplRequest(models=[str(base_model)], text=str(short_text), thetas=[str(theta_r8)],
-                             reference=str(reference_model), ctx=CTX, chunks=4, quiet=True))
+                             reference=str(reference_model), runtime=RuntimeSettings(ctx=CTX), chunks=4, quiet=True))
     rows = {r["label"]: r for r in res["rows"]}
     base_row = rows[base_model.name]
     assert res["ppl_reference"] < res["ppl_base"]          # the pair really differs

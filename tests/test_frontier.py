@@ -100,11 +100,13 @@ def test_frontier_rows_controls_and_outputs(frontier_run):
 def test_frontier_stored_scores_equal_the_in_memory_scorer(frontier_run, reference_model, short_text):
     """The one-model-at-a-time path (reference log-probs on disk) vs evaluate() with both loaded."""
     from nkat_gguf.measure.ppl import PplRequest, run_ppl
+    from nkat_gguf.runtime.settings import RuntimeSettings
 
     _, _, result = frontier_run
     point = next(r for r in result["rows"] if r["kind"] == "theta")
     direct = run_ppl(PplRequest(models=[point["model"]], thetas=[point["theta"]], text=str(short_text),
-                                reference=str(reference_model), ctx=CTX, chunks=CHUNKS, threads=1, quiet=True))
+                                reference=str(reference_model), chunks=CHUNKS,
+                                runtime=RuntimeSettings(ctx=CTX, threads=1), quiet=True))
     row = next(r for r in direct["rows"] if "gamma" in r)
     assert row["ppl"] == pytest.approx(point["ppl"], rel=1e-6)
     assert row["kld_mean"] == pytest.approx(point["kld_mean"], rel=2e-3, abs=2e-4)

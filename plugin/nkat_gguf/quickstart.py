@@ -17,6 +17,7 @@ from .errors import UserError
 from .measure.ppl import PplRequest, read_text, run_ppl
 from .util.output_paths import check_output_dir
 from .runtime.quantize import quantize_model
+from .runtime.settings import RuntimeSettings
 from .util.report import say, to_json
 from .util.atomic import write_text_atomic
 
@@ -26,7 +27,7 @@ def default_work_dir() -> Path:
     return Path(cache) / "nkat-gguf" / "quickstart"
 
 
-def calibrate_if_possible(reference: str, work: Path, ctx: int, chunks: int, threads, quiet: bool) -> str | None:
+def calibrate_if_possible(reference: str, work: Path, runtime: RuntimeSettings, chunks: int, quiet: bool) -> str | None:
     """An imatrix from the calibration text through the native hook; None when unavailable."""
     try:
         from .formats.imatrix import write_imatrix
@@ -42,25 +43,25 @@ def calibrate_if_possible(reference: str, work: Path, ctx: int, chunks: int, thr
     except UserError as exc:
         say(f"activation-scaled theta skipped: {exc}", quiet)
         return None
-    stats, facts = collect(reference, read_text(text), chunks, ctx, threads, False, quiet)
+    stats, facts = collect(reference, read_text(text), chunks, runtime.ctx, runtime.threads, runtime.flash_attn, quiet)
     out = work / "reference.imatrix"
-    write_imatrix(out, stats, dataset=str(text), chunks=facts["chunks"], chunk_size=ctx,
+    write_imatrix(out, stats, dataset=str(text), chunks=facts["chunks"], chunk_size=runtime.ctx,
                   architecture=facts["architecture"])
     return str(out)
 
 
-def quickstart(text: str, work_dir: Path, rank: int = 32, chunks: int = 8, ctx: int = 512,
-               base_type: str = "q4_0", calib_chunks: int = 16, threads=None, quiet: bool = False) -> dict:
+def quickstart(text: str, work_dir: Path, rank: int = 32, chunks: int = 8, base_type: str = "q4_0",
+               calib_chunks: int = 16, runtime: RuntimeSettings = RuntimeSettings(), quiet: bool = False) -> dict:
     started = time.perf_counter()
     check_output_dir(work_dir, [text], "--work-dir")
     work_dir.mkdir(parents=True, exist_ok=True)
     reference = str(default_model_path())
     base = str(work_dir / f"base-{base_type}.gguf")
     say(f"[1/4] {base_type} copy of {Path(reference).name} with llama.cpp's quantizer -> {base}", quiet)
-    quantize_model(reference, base, base_type, threads)
+    quantize_model(reference, base, base_type, runtime.threads)
 
     say("[2/4] activation statistics on the calibration text (WikiText-2 valid)", quiet)
-    imatrix = calibrate_if_possible(reference, work_dir, ctx, calib_chunks, threads, quiet)
+    imatrix = calibrate_if_possible(reference, work_dir, runtime, calib_chunks, quiet)
 
     say(f"[3/4] theta: rank {rank} residual{' and activation-scaled residual' if imatrix else ''}", quiet)
     thetas, conversions = [], []
@@ -71,9 +72,9 @@ def quickstart(text: str, work_dir: Path, rank: int = 32, chunks: int = 8, ctx: 
                                                              imatrix=imx, quiet=quiet)))
         thetas.append(out)
 
-    say(f"[4/4] perplexity: {chunks} chunks x {ctx} tokens of {text}", quiet)
-    result = run_ppl(PplRequest(models=[base], text=text, thetas=thetas, reference=reference, ctx=ctx,
-                                chunks=chunks, threads=threads, quiet=quiet))
+    say(f"[4/4] perplexity: {chunks} chunks x {runtime.ctx} tokens of {text}", quiet)
+    result = run_ppl(PplRequest(models=[base], text=text, thetas=thetas, reference=reference, chunks=chunks,
+                                runtime=runtime, quiet=quiet))
     result["conversions"] = conversions
     result["work_dir"] = str(work_dir)
     result["total_seconds"] = time.perf_counter() - started

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..measure.attribute import AttributeOptions, run_attribution
 from ..formats.defaults import find_eval_text
 from ..measure.frontier_report import attribution_markdown, attribution_plot
-from .common import add_output_flags, add_runtime_flags, positive_int
+from .common import add_model_flag, add_output_flags, add_runtime_flags, add_text_flag, positive_int, runtime_settings
 from .frontier import csv, reference_path, show_outputs
 
 
@@ -18,10 +18,10 @@ def add_parser(subparsers) -> None:
         "it against the reference on the same chunks: the share of the base's KL-divergence the group causes, "
         "and the bytes restoring it costs. Writes JSON, a markdown table and a bar chart (PNG) in --work-dir; "
         "results are cached there, so a rerun resumes.")
-    p.add_argument("--base", "--model", dest="base", required=True, metavar="BASE.gguf",
-                   help="the quantized model (e.g. a Q2_K of the reference)")
+    add_model_flag(p, "the quantized model (e.g. a Q2_K of the reference)", "--base", dest="base", required=True,
+                   metavar="BASE.gguf")
     p.add_argument("--reference", help="the model BASE was quantized from (default: qwen, see nkat models)")
-    p.add_argument("--text", help="evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
+    add_text_flag(p)
     p.add_argument("--work-dir", required=True, metavar="DIR", help="assembled models, caches and outputs go here")
     p.add_argument("--groups", type=csv, default=[], metavar="G,G,...",
                    help="groups to restore (roles like attn_q or token_embd, or block ranges like 'blk 0-6'; "
@@ -37,5 +37,5 @@ def run(args) -> int:
     quiet = args.quiet or args.json
     opts = AttributeOptions(base=args.base, reference=reference_path(args.reference), text=str(find_eval_text(args.text)),
                             work_dir=args.work_dir, groups=args.groups, block_parts=args.block_parts, chunks=args.chunks,
-                            ctx=args.ctx, threads=args.threads, flash_attn=args.flash_attn, quiet=quiet)
+                            runtime=runtime_settings(args), quiet=quiet)
     return show_outputs(args, run_attribution(opts), "attribution", attribution_markdown, attribution_plot)

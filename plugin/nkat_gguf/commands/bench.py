@@ -8,8 +8,8 @@ from ..errors import UserError
 from ..measure.ppl import PplRequest, read_text, run_ppl
 from ..formats.nkat_format import is_nkat_path
 from ..util.report import print_json, print_table
-from ..runtime.engine import BACKENDS
-from .common import add_models_dir_flag, add_output_flags, model_and_thetas, positive_int
+from .common import (add_model_flag, add_models_dir_flag, add_output_flags, add_runtime_flags, add_text_flag,
+                     model_and_thetas, positive_int, runtime_settings)
 
 PPL_CHUNKS = 2  # --compare's measured perplexity change
 
@@ -20,10 +20,9 @@ def add_parser(subparsers) -> None:
         description="Prompt-processing tokens/s at --seq-len, generation tokens/s and per-token latency "
         "over --iterations greedy tokens. With --compare, baseline and NKAT run alternately in one "
         "process and the overhead is reported as median (min..max) over --repeats pairs.")
-    p.add_argument("--model", help="GGUF model, or a .nkat: its base model (found from its metadata) with it "
-                   "as --theta (default: embedded SmolLM2 Q4_1)")
+    add_model_flag(p, "GGUF model, or a .nkat: its base model (found from its metadata) with it as --theta "
+                   "(default: embedded SmolLM2 Q4_1)")
     p.add_argument("--theta", metavar="T.nkat", help="theta to apply")
-    p.add_argument("--backend", choices=BACKENDS, default="lora")
     p.add_argument("--theta-gamma", "--gamma", dest="gamma", type=float, default=None,
                    help="override the file's gamma")
     p.add_argument("--seq-len", type=positive_int, default=512, help="prompt length (default 512)")
@@ -33,9 +32,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--benchmark", action="store_true",
                    help="benchmark the model as given (base + theta for a .nkat): what this command does "
                    "without --compare; the guide's flag")
-    p.add_argument("--text", help="prompts come from this text; with --compare the PPL change is measured on "
-                   "2 chunks of --seq-len tokens of it (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
-    p.add_argument("--threads", type=positive_int, default=None)
+    add_text_flag(p, "prompts come from this text; with --compare the PPL change is measured on 2 chunks of "
+                  "--seq-len tokens of it (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
+    add_runtime_flags(p, ctx_default=None, flash_attn=False, backend=True)
     p.add_argument("--no-cuda", action="store_true", help="force CPU (n_gpu_layers = 0)")
     add_models_dir_flag(p)
     add_output_flags(p)
@@ -52,8 +51,8 @@ def run(args) -> int:
     prompt_text = read_text(find_eval_text(args.text)) if args.text else None
     gpu_layers = 0 if args.no_cuda or not gpu_offload_available() else 999
     opts = BenchOptions(seq_len=args.seq_len, iterations=args.iterations, repeats=args.repeats,
-                        threads=args.threads, n_gpu_layers=gpu_layers, quiet=args.quiet or args.json)
-    result = benchmark(model, theta, args.backend, args.gamma, opts, args.compare, text=prompt_text)
+                        runtime=runtime_settings(args, gpu_layers=gpu_layers), quiet=args.quiet or args.json)
+    result = benchmark(model, theta, args.gamma, opts, args.compare, text=prompt_text)
     if args.compare:
         result |= perplexity_change(model, theta, args)
     if args.json:
@@ -87,8 +86,8 @@ def perplexity_change(model: str, theta: str, args) -> dict:
         text_path = str(find_eval_text(args.text))
     except UserError as exc:
         return {"ppl_delta": None, "ppl_skipped": str(exc)}
-    ppl = run_ppl(PplRequest(models=[model], text=text_path, thetas=[theta], gamma=args.gamma, backend=args.backend,
-                             ctx=args.seq_len, chunks=PPL_CHUNKS, threads=args.threads, quiet=True))
+    ppl = run_ppl(PplRequest(models=[model], text=text_path, thetas=[theta], gamma=args.gamma, chunks=PPL_CHUNKS,
+                             runtime=runtime_settings(args, ctx=args.seq_len), quiet=True))
     delta = ppl["ppl"] - ppl["ppl_base"]
     return {"ppl_baseline": ppl["ppl_base"], "ppl_nkat": ppl["ppl"], "ppl_delta": delta,
             "perplexity_change": delta, "perplexity_change_percent": 100 * delta / ppl["ppl_base"],

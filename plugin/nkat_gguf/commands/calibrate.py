@@ -21,7 +21,8 @@ from ..errors import UserError
 from ..measure.ppl import read_text
 from ..util.output_paths import check_output_path
 from ..util.report import human_bytes, print_json, print_table, say
-from .common import add_output_flags, add_runtime_flags, byte_size, model_path, positive_int
+from .common import (add_model_flag, add_output_flags, add_runtime_flags, add_text_flag, byte_size, model_path,
+                     positive_int)
 
 FORMATS = ("gguf", "dat")
 DEFAULT_CHUNKS = 16
@@ -37,8 +38,8 @@ def add_parser(subparsers) -> None:
         "sum of x_i^2 over its input columns and their count: llama.cpp's imatrix (GGUF by default, "
         "the older .dat with --format dat). nkat convert --source residual-act --imatrix FILE uses it. "
         "Calibrate on other text than you evaluate on (default: WikiText-2 valid; evaluation uses test).")
-    p.add_argument("--model", help="GGUF model (default: embedded SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--text", help="calibration text (default: $NKAT_CALIB_TEXT or WikiText-2 wiki.valid.tokens)")
+    add_model_flag(p, "GGUF model (default: embedded SmolLM2-135M-Instruct Q4_1)")
+    add_text_flag(p, "calibration text (default: $NKAT_CALIB_TEXT or WikiText-2 wiki.valid.tokens)")
     p.add_argument("--output", "-o", required=True, metavar="M.imatrix", help="the imatrix file to write")
     p.add_argument("--chunks", type=positive_int, default=DEFAULT_CHUNKS, metavar="N",
                    help=f"chunks of --ctx tokens to decode (default {DEFAULT_CHUNKS}; fewer if the text is short)")

@@ -3,25 +3,62 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
-from ..formats.defaults import default_model_path
 from ..errors import UserError
+from ..formats.defaults import default_model_path
+from ..runtime.settings import BACKENDS, RuntimeSettings
 
 
-def add_output_flags(parser: argparse.ArgumentParser) -> None:
+EVAL_TEXT_HELP = "evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)"
+BACKEND_HELP = "lora: llama.cpp's adapter path (default); shim: the native eval-callback hook"
+
+
+def add_output_flags(parser: argparse.ArgumentParser, quiet_help: str = "no progress bars or status lines") -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    parser.add_argument("--quiet", action="store_true", help=quiet_help)
 
 
-def add_runtime_flags(parser: argparse.ArgumentParser, ctx_default: int = 512) -> None:
-    parser.add_argument("--ctx", type=int, default=ctx_default, metavar="N",
-                        help=f"context length per chunk (default {ctx_default}, as llama-perplexity)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
+def add_model_flag(parser, help: str, *aliases: str, **kwargs) -> None:
+    """--model (after older names for the same flag): `help` says what this command loads."""
+    parser.add_argument(*aliases, "--model", help=help, **kwargs)
+
+
+def add_text_flag(parser, help: str = EVAL_TEXT_HELP) -> None:
+    parser.add_argument("--text", help=help)
+
+
+def add_backend_flag(parser) -> None:
+    parser.add_argument("--backend", choices=BACKENDS, default="lora", help=BACKEND_HELP)
+
+
+def add_threads_flag(parser) -> None:
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="CPU threads (default: all cores, at most 8)")
-    parser.add_argument("--flash-attn", action="store_true",
-                        help="use flash attention (off by default, as llama-cpp-python; "
-                             "llama-perplexity's 'auto' turns it on and shifts PPL by 0.1-0.4%%)")
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser, ctx_default: int | None = 512, flash_attn: bool = True,
+                      backend: bool = False) -> None:
+    """The RuntimeSettings flags (see runtime_settings): --ctx unless ctx_default is None, --threads,
+    --flash-attn unless flash_attn is False, --backend when backend is True."""
+    if ctx_default is not None:
+        parser.add_argument("--ctx", type=positive_int, default=ctx_default, metavar="N",
+                            help=f"context length per chunk (default {ctx_default}, as llama-perplexity)")
+    add_threads_flag(parser)
+    if flash_attn:
+        parser.add_argument("--flash-attn", action="store_true",
+                            help="use flash attention (off by default, as llama-cpp-python; "
+                                 "llama-perplexity's 'auto' turns it on and shifts PPL by 0.1-0.4%%)")
+    if backend:
+        add_backend_flag(parser)
+
+
+def runtime_settings(args: argparse.Namespace, **overrides) -> RuntimeSettings:
+    """The command's llama.cpp settings, once, from its flags; a flag the command lacks keeps
+    RuntimeSettings' default, and `overrides` (e.g. gpu_layers) win."""
+    given = {f.name: getattr(args, f.name) for f in fields(RuntimeSettings) if hasattr(args, f.name)}
+    return RuntimeSettings(**(given | overrides))
 
 
 def model_path(value) -> str:

@@ -15,7 +15,8 @@ from ..formats.nkat_format import THETA_TYPES
 from ..util.output_paths import check_output_path
 from ..util.report import human_bytes, print_json, print_table, say
 from ..theta.lowrank import NO_REFERENCE, SOURCE_TABLE, SOURCES, STRUCTURES, WEIGHT_SOURCE_EFFECT
-from .common import add_output_flags, add_runtime_flags, model_path, positive_int
+from .common import (add_model_flag, add_output_flags, add_runtime_flags, add_text_flag, model_path, positive_int,
+                     runtime_settings)
 
 TARGET_SIZE_NOTE = ("note: --target-size is not needed and is ignored: the SVD here is a randomized range finder "
                     "(Halko et al.) on the whole matrix, holding one matrix in float32 plus (rows + cols) x 2 rank "
@@ -31,8 +32,8 @@ def add_parser(subparsers) -> None:
         "holding theta for each block weight matrix, plus nkat.* metadata. Stock llama.cpp, "
         "llama-cpp-python and KoboldCpp load it unchanged.",
     )
-    p.add_argument("--input", "--model", dest="input", help="the (quantized) GGUF model theta corrects "
-                   "(default: embedded SmolLM2-135M-Instruct Q4_1)")
+    add_model_flag(p, "the (quantized) GGUF model theta corrects (default: embedded SmolLM2-135M-Instruct Q4_1)",
+                   "--input", dest="input")
     p.add_argument("--output", required=True, help="the .nkat file to write")
     p.add_argument("--theta-rank", type=int, default=32, metavar="R", help="rank per matrix (default 32)")
     p.add_argument("--theta-gamma", type=float, default=None, metavar="G",
@@ -72,8 +73,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--check-chunks", type=int, default=None, metavar="N",
                    help=f"score base and base + theta on N chunks before keeping the file (default "
                    f"{CHECK_CHUNKS} for models up to {CHEAP_CHECK_BYTES >> 30} GiB, else off; 0 = off)")
-    p.add_argument("--text", help="evaluation text of the check (default: $NKAT_EVAL_TEXT or WikiText-2 test "
-                   "beside a checkout)")
+    add_text_flag(p, "evaluation text of the check (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
     p.add_argument("--keep-harmful", action="store_true",
                    help="write the theta even when the check finds it makes the model worse (with a warning)")
     add_runtime_flags(p)  # the check's chunks
@@ -116,7 +116,7 @@ def run_check(args, model: str, theta: str, plan) -> dict:
     if not chunks:
         return {"skipped": why}
     try:
-        return check_theta(model, theta, text, chunks, ctx=args.ctx, threads=args.threads, flash_attn=args.flash_attn)
+        return check_theta(model, theta, text, chunks, runtime_settings(args))
     except UserError as exc:
         if args.check_chunks:
             raise

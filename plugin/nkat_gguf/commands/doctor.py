@@ -6,6 +6,7 @@ from rich.markup import escape
 
 from .. import doctor
 from ..util.report import print_json, print_table
+from .common import add_output_flags
 
 _STYLE = {doctor.PASS: "green", doctor.WARN: "yellow", doctor.FAIL: "bold red"}
 
@@ -21,8 +22,7 @@ def add_parser(subparsers):
     p.add_argument("--koboldcpp", metavar="PATH", help="koboldcpp.py, a koboldcpp binary or their directory "
                    "(default $KOBOLDCPP, then PATH)")
     p.add_argument("--models-dir", metavar="DIR", help="where NKAT models go (default $NKAT_MODELS_DIR or ./models)")
-    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    p.add_argument("--quiet", action="store_true", help="print only WARN and FAIL rows")
+    add_output_flags(p, quiet_help="print only WARN and FAIL rows")
     p.set_defaults(func=run)
     return p
 

@@ -8,9 +8,8 @@ from ..formats.defaults import find_eval_text
 from ..measure.frontier import DEFAULT_BASES, DEFAULT_BUDGETS, DEFAULT_LADDER, FrontierOptions, run_frontier
 from ..measure.frontier_report import frontier_markdown, frontier_plot, write_outputs
 from ..util.report import print_json, say
-from ..runtime.engine import BACKENDS
 from ..theta.lowrank import SOURCES
-from .common import add_output_flags, add_runtime_flags, byte_size, positive_int
+from .common import add_output_flags, add_runtime_flags, add_text_flag, byte_size, positive_int, runtime_settings
 
 
 def csv(text: str) -> list[str]:
@@ -28,7 +27,7 @@ def add_parser(subparsers) -> None:
         "a PNG with the Pareto frontier; prints one verdict per theta point. Every step is cached in --work-dir: "
         "rerun the same command to resume.")
     p.add_argument("--reference", help="the reference model (default: qwen from the [qwen] extra, see nkat models)")
-    p.add_argument("--text", help="evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
+    add_text_flag(p)
     p.add_argument("--calib-text", help="calibration text for the imatrix (default: WikiText-2 valid)")
     p.add_argument("--imatrix", metavar="FILE", help="use this imatrix of the reference instead of calibrating")
     p.add_argument("--covariance", metavar="FILE",
@@ -53,9 +52,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--theta-rank", type=positive_int, default=32, metavar="R",
                    help="rank unit; the budgeted search goes up to 4R per matrix (default 32)")
     p.add_argument("--no-controls", dest="controls", action="store_false", help="skip the mixed-precision controls")
-    p.add_argument("--backend", choices=BACKENDS, default="lora", help="how theta is applied (default lora)")
     p.add_argument("--chunks", type=positive_int, default=8, metavar="N", help="evaluation chunks (default 8)")
-    add_runtime_flags(p)
+    add_runtime_flags(p, backend=True)
     add_output_flags(p)
     p.set_defaults(func=run)
 
@@ -76,8 +74,7 @@ def run(args) -> int:
         max_memory=args.max_memory, calib_chunks=args.calib_chunks, quant_dir=args.quant_dir,
         name=args.name, ladder=args.ladder, ladder_imatrix=args.ladder_imatrix, bases=args.bases,
         budgets=args.budgets, source=args.source, theta_rank=args.theta_rank, controls=args.controls,
-        chunks=args.chunks, ctx=args.ctx, threads=args.threads, flash_attn=args.flash_attn, backend=args.backend,
-        quiet=quiet)
+        chunks=args.chunks, runtime=runtime_settings(args), quiet=quiet)
     return show_outputs(args, run_frontier(opts), "frontier", frontier_markdown, frontier_plot)
 
 

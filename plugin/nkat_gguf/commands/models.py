@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..formats.model_parts import PARTED_MODELS, assembled_path, is_complete, model_path
 from ..util.report import print_json
+from .common import add_output_flags
 
 
 def add_parser(subparsers) -> None:
@@ -14,8 +15,7 @@ def add_parser(subparsers) -> None:
         "The first call concatenates the parts into the cache ($NKAT_CACHE_DIR, else ~/.cache/nkat-gguf), "
         "checking size and GGUF magic; later calls only print the path. Without NAME: list the models.")
     p.add_argument("name", nargs="?", choices=sorted(PARTED_MODELS), help="the model to assemble")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_flags(p, quiet_help="no progress bar")
     p.set_defaults(func=run)
 
 

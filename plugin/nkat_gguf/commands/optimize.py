@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ..formats.defaults import find_eval_text
 from ..util.report import human_bytes, print_json, print_table, say
-from ..runtime.engine import BACKENDS
-from .common import add_models_dir_flag, add_output_flags, add_runtime_flags, model_and_thetas
+from .common import (add_model_flag, add_models_dir_flag, add_output_flags, add_runtime_flags, add_text_flag,
+                     model_and_thetas)
 
 
 def add_parser(subparsers) -> None:
@@ -21,15 +21,14 @@ def add_parser(subparsers) -> None:
         "--output-dir (rerun to resume) or in --storage (PostgreSQL: several machines, one study). "
         "The best trial is written as optimal_rank{R}_gamma{G}.nkat only when it beats the baseline.",
     )
-    p.add_argument("--model", metavar="BASE.gguf",
-                   help="the quantized model theta corrects (default: embedded SmolLM2-135M-Instruct Q4_1); a "
-                   ".nkat stands for its base model, found from its metadata")
+    add_model_flag(p, "the quantized model theta corrects (default: embedded SmolLM2-135M-Instruct Q4_1); a "
+                   ".nkat stands for its base model, found from its metadata", metavar="BASE.gguf")
     p.add_argument("--reference", metavar="REF.gguf",
                    help="higher-precision GGUF of the same model: enables the residual sources and KLD")
     p.add_argument("--imatrix", metavar="FILE", help="llama.cpp imatrix: enables the residual-act source")
     p.add_argument("--covariance", metavar="FILE",
                    help="input covariance (nkat calibrate --covariance): enables the residual-cov source")
-    p.add_argument("--text", help="evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
+    add_text_flag(p)
     p.add_argument("--mode", choices=["quick", "full", "custom"], default="quick",
                    help=f"quick = {MODES['quick']} trials, full = {MODES['full']}, custom = --trials (default quick)")
     p.add_argument("--trials", type=int, default=None, metavar="N", help="trials for --mode custom")
@@ -38,8 +37,6 @@ def add_parser(subparsers) -> None:
                    help="Optuna RDB storage URL, e.g. postgresql://user:pw@host/db (default: sqlite in --output-dir)")
     p.add_argument("--study-name", default=DEFAULT_STUDY_NAME, metavar="NAME",
                    help=f"study to create or resume (default {DEFAULT_STUDY_NAME!r})")
-    p.add_argument("--backend", choices=BACKENDS, default="lora",
-                   help="lora: llama.cpp's adapter path (default); shim: the native eval-callback hook")
     p.add_argument("--target-rank", type=int, default=None, metavar="R",
                    help="fix the rank instead of searching it (the guide's flag)")
     p.add_argument("--max-kld", type=float, default=None, metavar="X",
@@ -52,7 +49,7 @@ def add_parser(subparsers) -> None:
                    help=f"re-evaluate the best trial on this many chunks at the end (default {DEFAULT_FINAL_CHUNKS}; 0 = off)")
     p.add_argument("--seed", type=int, default=None, help="sampler seed (default: random; give each worker its own)")
     add_models_dir_flag(p)
-    add_runtime_flags(p)
+    add_runtime_flags(p, backend=True)
     add_output_flags(p)
     p.set_defaults(func=run)
 

@@ -6,8 +6,8 @@ from ..formats.defaults import find_eval_text
 from ..measure.ppl import PplRequest, run_ppl
 from ..measure.byte_control import verdict_line
 from ..util.report import human_bytes, print_json, print_table
-from ..runtime.engine import BACKENDS
-from .common import add_models_dir_flag, add_output_flags, add_runtime_flags, model_and_thetas
+from .common import (add_model_flag, add_models_dir_flag, add_output_flags, add_runtime_flags, add_text_flag,
+                     model_and_thetas, runtime_settings)
 
 
 def add_parser(subparsers) -> None:
@@ -17,22 +17,20 @@ def add_parser(subparsers) -> None:
         "tool does: non-overlapping chunks of --ctx tokens, second half of each scored. With "
         "--reference also KL-divergence, top-1 agreement and the share of the gap theta recovers. "
         "Several --model files (or --compare-with) put byte-matched alternatives side by side.")
-    p.add_argument("--model", action="append", default=None, metavar="MODEL.gguf",
-                   help="model to score; repeat to compare (default: embedded SmolLM2 Q4_1). A .nkat stands "
-                   "for its base model (found from its metadata) with it as --theta")
+    add_model_flag(p, "model to score; repeat to compare (default: embedded SmolLM2 Q4_1). A .nkat stands "
+                   "for its base model (found from its metadata) with it as --theta",
+                   action="append", default=None, metavar="MODEL.gguf")
     p.add_argument("--compare-with", action="append", default=[], metavar="OTHER.gguf",
                    help="another model scored on the same chunks (e.g. the next quant type at similar bytes)")
     p.add_argument("--theta", action="append", default=[], metavar="T.nkat",
                    help="theta for the first --model; repeat to compare several")
     p.add_argument("--gamma", "--theta-gamma", dest="gamma", type=float, default=None,
                    help="override the file's gamma at run time")
-    p.add_argument("--backend", choices=BACKENDS, default="lora",
-                   help="lora: llama.cpp's adapter path (default); shim: the native eval-callback hook")
     p.add_argument("--reference", metavar="REF.gguf", help="reference model for KLD / gap recovered")
-    p.add_argument("--text", help="evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
+    add_text_flag(p)
     p.add_argument("--chunks", type=int, default=None, metavar="N", help="score the first N chunks (default: all)")
     add_models_dir_flag(p)
-    add_runtime_flags(p)
+    add_runtime_flags(p, backend=True)
     add_output_flags(p)
     p.set_defaults(func=run)
 
@@ -41,8 +39,8 @@ def run(args) -> int:
     model, thetas, others = model_and_thetas(args.model, args.theta, args.models_dir)
     models = [model] + others + list(args.compare_with)
     req = PplRequest(models=models, text=str(find_eval_text(args.text)), thetas=thetas, gamma=args.gamma,
-                     backend=args.backend, reference=args.reference, ctx=args.ctx, chunks=args.chunks,
-                     threads=args.threads, flash_attn=args.flash_attn, quiet=args.quiet or args.json)
+                     reference=args.reference, chunks=args.chunks, runtime=runtime_settings(args),
+                     quiet=args.quiet or args.json)
     result = run_ppl(req)
     if args.json:
         print_json(result)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import UserError
 from ..runtime.quantize import quantize_model
 from ..util.report import human_bytes, print_json, print_table
-from .common import add_output_flags, model_path
+from .common import add_output_flags, add_threads_flag, model_path
 
 
 def add_parser(subparsers) -> None:
@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
                    "(nkat calibrate on the input model), as community quants are made")
     p.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
                    help="per-tensor type override, e.g. 'attn_v=q6_k' (repeatable; as llama-quantize)")
-    p.add_argument("--threads", type=int, default=None)
+    add_threads_flag(p)
     add_output_flags(p)
     p.set_defaults(func=run)
 

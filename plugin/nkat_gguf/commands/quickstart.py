@@ -7,7 +7,7 @@ from pathlib import Path
 from ..formats.defaults import find_eval_text
 from ..quickstart import default_work_dir, quickstart
 from ..util.report import print_json
-from .common import add_output_flags, positive_int
+from .common import add_output_flags, add_runtime_flags, add_text_flag, positive_int, runtime_settings
 from .ppl import print_ppl_table
 
 
@@ -17,13 +17,12 @@ def add_parser(subparsers) -> None:
         description="Make a Q4_0 copy of the embedded SmolLM2-135M-Instruct Q4_1 with llama.cpp's "
         "quantizer, compute theta (rank-32 residual; activation-scaled too when the native shim "
         "can calibrate), and score base / base + theta / reference on the same WikiText-2 chunks.")
-    p.add_argument("--text", help="evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
+    add_text_flag(p)
     p.add_argument("--work-dir", type=Path, default=None, help=f"where files go (default {default_work_dir()})")
     p.add_argument("--theta-rank", type=positive_int, default=32)
     p.add_argument("--chunks", type=positive_int, default=8, help="chunks scored (default 8)")
-    p.add_argument("--ctx", type=positive_int, default=512)
     p.add_argument("--base-type", default="q4_0", help="the lower-bit copy's type (default q4_0)")
-    p.add_argument("--threads", type=positive_int, default=None)
+    add_runtime_flags(p, flash_attn=False)
     add_output_flags(p)
     p.set_defaults(func=run)
 
@@ -31,8 +30,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     text = str(find_eval_text(args.text))
     result = quickstart(text, args.work_dir or default_work_dir(), rank=args.theta_rank, chunks=args.chunks,
-                        ctx=args.ctx, base_type=args.base_type, threads=args.threads,
-                        quiet=args.quiet or args.json)
+                        base_type=args.base_type, runtime=runtime_settings(args), quiet=args.quiet or args.json)
     if args.json:
         print_json(result)
     else:

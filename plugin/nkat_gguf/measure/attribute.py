@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .frontier import score_rows
+from .frontier import score_rows, settings_record
 from ..formats.gguf_io import fingerprint_file, open_gguf
 from ..util.report import say
+from ..runtime.settings import RuntimeSettings
 
 ROLE_GROUPS = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
@@ -48,9 +49,7 @@ class AttributeOptions:
     groups: list[str] = field(default_factory=list)  # empty: roles + block quarters
     block_parts: int = 4
     chunks: int = 8
-    ctx: int = 512
-    threads: int | None = None
-    flash_attn: bool = False
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)  # restored copies load without theta
     quiet: bool = False
 
 
@@ -85,9 +84,8 @@ def run_attribution(o: AttributeOptions) -> dict:
             write_mixed(o.base, {n: o.reference for n in members}, path, {"nkat.restored": group})
         rows.append({"label": group, "kind": "restored", "group": group, "model": str(path), "theta": None,
                      "tensors": len(members), "tensors_differing": len(differing), "extra_bytes": extra})
-    n_chunks, runtime_settings = score_rows(rows, reference=o.reference, text=o.text, work=work, ctx=o.ctx,
-                                            chunks=o.chunks, threads=o.threads, flash_attn=o.flash_attn,
-                                            backend="lora", quiet=o.quiet)
+    n_chunks, runtime_settings = score_rows(rows, reference=o.reference, text=o.text, work=work, runtime=o.runtime,
+                                            chunks=o.chunks, quiet=o.quiet)
     base = rows[0]
     out_groups = []
     for r in rows[1:]:
@@ -98,7 +96,7 @@ def run_attribution(o: AttributeOptions) -> dict:
         "base": {k: base[k] for k in ("ppl", "ppl_err", "kld_mean", "kld_err", "kld_p99", "top1_agreement")}
         | {"bytes": Path(o.base).stat().st_size},
         "groups": out_groups,
-        "settings": asdict(o) | {"chunks_scored": n_chunks} | runtime_settings,
+        "settings": settings_record(o) | {"chunks_scored": n_chunks} | runtime_settings,
         "wall_seconds": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

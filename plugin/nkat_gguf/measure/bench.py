@@ -11,11 +11,12 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..runtime.engine import Runtime
+from ..runtime.settings import RuntimeSettings
 
 _FILLER = (
     "The history of the region is long and varied. Early settlers farmed the river valleys, "
@@ -28,9 +29,7 @@ class BenchOptions:
     seq_len: int = 512
     iterations: int = 100
     repeats: int = 3
-    threads: int | None = None
-    n_gpu_layers: int = 0
-    flash_attn: bool = False
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)  # its ctx is set from the two above
     quiet: bool = False
 
 
@@ -82,22 +81,21 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _runtime(model, theta, backend, gamma, opts: BenchOptions) -> Runtime:
-    return Runtime(model, theta, backend=backend, gamma=gamma, n_ctx=opts.seq_len + opts.iterations + 8,
-                   n_batch=opts.seq_len, n_threads=opts.threads, flash_attn=opts.flash_attn,
-                   n_gpu_layers=opts.n_gpu_layers)
+def _runtime(model, theta, gamma, opts: BenchOptions) -> Runtime:
+    return Runtime.from_settings(model, theta, opts.runtime, gamma=gamma, n_ctx=opts.seq_len + opts.iterations + 8,
+                                 n_batch=opts.seq_len)
 
 
-def benchmark(model: str, theta: str | None, backend: str, gamma: float | None, opts: BenchOptions,
+def benchmark(model: str, theta: str | None, gamma: float | None, opts: BenchOptions,
               compare: bool, text: bytes | None = None) -> dict:
     from ..util.report import progress
 
     base = nkat = None
     try:
         if theta is None or compare:
-            base = _runtime(model, None, "lora", None, opts)
+            base = _runtime(model, None, None, opts)
         if theta is not None:
-            nkat = _runtime(model, theta, backend, gamma, opts)
+            nkat = _runtime(model, theta, gamma, opts)
         any_rt = base or nkat
         tokens = prompt_tokens(any_rt, opts.seq_len, text)
         plan = [("baseline", base), ("nkat", nkat)] if (base and nkat) else [("baseline" if base else "nkat", any_rt)]
@@ -115,9 +113,9 @@ def benchmark(model: str, theta: str | None, backend: str, gamma: float | None, 
                 rt.close()
 
     result = {
-        "device": "gpu" if opts.n_gpu_layers > 0 and gpu_offload_available() else "cpu",
+        "device": "gpu" if opts.runtime.gpu_layers > 0 and gpu_offload_available() else "cpu",
         "theta_enabled": theta is not None,
-        "backend": backend if theta else None,
+        "backend": opts.runtime.backend if theta else None,
         "seq_len": opts.seq_len,
         "iterations": opts.iterations,
         "repeats": opts.repeats,
@@ -149,5 +147,6 @@ def benchmark(model: str, theta: str | None, backend: str, gamma: float | None, 
 def measure_overhead(model: str, theta: str, backend: str = "lora", gamma: float | None = None,
                      seq_len: int = 128, iterations: int = 32, repeats: int = 3, threads: int | None = None) -> dict:
     """Generation and prompt overhead of theta, for callers such as the optimizer."""
-    opts = BenchOptions(seq_len=seq_len, iterations=iterations, repeats=repeats, threads=threads, quiet=True)
-    return benchmark(model, theta, backend, gamma, opts, compare=True)
+    opts = BenchOptions(seq_len=seq_len, iterations=iterations, repeats=repeats,
+                        runtime=RuntimeSettings(threads=threads, backend=backend), quiet=True)
+    return benchmark(model, theta, gamma, opts, compare=True)

@@ -29,6 +29,7 @@ from .byte_control import BYTE_TOLERANCE, best_control, verdict_line
 from ..errors import UserError
 from ..formats.gguf_io import fingerprint_file
 from ..util.report import say, to_json
+from ..runtime.settings import RuntimeSettings
 
 DEFAULT_LADDER = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0")
 DEFAULT_BASES = ("Q2_K", "Q3_K_S")
@@ -59,11 +60,13 @@ class FrontierOptions:
     theta_rank: int = 32
     controls: bool = True
     chunks: int = 8
-    ctx: int = 512
-    threads: int | None = None
-    flash_attn: bool = False
-    backend: str = "lora"
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     quiet: bool = False
+
+
+def settings_record(opts) -> dict:
+    """An options dataclass as one flat dict for the JSON output, its runtime settings beside the rest."""
+    return {k: v for k, v in asdict(opts).items() if k != "runtime"} | asdict(opts.runtime)
 
 
 def parse_budget(text: str) -> str:
@@ -149,14 +152,15 @@ class Frontier:
         from ..formats.defaults import find_calibration_text
         from .ppl import read_text
 
-        path = self.work / f"{self.name}-calib{self.o.calib_chunks}x{self.o.ctx}.imatrix"
+        path = self.work / f"{self.name}-calib{self.o.calib_chunks}x{self.o.runtime.ctx}.imatrix"
         if path.is_file():
             return str(path)
         text = find_calibration_text(self.o.calib_text)
         say(f"[frontier] activation statistics of {Path(self.o.reference).name} on {text.name}", self.o.quiet)
-        stats, facts = collect(self.o.reference, read_text(text), self.o.calib_chunks, self.o.ctx, self.o.threads,
-                               self.o.flash_attn, self.o.quiet)
-        write_imatrix(path, stats, dataset=str(text), chunks=facts["chunks"], chunk_size=self.o.ctx,
+        rs = self.o.runtime
+        stats, facts = collect(self.o.reference, read_text(text), self.o.calib_chunks, rs.ctx, rs.threads, rs.flash_attn,
+                               self.o.quiet)
+        write_imatrix(path, stats, dataset=str(text), chunks=facts["chunks"], chunk_size=self.o.runtime.ctx,
                       architecture=facts["architecture"])
         return str(path)
 
@@ -172,13 +176,14 @@ class Frontier:
         from ..runtime.activation_stats import write_covariance_file
         from .ppl import read_text
 
-        path = self.work / f"{self.name}-calib{self.o.calib_chunks}x{self.o.ctx}.cov"
+        rs = self.o.runtime
+        path = self.work / f"{self.name}-calib{self.o.calib_chunks}x{rs.ctx}.cov"
         if not path.is_file():
             text = find_calibration_text(self.o.calib_text)
             say(f"[frontier] input covariances of {Path(self.o.reference).name} on {text.name}", self.o.quiet)
             t0 = time.perf_counter()
             write_covariance_file(self.o.reference, read_text(text), str(text), path, self.o.calib_chunks,
-                                  self.o.ctx, self.o.threads, self.o.flash_attn, self.o.quiet, self.o.max_memory)
+                                  rs.ctx, rs.threads, rs.flash_attn, self.o.quiet, self.o.max_memory)
             self.timings["covariance"] = time.perf_counter() - t0
         return str(path)
 
@@ -193,7 +198,7 @@ class Frontier:
             if not path.is_file():
                 say(f"[frontier] quantizing to {qtype} -> {path}", self.o.quiet)
                 t0 = time.perf_counter()
-                quantize_model(self.o.reference, str(path), qtype, self.o.threads,
+                quantize_model(self.o.reference, str(path), qtype, self.o.runtime.threads,
                                imatrix=imatrix if self.o.ladder_imatrix else None)
                 self.timings[f"quantize {qtype}"] = time.perf_counter() - t0
             rows.append({"label": qtype.upper() + suffix, "kind": "ladder", "type": qtype.upper(),
@@ -327,8 +332,8 @@ class Frontier:
         t0 = time.perf_counter()
         o = self.o
         self.n_chunks, self.runtime_settings = score_rows(
-            rows, reference=o.reference, text=o.text, work=self.work, ctx=o.ctx, chunks=o.chunks,
-            threads=o.threads, flash_attn=o.flash_attn, backend=o.backend, quiet=o.quiet)
+            rows, reference=o.reference, text=o.text, work=self.work, runtime=o.runtime, chunks=o.chunks,
+            quiet=o.quiet)
         self.timings["scoring"] = time.perf_counter() - t0
         self.finish_rows(rows)
         plain = [r for r in rows if r["kind"] != "theta"]
@@ -345,7 +350,7 @@ class Frontier:
             "rows": rows,
             "verdicts": verdicts,
             "goals": goals(rows),
-            "settings": {**asdict(self.o), "imatrix": imatrix, "chunks_scored": self.n_chunks,
+            "settings": {**settings_record(self.o), "imatrix": imatrix, "chunks_scored": self.n_chunks,
                          "byte_tolerance": BYTE_TOLERANCE, **self.runtime_settings},
             "timings": self.timings,
             "wall_seconds": time.perf_counter() - started,
@@ -353,8 +358,8 @@ class Frontier:
         }
 
 
-def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, ctx: int, chunks: int,
-               threads, flash_attn: bool, backend: str, quiet: bool) -> tuple[int, dict]:
+def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, runtime: RuntimeSettings, chunks: int,
+               quiet: bool) -> tuple[int, dict]:
     """Score each row ({"model", "theta", "kind", "label"}) against the reference, in place.
 
     The reference is decoded once and its log-probs kept on disk; then one model at a time is
@@ -364,12 +369,13 @@ def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, ctx: 
     from .ppl import read_text
     from ..runtime.engine import Runtime
 
+    ctx = runtime.ctx
     data = read_text(text)
     ref_fp = file_key(reference)
-    settings = {"ctx": ctx, "flash_attn": flash_attn, "text": text_key(text), "reference": ref_fp}
+    settings = {"ctx": ctx, "flash_attn": runtime.flash_attn, "text": text_key(text), "reference": ref_fp}
     store = LogprobStore(Path(work) / "reference-logprobs" / ScoreCache.key(settings))
     cache = ScoreCache(Path(work) / "scores.json")
-    ref_rt = Runtime(reference, None, n_ctx=ctx, n_threads=threads, flash_attn=flash_attn)
+    ref_rt = Runtime.from_settings(reference, None, runtime)
     try:
         tokens = ref_rt.tokenize(data)
         n_chunks = chunk_count(len(tokens), ctx, chunks)
@@ -387,12 +393,11 @@ def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, ctx: 
             row.update(ref_result, kld_mean=0.0, kld_err=0.0, kld_p99=0.0, top1_agreement=1.0)
             continue
         key = ScoreCache.key(settings | {"chunks": n_chunks, "model": file_key(row["model"]),
-                                         "theta": file_key(row["theta"]), "backend": backend})
+                                         "theta": file_key(row["theta"]), "backend": runtime.backend})
         result = cache.get(key)
         if result is None:
             say(f"[score] {row['label']}", quiet)
-            rt = Runtime(row["model"], row["theta"], backend=backend, n_ctx=ctx, n_threads=threads,
-                         flash_attn=flash_attn)
+            rt = Runtime.from_settings(row["model"], row["theta"], runtime)
             try:
                 result = score_against_store(rt, tokens, ctx, n_chunks, store, quiet, row["label"])
             finally:

@@ -17,6 +17,7 @@ from .byte_control import best_control, charged_tpe
 from .evaluate import check_chunks, check_ctx, evaluate, gap_recovered
 from ..util.report import say
 from ..runtime.engine import Runtime
+from ..runtime.settings import RuntimeSettings
 
 
 @dataclass
@@ -25,12 +26,9 @@ class PplRequest:
     text: str
     thetas: list[str] = field(default_factory=list)  # each applied to models[0]
     gamma: float | None = None
-    backend: str = "lora"
     reference: str | None = None
-    ctx: int = 512
     chunks: int | None = None
-    threads: int | None = None
-    flash_attn: bool = False
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)  # ctx: tokens per chunk
     quiet: bool = False
 
 
@@ -45,8 +43,7 @@ def read_text(path: str | os.PathLike) -> bytes:
 
 
 def _runtime(model, theta, req: PplRequest) -> Runtime:
-    return Runtime(model, theta, backend=req.backend, gamma=req.gamma if theta else None, n_ctx=req.ctx,
-                   n_threads=req.threads, flash_attn=req.flash_attn)
+    return Runtime.from_settings(model, theta, req.runtime, gamma=req.gamma if theta else None)
 
 
 def theta_label(path: str) -> str:
@@ -58,7 +55,7 @@ def run_ppl(req: PplRequest) -> dict:
     started = time.perf_counter()
     if not req.models:
         raise UserError("no --model given")
-    check_ctx(req.ctx)
+    check_ctx(req.runtime.ctx)
     check_chunks(req.chunks)
     for path in req.models + ([req.reference] if req.reference else []) + req.thetas:
         if not Path(path).is_file():
@@ -88,7 +85,7 @@ def run_ppl(req: PplRequest) -> dict:
             reference = _runtime(req.reference, None, req)
             runtimes.append(reference)
         tokens = base[base_label].tokenize(text)
-        results = evaluate(candidates, tokens, req.ctx, req.chunks, reference=reference, quiet=req.quiet)
+        results = evaluate(candidates, tokens, req.runtime.ctx, req.chunks, reference=reference, quiet=req.quiet)
         report_never_applied(candidates, info)
         settings = runtimes[0].settings() | {"text": str(req.text), "chunks": results[base_label]["chunks"],
                                              "text_tokens": int(len(tokens))}
@@ -155,12 +152,11 @@ CHECK_CHUNKS = 2  # the quick check of a new theta against its base
 CHEAP_CHECK_BYTES = 2 << 30  # models up to this size are checked by default (seconds on 2 cores)
 
 
-def check_theta(model: str, theta: str, text: str, chunks: int = CHECK_CHUNKS, backend: str = "lora",
-                ctx: int = 512, threads: int | None = None, flash_attn: bool = False) -> dict:
+def check_theta(model: str, theta: str, text: str, chunks: int = CHECK_CHUNKS,
+                runtime: RuntimeSettings = RuntimeSettings()) -> dict:
     """Score base and base + theta on the first `chunks` chunks: does theta make the model worse?"""
-    res = run_ppl(PplRequest(models=[model], text=text, thetas=[theta], backend=backend, chunks=chunks, ctx=ctx,
-                             threads=threads, flash_attn=flash_attn, quiet=True))
-    return {"chunks": res["settings"]["chunks"], "ctx": ctx, "text": text, "ppl_base": res["ppl_base"], "ppl": res["ppl"],
+    res = run_ppl(PplRequest(models=[model], text=text, thetas=[theta], chunks=chunks, runtime=runtime, quiet=True))
+    return {"chunks": res["settings"]["chunks"], "ctx": runtime.ctx, "text": text, "ppl_base": res["ppl_base"], "ppl": res["ppl"],
             "tpe_base": res["tpe_base"], "tpe": res["tpe"], "harmful": bool(res["ppl"] > res["ppl_base"])}
 
 

@@ -19,10 +19,10 @@ import numpy as np
 from ..errors import UserError
 from ..formats.gguf_io import ModelFile, open_gguf_magic
 from .llama_log import captured_llama_log, relevant_lines
+from .settings import BACKENDS, RuntimeSettings
 from ..formats.nkat_format import check_base_matches, check_fits_model, read_layout
 from ..util.signals import raise_if_terminated
 
-BACKENDS = ("lora", "shim")
 # NKAT_VERBOSE=1 shows llama.cpp's own log lines (model loading, adapters, quantizer).
 LLAMA_VERBOSE = bool(os.environ.get("NKAT_VERBOSE"))
 
@@ -95,6 +95,13 @@ class Runtime:
         if self.backend == "lora":
             self._attach_lora()
         self._batch = self._lib.llama_batch_init(self.n_batch, 0, 1)
+
+    @classmethod
+    def from_settings(cls, model_path, theta_path, settings: RuntimeSettings, **overrides) -> Runtime:
+        """A Runtime as `settings` say; `overrides` (gamma, n_ctx, n_batch, eval_callback) win."""
+        kwargs = dict(backend=settings.backend, n_ctx=settings.ctx, n_threads=settings.threads,
+                      flash_attn=settings.flash_attn, n_gpu_layers=settings.gpu_layers)
+        return cls(model_path, theta_path, **(kwargs | overrides))
 
     # -- set-up -------------------------------------------------------------------------
     def _load_model(self) -> None:

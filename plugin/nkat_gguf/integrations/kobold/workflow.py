@@ -1,0 +1,172 @@
+"""The steps of `nkat kobold`: find models, launcher and GPU, choose a backend, register .kcpps
+configs, start a server, wait for it and generate once. `args` is the command's argparse namespace."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import UserError
+from ...util.output_paths import check_output_path
+from ...util.report import say
+from . import config as kobold_config
+from . import discovery as kobold
+from . import server as kobold_server
+
+DEFAULT_TIMEOUT_S = 180.0
+
+
+@dataclass
+class Context:
+    models: list
+    launcher: kobold.Launcher | None
+    gpu: kobold.GpuInfo
+    backend: kobold.Backend
+    settings: kobold_config.RunSettings
+
+def build_context(args) -> Context:
+    if args.register and not args.admindir:
+        raise UserError("--register needs --admindir DIR (KoboldCpp's admin-mode config directory)")
+    models_dir = Path(args.models_dir) if args.models_dir else kobold.default_models_dir()
+    if args.models_dir and not models_dir.is_dir():
+        raise UserError(f"--models-dir {models_dir}: no such directory")
+    models = kobold.find_models(models_dir, args.theta, args.model)
+    wants_kobold = args.backend != "llama-cpp-python"
+    launcher = kobold.find_launcher(args.koboldcpp) if wants_kobold or args.koboldcpp else None
+    gpu = kobold.detect_gpu()
+    backend = kobold.select_backend(args.backend, launcher if wants_kobold else None, gpu)
+    settings = kobold_config.RunSettings(args.host, args.port, args.context_size, args.threads,
+                                  args.gpu_layers, args.lora_mult)
+    return Context(models, launcher, gpu, backend, settings)
+
+
+def status(ctx: Context) -> dict:
+    return {
+        "models": [m.summary() for m in ctx.models],
+        "koboldcpp": ctx.launcher.summary() if ctx.launcher else None,
+        "gpu": {"vendor": ctx.gpu.vendor, "name": ctx.gpu.name, "source": ctx.gpu.source},
+        "backend": ctx.backend.summary(),
+    }
+
+
+def register(ctx: Context, args) -> list[Path]:
+    if ctx.launcher is None or ctx.backend.name == "llama-cpp-python":
+        raise UserError("--register writes KoboldCpp configs: KoboldCpp not found "
+                        f"(pass --koboldcpp PATH or set ${kobold.KOBOLDCPP_ENV}; it is on no package registry)")
+    paths = kobold_config.register_models(ctx.models, ctx.launcher, ctx.backend, ctx.settings, Path(args.admindir))
+    for path in paths:
+        say(f"registered {path}", args.quiet or args.json)
+    if not ctx.launcher.has_admin:
+        say(f"note: KoboldCpp {ctx.launcher.version or ''} has no admin mode; start one config with "
+            "--config FILE.kcpps", args.quiet or args.json)
+    return paths
+
+
+def pick_model(ctx: Context, args):
+    if not ctx.models:
+        raise UserError("no NKAT model to launch: no .nkat in the models directory "
+                        "(make one with nkat convert, or pass --theta FILE)")
+    if len(ctx.models) > 1 and not (args.admindir and ctx.launcher and ctx.launcher.has_admin):
+        names = ", ".join(m.name for m in ctx.models)
+        raise UserError(f"{len(ctx.models)} NKAT models found ({names}): pick one with --theta FILE")
+    return ctx.models[0]
+
+
+def admin_password(args) -> str | None:
+    password = os.environ.get(args.admin_password_env)
+    if password is None and sys.stdin.isatty():
+        password = getpass.getpass("KoboldCpp admin password (empty for none): ") or None
+    if password is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        raise UserError(f"admin mode on {args.host} needs a password: set ${args.admin_password_env}")
+    return password
+
+
+def launch_config(ctx: Context, model, args, directory: Path) -> Path:
+    """The start-up .kcpps in a private directory (it may hold the admin password)."""
+    config = kobold_config.kcpps_config(model, ctx.launcher, ctx.backend, ctx.settings)
+    if args.admindir and ctx.launcher.has_admin:
+        config.update(admin=True, admindir=str(kobold_config.prepare_admindir(Path(args.admindir)).resolve()))
+        password = admin_password(args)
+        if password and ctx.launcher.accepts("adminpassword"):
+            config["adminpassword"] = password
+    path = directory / "launch.kcpps"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(kobold_config.render_kcpps(config))
+    return path
+
+
+def server_log(args, inputs) -> tuple[Path, bool]:
+    """(log path, keep it afterwards): --log, or a new file in the system temp dir that outlives
+    the run's private directory, so a failed start-up's message can point at it."""
+    if args.log:
+        log = Path(args.log)
+        # The log is appended to, never replaced: a FIFO or /dev/stderr is fine, an input is not.
+        if not (log.exists() and not log.is_dir() and not log.is_file()):
+            check_output_path(log, inputs, flag="--log")
+        return log, True
+    fd, path = tempfile.mkstemp(prefix="nkat-server-", suffix=".log")
+    os.close(fd)
+    return Path(path), False
+
+
+def start_server(ctx: Context, model, args, directory: Path, log: Path) -> kobold_server.RunningServer:
+    if ctx.backend.name == "llama-cpp-python":
+        gpu_layers = ctx.settings.gpu_layers if ctx.settings.gpu_layers is not None else 0
+        return kobold_server.start_llama_server(model.base, model.theta, args.host, args.port, log,
+                                                args.context_size, args.threads, gpu_layers)
+    config = launch_config(ctx, model, args, directory)
+    # KoboldCpp reads the config at start-up only: delete it (and any password) once it answers.
+    return kobold_server.start_koboldcpp(ctx.launcher.command, config, args.host, args.port, log,
+                                         cleanup=[config])
+
+
+def generate_text(server, args) -> str:
+    try:
+        return kobold_server.generate(server, args.prompt, args.max_tokens, timeout=args.timeout)
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise UserError(f"{server.kind} answered on {server.url} but the test generation failed: {exc}") from None
+
+
+def launch(ctx: Context, args) -> dict:
+    model = pick_model(ctx, args)
+    quiet = args.quiet or args.json
+    log, keep_log = server_log(args, [model.base, model.theta])
+    try:
+        with tempfile.TemporaryDirectory(prefix="nkat-kobold-") as tmp:
+            result = _serve(ctx, model, args, Path(tmp), log, quiet)
+    except UserError:
+        keep_log = True  # the message names it
+        raise
+    finally:
+        if not keep_log:
+            log.unlink(missing_ok=True)
+    return result
+
+
+def _serve(ctx: Context, model, args, tmp: Path, log: Path, quiet: bool) -> dict:
+    server = start_server(ctx, model, args, tmp, log)
+    say(f"starting {server.kind} ({ctx.backend.name}) for {model.name} on {server.url} ...", quiet)
+    try:
+        ready_s = kobold_server.wait_ready(server, args.timeout)
+        for path in server.cleanup:
+            path.unlink(missing_ok=True)
+        text = generate_text(server, args)
+        result = {"server": server.kind, "backend": ctx.backend.name, "model": model.name,
+                  "url": server.url, "ready_seconds": round(ready_s, 2),
+                  "prompt": args.prompt, "generated": text, "stopped": args.smoke_only}
+        say(f"{server.kind} listening on {server.url}; generated: {text!r}", quiet)
+        if not args.smoke_only:
+            say(f"serving until Ctrl-C (or SIGTERM); log: {log}", quiet)
+            server.process.wait()
+    except kobold_server.StartupError as exc:
+        for line in exc.log_tail:
+            print(f"  | {line}", file=sys.stderr)
+        raise
+    finally:
+        server.stop()
+    return result
