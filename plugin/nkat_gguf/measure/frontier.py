@@ -335,7 +335,7 @@ def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, ctx: 
     The reference is decoded once and its log-probs kept on disk; then one model at a time is
     loaded, scored and closed. Results are cached per file fingerprints and settings.
     """
-    from .evaluate import LogprobStore, chunk_count, fill_store, score_against_store
+    from .evaluate import LogprobStore, chunk_count, fill_store, score_model
     from .ppl import read_text
     from ..runtime.engine import Runtime
 
@@ -369,7 +369,7 @@ def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, ctx: 
             rt = Runtime(row["model"], row["theta"], backend=backend, n_ctx=ctx, n_threads=threads,
                          flash_attn=flash_attn)
             try:
-                result = score_against_store(rt, tokens, ctx, n_chunks, store, quiet, row["label"])
+                result = score_model(rt, tokens, ctx, n_chunks, store, quiet, row["label"])
             finally:
                 rt.close()
             cache.put(key, result)
