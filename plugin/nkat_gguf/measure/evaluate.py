@@ -138,7 +138,7 @@ def check_finite(acc: Accumulator, label: str, runtime, chunk: int) -> None:
         theta = getattr(runtime, "theta_path", None)
         source = (f"theta {theta} (gamma {runtime.gamma})" if theta else f"model {runtime.model_path}")
         raise NonFiniteError(f"{label}: non-finite {' and '.join(bad)} in chunk {chunk + 1}: {source} "
-                        "produces NaN/Inf logits; no result is reported")
+                             "produces NaN/Inf logits; no result is reported")
 
 
 def check_same_vocab(runtimes) -> None:
