@@ -163,7 +163,7 @@ def test_sigterm_during_a_write_leaves_no_partial(tmp_path, reference_model):
 
 
 def test_optimize_scratch_lives_in_the_output_dir_and_stale_scratch_is_removed(tmp_path):
-    from nkat_gguf.optimize.study import SCRATCH_PREFIX, TrialRunner, remove_stale_scratch
+    from nkat_gguf.optimize.trials import SCRATCH_PREFIX, TrialRunner, remove_stale_scratch
 
     stale = tmp_path / f"{SCRATCH_PREFIX}{dead_pid()}-zz"
     stale.mkdir()
@@ -172,9 +172,9 @@ def test_optimize_scratch_lives_in_the_output_dir_and_stale_scratch_is_removed(t
     assert not stale.exists()
     runner = TrialRunner(SimpleNamespace(output_dir=str(tmp_path)), factors=None, scorer=None)
     try:
-        assert runner._tmp.parent == tmp_path
+        assert runner.scratch.parent == tmp_path
         remove_stale_scratch(tmp_path)              # its writer (this process) is alive: kept
-        assert runner._tmp.is_dir()
+        assert runner.scratch.is_dir()
     finally:
         runner.close()
     assert not list(tmp_path.iterdir())
@@ -215,12 +215,12 @@ def test_optimize_storage_password_never_printed_and_storage_checked_before_mode
 
 
 def test_reproducing_command_and_summary_hide_the_password(tmp_path):
-    from nkat_gguf.optimize.study import OptimizeOptions
-    from nkat_gguf.optimize.outputs import OutputWriter
+    from nkat_gguf.optimize.options import OptimizeOptions
+    from nkat_gguf.optimize.outputs import study_command
 
     url = "postgresql://u@db.example/optuna?password=Secret9"
     opts = OptimizeOptions(model="m.gguf", output_dir=str(tmp_path), text="t.txt", storage=url)
-    command = " ".join(OutputWriter(SimpleNamespace(opts=opts, n_trials=3)).study_command())
+    command = " ".join(study_command(opts, 3))
     assert "Secret9" not in command and "password=***" in command
 
 
@@ -310,7 +310,7 @@ def test_reviving_trials_of_a_dead_worker_raises_no_experimental_warning(tmp_pat
     import optuna
     from optuna.trial import TrialState
 
-    from nkat_gguf.optimize.study import Optimizer, open_storage, worker_id
+    from nkat_gguf.optimize.storage import fail_dead_local, open_storage, worker_id
 
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
@@ -319,10 +319,9 @@ def test_reviving_trials_of_a_dead_worker_raises_no_experimental_warning(tmp_pat
     dead_worker = worker_id().rsplit(":", 2)[0] + f":{dead_pid()}:1"
     trial.set_user_attr("worker", dead_worker)
     trial.set_user_attr("worker_trial", trial.number)
-    me = SimpleNamespace(study=study, storage=storage, worker=worker_id())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert Optimizer._fail_dead_local(me) == [trial.number]
+        assert fail_dead_local(study, storage, worker_id()) == [trial.number]
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states == [TrialState.FAIL, TrialState.WAITING]       # failed and re-queued
 

@@ -165,7 +165,7 @@ def test_runtime_gamma_equals_file_gamma(work, base_model, reference_model, shor
     """A trial's gamma applied at run time (adapter scale) scores like a file written with it."""
     from nkat_gguf.measure.evaluate import Accumulator, chunk_logprobs
     from nkat_gguf.formats.gguf_io import ModelFile
-    from nkat_gguf.optimize.study import FILE_GAMMA, FactorCache
+    from nkat_gguf.optimize.trials import FILE_GAMMA, FactorCache
     from nkat_gguf.runtime.engine import Runtime
 
     model, ref = ModelFile(base_model), ModelFile(reference_model)
@@ -251,7 +251,7 @@ def test_resume_after_kill_keeps_completed_trials(work, base_model, reference_mo
 
 def test_mode_counts():
     from nkat_gguf.errors import UserError
-    from nkat_gguf.optimize.study import trial_budget
+    from nkat_gguf.optimize.options import trial_budget
 
     assert trial_budget("quick", None) == 12 and trial_budget("full", None) == 100
     assert trial_budget("custom", 7) == 7

@@ -11,7 +11,7 @@ from .common import (add_model_flag, add_models_dir_flag, add_output_flags, add_
 
 
 def add_parser(subparsers) -> None:
-    from ..optimize.study import DEFAULT_CHUNKS, DEFAULT_FINAL_CHUNKS, DEFAULT_STUDY_NAME, MODES
+    from ..optimize.options import DEFAULT_CHUNKS, DEFAULT_FINAL_CHUNKS, DEFAULT_STUDY_NAME, MODES
 
     p = subparsers.add_parser(
         "optimize", help="search source, rank, gamma, structure and tensor groups for the best TPE (Optuna)",
@@ -55,7 +55,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..optimize.study import OptimizeOptions, run_optimize
+    from ..optimize.options import OptimizeOptions
+    from ..optimize.study import run_optimize
 
     model, given, _ = model_and_thetas([args.model], [], args.models_dir)
     if given:

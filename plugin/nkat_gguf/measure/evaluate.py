@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserError
+from ..runtime.chunks import chunk_window
 from ..util.report import progress
 
 
@@ -125,6 +126,10 @@ def chunk_count(n_tokens: int, n_ctx: int, chunks: int | None) -> int:
     return min(chunks, available)
 
 
+class NonFiniteError(UserError):
+    """A model produced NaN/Inf log-probabilities: its figures would be garbage."""
+
+
 def check_finite(acc: Accumulator, label: str, runtime, chunk: int) -> None:
     """A NaN or Inf log-probability would turn PPL/KLD into garbage: stop and name the source."""
     bad = [what for what, parts in (("log-probabilities", acc.nll), ("KL-divergences", acc.kld))
@@ -132,8 +137,8 @@ def check_finite(acc: Accumulator, label: str, runtime, chunk: int) -> None:
     if bad:
         theta = getattr(runtime, "theta_path", None)
         source = (f"theta {theta} (gamma {runtime.gamma})" if theta else f"model {runtime.model_path}")
-        raise UserError(f"{label}: non-finite {' and '.join(bad)} in chunk {chunk + 1}: {source} "
-                        "produces NaN/Inf logits; no result is reported")
+        raise NonFiniteError(f"{label}: non-finite {' and '.join(bad)} in chunk {chunk + 1}: {source} "
+                             "produces NaN/Inf logits; no result is reported")
 
 
 def check_same_vocab(runtimes) -> None:
@@ -150,9 +155,7 @@ def check_same_vocab(runtimes) -> None:
 def chunk_logprobs(runtime, tokens: np.ndarray, n_ctx: int, chunk: int):
     """Decode one chunk; return (log-probs of the scored positions, their target tokens)."""
     start = chunk * n_ctx
-    window = tokens[start : start + n_ctx].copy()
-    if runtime.add_bos:
-        window[0] = runtime.bos_token
+    window = chunk_window(runtime, tokens, n_ctx, chunk)
     first = n_ctx // 2
     runtime.clear()
     logits = _decode_all(runtime, window, first)
@@ -172,6 +175,31 @@ def _decode_all(runtime, window: np.ndarray, first: int) -> np.ndarray:
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
+class ModelScore:
+    """The one scoring routine: one model's figures over the chunks as they come.
+
+    Each chunk is decoded, its log-probs accumulated (against the reference's, when given),
+    the decode timed, and a NaN/Inf stops the run with the model named."""
+
+    def __init__(self, runtime, label: str):
+        self.runtime, self.label = runtime, label
+        self.acc = Accumulator()
+        self.seconds = 0.0
+
+    def add(self, tokens: np.ndarray, n_ctx: int, chunk: int, ref_logp: np.ndarray | None = None):
+        """Score one chunk; returns (log-probs, target tokens) for a caller that keeps them."""
+        t0 = time.perf_counter()
+        logp, targets = chunk_logprobs(self.runtime, tokens, n_ctx, chunk)
+        self.seconds += time.perf_counter() - t0
+        self.acc.add(logp, targets, ref_logp)
+        check_finite(self.acc, self.label, self.runtime, chunk)
+        return logp, targets
+
+    def result(self, n_chunks: int, n_ctx: int) -> dict:
+        speed = n_chunks * n_ctx / self.seconds if self.seconds else float("nan")
+        return self.acc.result() | {"chunks": n_chunks, "eval_seconds": self.seconds, "tokens_per_second": speed}
+
+
 def evaluate(candidates, tokens: np.ndarray, n_ctx: int, chunks: int | None = None,
              reference=None, quiet: bool = False, on_chunk=None) -> dict:
     """Score every candidate runtime (and the reference) on the same chunks in one pass.
@@ -184,36 +212,23 @@ def evaluate(candidates, tokens: np.ndarray, n_ctx: int, chunks: int | None = No
     everything = runtimes + ([reference] if reference is not None else [])
     check_same_vocab(everything)
     n_chunks = chunk_count(len(tokens), n_ctx, chunks)
-    accumulators = {label: Accumulator() for label in candidates}
-    ref_acc = Accumulator() if reference is not None else None
-    seconds = {label: 0.0 for label in candidates}
+    scores = {label: ModelScore(c[0] if isinstance(c, tuple) else c, label) for label, c in candidates.items()}
+    gammas = {label: c[1] for label, c in candidates.items() if isinstance(c, tuple)}
+    ref_score = ModelScore(reference, "the reference") if reference is not None else None
     started = time.perf_counter()
     for chunk in progress(range(n_chunks), desc="perplexity", quiet=quiet, unit="chunk"):
-        ref_logp = None
-        if reference is not None:
-            ref_logp, targets = chunk_logprobs(reference, tokens, n_ctx, chunk)
-            ref_acc.add(ref_logp, targets, None)
-            check_finite(ref_acc, "the reference", reference, chunk)
-        for label, candidate in candidates.items():
-            runtime, gamma = candidate if isinstance(candidate, tuple) else (candidate, None)
-            if gamma is not None:
-                runtime.set_gamma(gamma)
-            t0 = time.perf_counter()
-            logp, targets = chunk_logprobs(runtime, tokens, n_ctx, chunk)
-            seconds[label] += time.perf_counter() - t0
-            accumulators[label].add(logp, targets, ref_logp)
-            check_finite(accumulators[label], label, runtime, chunk)
+        ref_logp = None  # the last chunk's are dropped before this one is decoded
+        if ref_score is not None:
+            ref_logp = ref_score.add(tokens, n_ctx, chunk)[0]
+        for label, score in scores.items():
+            if gammas.get(label) is not None:
+                score.runtime.set_gamma(gammas[label])
+            score.add(tokens, n_ctx, chunk, ref_logp)
         if on_chunk:
             on_chunk(chunk)
-    results = {}
-    for label, acc in accumulators.items():
-        res = acc.result()
-        res["chunks"] = n_chunks
-        res["eval_seconds"] = seconds[label]
-        res["tokens_per_second"] = n_chunks * n_ctx / seconds[label] if seconds[label] else float("nan")
-        results[label] = res
-    if ref_acc is not None:
-        results["reference"] = ref_acc.result() | {"chunks": n_chunks}
+    results = {label: score.result(n_chunks, n_ctx) for label, score in scores.items()}
+    if ref_score is not None:
+        results["reference"] = ref_score.acc.result() | {"chunks": n_chunks}
     results["_wall_seconds"] = time.perf_counter() - started
     return results
 
@@ -265,30 +280,24 @@ class LogprobStore:
 def fill_store(runtime, tokens: np.ndarray, n_ctx: int, n_chunks: int, store: LogprobStore,
                quiet: bool = False, desc: str = "reference") -> dict:
     """Decode the reference over the chunks, store its log-probs, return its own PPL figures."""
-    acc = Accumulator()
+    score = ModelScore(runtime, "the reference")
     t0 = time.perf_counter()
     for chunk in progress(range(n_chunks), desc=desc, quiet=quiet, unit="chunk"):
-        logp, targets = chunk_logprobs(runtime, tokens, n_ctx, chunk)
-        acc.add(logp, targets, None)
+        logp, targets = score.add(tokens, n_ctx, chunk)
         if not store.has(chunk):
             store.save(chunk, logp, targets)
         del logp
-    return acc.result() | {"chunks": n_chunks, "eval_seconds": time.perf_counter() - t0}
+    return score.acc.result() | {"chunks": n_chunks, "eval_seconds": time.perf_counter() - t0}
 
 
-def score_against_store(runtime, tokens: np.ndarray, n_ctx: int, n_chunks: int, store: LogprobStore,
-                        quiet: bool = False, desc: str = "score") -> dict:
-    """PPL, KLD (mean, p99) and top-1 of one model against the stored reference, chunk by chunk."""
-    acc = Accumulator()
-    seconds = 0.0
+def score_model(runtime, tokens: np.ndarray, n_ctx: int, n_chunks: int, store: LogprobStore | None,
+                quiet: bool = False, desc: str = "score") -> dict:
+    """PPL, and against the stored reference (when `store` is given) KLD and top-1, of one model."""
+    score = ModelScore(runtime, desc)
     for chunk in progress(range(n_chunks), desc=desc, quiet=quiet, unit="chunk"):
-        ref_logp, targets = store.load(chunk)
-        t0 = time.perf_counter()
-        logp, own_targets = chunk_logprobs(runtime, tokens, n_ctx, chunk)
-        seconds += time.perf_counter() - t0
-        if not np.array_equal(own_targets, targets):
+        ref_logp, targets = store.load(chunk) if store is not None else (None, None)
+        logp, own_targets = score.add(tokens, n_ctx, chunk, ref_logp)
+        if store is not None and not np.array_equal(own_targets, targets):
             raise UserError(f"{store.directory}: stored reference chunk {chunk} has other tokens than this text")
-        acc.add(logp, targets, ref_logp)
         del logp, ref_logp
-    return acc.result() | {"chunks": n_chunks, "eval_seconds": seconds,
-                           "tokens_per_second": n_chunks * n_ctx / seconds if seconds else float("nan")}
+    return score.result(n_chunks, n_ctx)

@@ -365,7 +365,7 @@ def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, runti
     The reference is decoded once and its log-probs kept on disk; then one model at a time is
     loaded, scored and closed. Results are cached per file fingerprints and settings.
     """
-    from .evaluate import LogprobStore, chunk_count, fill_store, score_against_store
+    from .evaluate import LogprobStore, chunk_count, fill_store, score_model
     from .ppl import read_text
     from ..runtime.engine import Runtime
 
@@ -399,7 +399,7 @@ def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, runti
             say(f"[score] {row['label']}", quiet)
             rt = Runtime.from_settings(row["model"], row["theta"], runtime)
             try:
-                result = score_against_store(rt, tokens, ctx, n_chunks, store, quiet, row["label"])
+                result = score_model(rt, tokens, ctx, n_chunks, store, quiet, row["label"])
             finally:
                 rt.close()
             cache.put(key, result)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from .byte_control import best_control, charged_tpe
-from .evaluate import check_chunks, check_ctx, evaluate, gap_recovered
+from .evaluate import check_chunks, check_ctx, evaluate
+from .rows import score_row
 from ..util.report import say
 from ..runtime.engine import Runtime
 from ..runtime.settings import RuntimeSettings
@@ -114,25 +115,21 @@ def assemble(results: dict, info: dict, base_label: str, reference_path, setting
     for label, res in results.items():
         if label.startswith("_") or label == "reference":
             continue
-        theta_bytes = int(info[label]["theta_bytes"])
-        model_bytes = Path(info[label]["model"]).stat().st_size
-        row = {"label": label, "model_bytes": model_bytes, "theta_bytes": theta_bytes,
-               "bytes": model_bytes + theta_bytes, "rho": theta_bytes / model_bytes,
-               "tpe": charged_tpe(res["ppl"], model_bytes + theta_bytes, base_bytes)} | res
+        is_theta = "gamma" in info[label]
+        row = {"label": label} | score_row(res, base_bytes, info[label]["theta_bytes"],
+                                           Path(info[label]["model"]).stat().st_size,
+                                           base_ppl if is_theta and ref_ppl is not None else None, ref_ppl)
         if "theta_never_applied" in info[label]:
             row["theta_never_applied"] = info[label]["theta_never_applied"]
-        if "gamma" in info[label]:
+        if is_theta:
             row["gamma"] = info[label]["gamma"]
-            if ref_ppl is not None:
-                row["gap_recovered"] = gap_recovered(base_ppl, res["ppl"], ref_ppl)
         if ref_ppl is not None:
             row["ppl_ratio"] = res["ppl"] / ref_ppl
         rows.append(row)
     if ref_ppl is not None:
         ref_bytes = Path(reference_path).stat().st_size
-        rows.append({"label": f"{Path(reference_path).name} (reference)", "model_bytes": ref_bytes,
-                     "theta_bytes": 0, "bytes": ref_bytes, "rho": 0.0,
-                     "tpe": charged_tpe(ref_ppl, ref_bytes, base_bytes), "ppl_ratio": 1.0} | results["reference"])
+        rows.append({"label": f"{Path(reference_path).name} (reference)"}
+                    | score_row(results["reference"], base_bytes, 0, ref_bytes) | {"ppl_ratio": 1.0})
 
     main = next((r for r in rows if "gamma" in r), rows[0])
     summary = {k: main.get(k) for k in ("ppl", "ppl_err", "tokens", "tpe", "rho", "kld_mean", "kld_p99",

@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import shlex
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
-from ..util.atomic import atomic_path, write_text_atomic
+from ..errors import UserError
+from ..formats.nkat_format import read_meta
 from ..measure.byte_control import byte_matched, charged_tpe
+from ..theta.lowrank import source_info
+from ..util.atomic import atomic_path, write_text_atomic
 from ..util.report import say, to_json
+from .options import OptimizeOptions
+from .space import GROUPS, THETA_TYPE, layer_globs
+from .storage import redact
 
 HISTORY = "optimization_history.json"
 SUMMARY = "optuna_study.json"
@@ -69,32 +76,53 @@ def best_stem(row: dict) -> str:
     return f"optimal_rank{row['params']['rank']}_gamma{row['params']['gamma']:.2f}"
 
 
-def _clean_float(x):
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+@dataclass
+class OptimizeReport:
+    """Everything the outputs are written from: one worker's settings, its study and the figures
+    fixed before the trials (the optimizer fills it; the outputs never see the optimizer)."""
+
+    opts: OptimizeOptions
+    study: Any  # the optuna Study: its trials are read at every write
+    n_trials: int
+    storage_url: str
+    worker: str
+    started: float  # time.perf_counter() when the worker started
+    base_bytes: int
+    baseline: dict  # the baseline's figures on the study's chunks (evaluator result + tpe)
+    reference: dict | None  # the reference's figures there
+    reference_bytes: int | None
+    available_chunks: int
+    max_rank: int  # the rank the study's SVDs were taken at
+    search_space: dict
+    setup: dict
+    notes: list[str]
+    svd_seconds: dict  # the factor cache's own dict: filled while trials run
+    write_theta: Callable[..., int]  # FactorCache.write(path, config, gamma, extra) -> theta bytes
+    final_evaluation: Callable[[Path], dict | None]  # the best theta on --final-chunks
 
 
 class OutputWriter:
     """Writes the outputs of one worker's view of the study (atomically, one file at a time)."""
 
-    def __init__(self, optimizer):
-        self.opt = optimizer
-        self.out = Path(optimizer.opts.output_dir)
+    def __init__(self, report: OptimizeReport):
+        self.report = report
+        self.out = Path(report.opts.output_dir)
 
     # -- pieces -------------------------------------------------------------------------------------
     def baseline(self) -> dict:
-        b = self.opt.scorer.baseline
+        b = self.report.baseline
         return {"ppl": b["ppl"], "ppl_err": b["ppl_err"], "kld_mean": b.get("kld_mean"), "tpe": b["tpe"],
-                "bytes": self.opt.base_bytes, "chunks": b["chunks"], "decode_seconds": b["decode_seconds"]}
+                "bytes": self.report.base_bytes, "chunks": b["chunks"], "decode_seconds": b["decode_seconds"]}
 
     def control(self, best_bytes: int | None) -> dict | None:
         """The reference as byte-matched control: the next quant type at about the same bytes."""
-        ref = self.opt.scorer.reference
+        ref = self.report.reference
         if ref is None:
             return None
-        ref_bytes = self.opt.reference.file_size
-        out = {"label": f"{Path(self.opt.opts.reference).name} (reference)", "ppl": ref["ppl"],
+        ref_bytes = self.report.reference_bytes
+        out = {"label": f"{Path(self.report.opts.reference).name} (reference)", "ppl": ref["ppl"],
                "ppl_err": ref["ppl_err"], "bytes": ref_bytes,
-               "tpe": charged_tpe(ref["ppl"], ref_bytes, self.opt.base_bytes), "chunks": ref["chunks"],
+               "tpe": charged_tpe(ref["ppl"], ref_bytes, self.report.base_bytes), "chunks": ref["chunks"],
                "note": "TPE charges the reference's bytes beyond the base model like theta bytes (byte_control rule)"}
         if best_bytes:
             out["byte_matched"] = byte_matched(ref_bytes, best_bytes)
@@ -102,24 +130,20 @@ class OutputWriter:
         return out
 
     def commands(self, row: dict, nkat_path: Path | None) -> dict:
-        o = self.opt.opts
+        o = self.report.opts
         p = row["params"]
         convert = ["nkat", "convert", "--model", o.model]
         if o.reference:
             convert += ["--reference", o.reference]
-        from ..theta.lowrank import source_info
-
         statistics = source_info(p["source"]).statistics
         if o.imatrix and statistics == "diagonal":
             convert += ["--imatrix", o.imatrix]
         if o.covariance and statistics == "covariance":
             convert += ["--covariance", o.covariance]
         convert += ["--source", p["source"], "--structure", p["structure"], "--theta-rank", str(p["rank"]),
-                    "--theta-gamma", repr(p["gamma"]), "--theta-type", "q8_0"]
+                    "--theta-gamma", repr(p["gamma"]), "--theta-type", THETA_TYPE]
         if p.get("allocation") == "budget" and row.get("theta_bytes"):
             convert += ["--budget-mb", f"{row['theta_bytes'] / 2**20 + 0.01:.3f}"]
-        from .study import GROUPS, layer_globs
-
         if set(p["groups"]) != set(GROUPS):
             convert += ["--selective-layers", *layer_globs(p["groups"])]
         convert += ["--output", str(nkat_path or f"{best_stem(row)}.nkat")]
@@ -133,31 +157,13 @@ class OutputWriter:
             "command": shlex.join(ppl),
             "convert_command": shlex.join(convert),
             "convert_note": "nkat convert takes the SVD at this rank directly; the study truncated one taken at "
-                            f"rank {self.opt.space.max_rank}, so its theta can differ in the last digits",
-            "study_command": shlex.join(self.study_command()),
+                            f"rank {self.report.max_rank}, so its theta can differ in the last digits",
+            "study_command": shlex.join(study_command(o, self.report.n_trials)),
         }
-
-    def study_command(self) -> list[str]:
-        o = self.opt.opts
-        cmd = ["nkat", "optimize", "--model", o.model, "--text", o.text, "--mode", o.mode]
-        if o.mode == "custom":
-            cmd += ["--trials", str(self.opt.n_trials)]
-        for flag, value in (("--reference", o.reference), ("--imatrix", o.imatrix), ("--covariance", o.covariance),
-                            ("--target-rank", o.target_rank),
-                            ("--max-kld", o.max_kld), ("--max-overhead", o.max_overhead), ("--storage", o.storage)):
-            if value is not None:
-                cmd += [flag, redact_value(flag, value)]
-        cmd += ["--output-dir", o.output_dir, "--study-name", o.study_name, "--backend", o.backend,
-                "--chunks", str(o.chunks), "--final-chunks", str(o.final_chunks), "--ctx", str(o.ctx)]
-        if o.flash_attn:
-            cmd.append("--flash-attn")
-        return cmd
 
     def summary(self, rows: list[dict], best: dict | None, final: dict | None, files: list[str],
                 status: str) -> dict:
-        from .study import redact
-
-        opt = self.opt
+        opt = self.report
         base = self.baseline()
         counts = {}
         for r in rows:
@@ -174,9 +180,8 @@ class OutputWriter:
             "trials": counts,
             "seconds_per_trial": (sum(r["trial_seconds"] for r in done) / len(done)) if done else None,
             "baseline": base,
-            "reference": opt.scorer.reference and {"ppl": opt.scorer.reference["ppl"],
-                                                    "ppl_err": opt.scorer.reference["ppl_err"],
-                                                    "bytes": opt.reference.file_size},
+            "reference": opt.reference and {"ppl": opt.reference["ppl"], "ppl_err": opt.reference["ppl_err"],
+                                            "bytes": opt.reference_bytes},
             "control": self.control(best["bytes"] if best else None),
             "best_trial": best,
             "beats_baseline": beats,
@@ -185,12 +190,12 @@ class OutputWriter:
             "final": final,
             "files": files,
             "notes": opt.notes,
-            "search_space": opt.space.to_dict(),
-            "setup": opt.setup(),
+            "search_space": opt.search_space,
+            "setup": opt.setup,
             "overhead_measure": ("generation: bench.measure_overhead per adapter (--max-overhead)"
                                  if opt.opts.max_overhead is not None else
                                  "decode: time of the study's chunks vs the baseline's (prompt processing)"),
-            "svd_seconds": dict(opt.factors.seconds),
+            "svd_seconds": dict(opt.svd_seconds),
             "worker": opt.worker,
             "wall_seconds": time.perf_counter() - opt.started,
         }
@@ -198,7 +203,7 @@ class OutputWriter:
     # -- writing -------------------------------------------------------------------------------------
     def write_progress(self) -> None:
         """After each trial: the history and a summary marked running (cheap; no plot)."""
-        rows = history_rows(self.opt.study)
+        rows = history_rows(self.report.study)
         write_text_atomic(self.out / HISTORY, to_json(rows) + "\n")
         previous = self._previous_files()
         summary = self.summary(rows, select_best(rows), None, previous, "running")
@@ -216,30 +221,27 @@ class OutputWriter:
 
     def _is_written(self, path: Path, best: dict) -> bool:
         """The .nkat at `path` is this study's file for this trial (nothing to redo)."""
-        from ..errors import UserError
-        from ..formats.nkat_format import read_meta
-
         if not path.is_file():
             return False
         try:
             meta = read_meta(path)
         except UserError:
             return False
-        return (meta.get("optimize.study") == self.opt.opts.study_name
+        return (meta.get("optimize.study") == self.report.opts.study_name
                 and str(meta.get("optimize.trial")) == str(best["number"])
                 and int(meta.get("theta_bytes", -1)) == best["theta_bytes"])
 
     def _confirm_and_write(self, best: dict, base: dict) -> tuple[dict | None, list[str]]:
         """Re-evaluate the best trial on --final-chunks; write optimal_* only when that confirms
         the win (or when the final evaluation is off). Returns (final evaluation, files written)."""
-        opt = self.opt
+        opt = self.report
         quiet = opt.opts.quiet
         stem = best_stem(best)
         nkat_path = self.out / f"{stem}.nkat"
         previous = self._previous_summary()
         same_best = (previous.get("best_trial") or {}).get("number") == best["number"]
         old_final = previous.get("final") if same_best else None
-        wanted = min(opt.opts.final_chunks, opt.scorer.available_chunks)
+        wanted = min(opt.opts.final_chunks, opt.available_chunks)
         reuse = bool(old_final and old_final.get("chunks") == wanted and old_final.get("ctx") == opt.opts.ctx)
         if same_best and self._is_written(nkat_path, best):
             say(f"the best theta (trial {best['number']}) is already in {nkat_path}", quiet)
@@ -247,7 +249,7 @@ class OutputWriter:
             candidate = nkat_path
         else:
             candidate = self.out / f".{stem}.unconfirmed.nkat"  # renamed only once the final run confirms it
-            opt.factors.write(candidate, best["params"], best["params"]["gamma"],
+            opt.write_theta(candidate, best["params"], best["params"]["gamma"],
                               extra={"optimize.study": opt.opts.study_name, "optimize.trial": best["number"]})
             try:
                 final = old_final if reuse else opt.final_evaluation(candidate)
@@ -277,7 +279,7 @@ class OutputWriter:
         return final, [nkat_path.name, f"{stem}.json"]
 
     def finish(self, ran: int) -> dict:
-        opt = self.opt
+        opt = self.report
         rows = history_rows(opt.study)
         best = select_best(rows)
         base = self.baseline()
@@ -302,12 +304,21 @@ class OutputWriter:
         return summary
 
 
-def redact_value(flag: str, value) -> str:
-    if flag == "--storage":
-        from .study import redact
-
-        return redact(str(value))
-    return str(value)
+def study_command(o: OptimizeOptions, n_trials: int) -> list[str]:
+    """The nkat optimize command that resumes this study (its storage password redacted)."""
+    cmd = ["nkat", "optimize", "--model", o.model, "--text", o.text, "--mode", o.mode]
+    if o.mode == "custom":
+        cmd += ["--trials", str(n_trials)]
+    for flag, value in (("--reference", o.reference), ("--imatrix", o.imatrix), ("--covariance", o.covariance),
+                        ("--target-rank", o.target_rank),
+                        ("--max-kld", o.max_kld), ("--max-overhead", o.max_overhead), ("--storage", o.storage)):
+        if value is not None:
+            cmd += [flag, redact(str(value)) if flag == "--storage" else str(value)]
+    cmd += ["--output-dir", o.output_dir, "--study-name", o.study_name, "--backend", o.backend,
+            "--chunks", str(o.chunks), "--final-chunks", str(o.final_chunks), "--ctx", str(o.ctx)]
+    if o.flash_attn:
+        cmd.append("--flash-attn")
+    return cmd
 
 
 def verdict(best: dict | None, base: dict, final: dict | None, max_kld, max_overhead, control=None,
@@ -351,7 +362,6 @@ def write_plot(study, path: Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.image as mpimg
     import matplotlib.pyplot as plt
-    import optuna
     from optuna.visualization import matplotlib as ovm
 
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
@@ -400,5 +410,4 @@ def write_plot(study, path: Path) -> str | None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
-    del optuna
     return path.name

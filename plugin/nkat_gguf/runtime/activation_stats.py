@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 from ..util.report import progress
+from .chunks import chunk_window
 
 
 def collect(model: str, text: bytes, chunks: int, ctx: int, threads: int | None, flash_attn: bool,
@@ -22,19 +23,12 @@ def collect(model: str, text: bytes, chunks: int, ctx: int, threads: int | None,
     runtime = Runtime(model, None, n_ctx=ctx, n_threads=threads, flash_attn=flash_attn, eval_callback=collector)
     try:
         collector.set_threads(runtime.n_threads)
-        tokens = runtime.tokenize(text)
-        available = len(tokens) // ctx
-        if available < 1:
-            raise UserError(f"the calibration text has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}")
-        n_chunks = min(chunks, available)
-        for c in progress(range(n_chunks), desc="calibrate", unit="chunk", quiet=quiet):
-            window = tokens[c * ctx:(c + 1) * ctx].copy()
-            if runtime.add_bos:
-                window[0] = runtime.bos_token
+        windows, available, n_tokens = calibration_windows(runtime, text, chunks, ctx)
+        for window in progress(windows, desc="calibrate", unit="chunk", quiet=quiet):
             runtime.clear()
             runtime.decode(window, 0, logits_from=0)
             collector.check()
-        facts = {"chunks": n_chunks, "chunks_available": available, "text_tokens": int(len(tokens)),
+        facts = {"chunks": len(windows), "chunks_available": available, "text_tokens": n_tokens,
                  "architecture": model_file.architecture, "threads": runtime.n_threads}
         stats = collector.results()
     finally:
@@ -69,18 +63,14 @@ def plan_passes(block_bytes: list[tuple[int, int]], max_bytes: int) -> list[list
     return groups
 
 
-def _chunks(runtime, text: bytes, chunks: int, ctx: int):
+def calibration_windows(runtime, text: bytes, chunks: int, ctx: int) -> tuple[list, int, int]:
+    """The first `chunks` chunk windows of the text; (windows, chunks available, text tokens)."""
     tokens = runtime.tokenize(text)
     available = len(tokens) // ctx
     if available < 1:
         raise UserError(f"the calibration text has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}")
-    windows = []
-    for c in range(min(chunks, available)):
-        window = tokens[c * ctx:(c + 1) * ctx].copy()
-        if runtime.add_bos:
-            window[0] = runtime.bos_token
-        windows.append(window)
-    return windows, available, len(tokens)
+    windows = [chunk_window(runtime, tokens, ctx, c) for c in range(min(chunks, available))]
+    return windows, available, int(len(tokens))
 
 
 def collect_covariance(model: str, text: bytes, chunks: int, ctx: int, threads: int | None, flash_attn: bool,
@@ -115,7 +105,7 @@ def collect_covariance(model: str, text: bytes, chunks: int, ctx: int, threads: 
             try:
                 collector.set_threads(runtime.n_threads)
                 if windows is None:
-                    windows, available, n_tokens = _chunks(runtime, text, chunks, ctx)
+                    windows, available, n_tokens = calibration_windows(runtime, text, chunks, ctx)
                     yield {"chunks": len(windows), "chunks_available": available, "text_tokens": n_tokens,
                            "architecture": model_file.architecture, "threads": runtime.n_threads,
                            "passes": len(groups), "inputs": inputs, "users": users}
