@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import Setting
 from ..formats.defaults import find_eval_text
 from ..util.report import human_bytes, print_json, print_table, say
 from ..runtime.engine import BACKENDS
@@ -54,7 +55,7 @@ def add_parser(subparsers) -> None:
     add_models_dir_flag(p)
     add_runtime_flags(p)
     add_output_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, setting_flags={Setting.THETA_RANK: "--target-rank"})
 
 
 def run(args) -> int:
