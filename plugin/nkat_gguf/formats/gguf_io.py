@@ -1,4 +1,6 @@
-"""Read GGUF model weights one tensor at a time, dequantized by gguf-py.
+"""GGUF files: the one way to open one (open_gguf: magic, damage and general.type checked) and
+to write one (write_gguf: under a temporary name, renamed when complete), and ModelFile, which
+reads model weights one tensor at a time, dequantized by gguf-py.
 
 The file is memory-mapped; only the tensor asked for is turned into float32, so a 7B model
 never sits in memory as float32.
