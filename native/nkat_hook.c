@@ -49,7 +49,7 @@ typedef struct nkat_cuda_api {
 struct nkat_hook {
     uint64_t magic;
     int mode;
-    float gamma;
+    float scale; /* the factor on theta @ x: the caller's applied_scale(gamma), not gamma */
     int enabled;
     int n_threads;
     nkat_entry *entries;
@@ -256,11 +256,11 @@ void nkat_hook_capture_reset(nkat_hook *h) {
     for (int i = 0; i < h->n_entries; i++) h->entries[i].count = 0;
 }
 
-void nkat_hook_set_gamma(nkat_hook *h, float gamma) {
-    if (h && isfinite(gamma)) h->gamma = gamma;
+void nkat_hook_set_scale(nkat_hook *h, float scale) {
+    if (h && isfinite(scale)) h->scale = scale;
 }
 
-float nkat_hook_get_gamma(const nkat_hook *h) { return h ? h->gamma : 0.0f; }
+float nkat_hook_get_scale(const nkat_hook *h) { return h ? h->scale : 0.0f; }
 
 void nkat_hook_set_enabled(nkat_hook *h, int enabled) {
     if (h) h->enabled = enabled ? 1 : 0;
@@ -475,7 +475,7 @@ static void apply_node(nkat_hook *h, nkat_entry *e, struct ggml_tensor *t) {
         return;
     }
     const struct ggml_tensor *x = t->src[1];
-    const float s = 0.5f * h->gamma;
+    const float s = h->scale;
     const int host = ggml_backend_buffer_is_host(t->buffer) && ggml_backend_buffer_is_host(x->buffer);
     if (!host) {
         if (!h->cuda.handle) {
@@ -553,7 +553,7 @@ static void collect_node(nkat_hook *h, nkat_entry *e, const struct ggml_tensor *
 
 static int active(const nkat_hook *h) {
     if (!h->enabled || h->n_entries == 0) return 0;
-    return h->mode != NKAT_MODE_APPLY || h->gamma != 0.0f;
+    return h->mode != NKAT_MODE_APPLY || h->scale != 0.0f;
 }
 
 static nkat_entry *claimed(const nkat_hook *h, const struct ggml_tensor *t) {

@@ -5,7 +5,7 @@
  * x x^T over the copied columns with BLAS after each decode).
  *
  * One hook per llama.cpp context; the callback runs on the thread that calls llama_decode.
- * Configure it (add, set_gamma, ...) between decodes, not during one.
+ * Configure it (add, set_scale, ...) between decodes, not during one.
  */
 #ifndef NKAT_HOOK_H
 #define NKAT_HOOK_H
@@ -67,8 +67,10 @@ int64_t nkat_hook_captured(const nkat_hook *h, int index);
 /* Capture mode: empty every buffer (the next decode writes from column 0). */
 void nkat_hook_capture_reset(nkat_hook *h);
 
-void nkat_hook_set_gamma(nkat_hook *h, float gamma);
-float nkat_hook_get_gamma(const nkat_hook *h);
+/* Apply mode: y += scale * theta @ x. The caller owns the gamma -> scale rule (Python's
+ * formats.nkat_format.applied_scale); 0 leaves the graph untouched. */
+void nkat_hook_set_scale(nkat_hook *h, float scale);
+float nkat_hook_get_scale(const nkat_hook *h);
 void nkat_hook_set_enabled(nkat_hook *h, int enabled);
 void nkat_hook_set_threads(nkat_hook *h, int n_threads);
 

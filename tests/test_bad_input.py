@@ -109,7 +109,7 @@ def test_unwritable_output(tmp_path, tiny):
 
 def test_selective_layers_matching_nothing(tmp_path, tiny):
     assert_user_error(nkat("convert", "--input", tiny, "--source", "weight", "--theta-rank", "2", "--selective-layers", "blk.9.*",
-                           "--output", tmp_path / "o.nkat"), "matches no weight")
+                           "--output", tmp_path / "o.nkat"), "--selective-layers blk.9.* matches no weight")
 
 
 def test_theta_made_for_another_model_is_refused(reference_model, theta_r8, short_text):

@@ -32,12 +32,12 @@ def test_metadata_records_base_reference_and_bytes(theta_r8, base_model, referen
     from nkat_gguf.formats.gguf_io import fingerprint_file
 
     meta = read_meta(theta_r8)
-    assert meta["base.fingerprint"] == fingerprint_file(base_model)
-    assert meta["reference.fingerprint"] == fingerprint_file(reference_model)
-    assert meta["source"] == "residual" and meta["theta_rank"] == 8 and meta["theta_gamma"] == 2.0
-    assert meta["tensor_count"] == 210  # 30 blocks x 7 matrices
-    assert meta["alpha"] == pytest.approx(1.0)
-    assert meta["theta_bytes"] < theta_r8.stat().st_size
+    assert meta.base.fingerprint == fingerprint_file(base_model)
+    assert meta.reference.fingerprint == fingerprint_file(reference_model)
+    assert meta.source == "residual" and meta.theta_rank == 8 and meta.theta_gamma == 2.0
+    assert meta.tensor_count == 210  # 30 blocks x 7 matrices
+    assert meta.alpha == pytest.approx(1.0)
+    assert meta.theta_bytes < theta_r8.stat().st_size
 
 
 def test_full_rank_f32_residual_reproduces_the_reference(work, base_model, reference_model, short_text):

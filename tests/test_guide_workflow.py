@@ -7,6 +7,7 @@ evaluation beats the baseline. Figures are checked against independent `nkat ppl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -194,7 +195,7 @@ def test_nkat_as_model_finds_its_base(tmp_path, base_model):
     factors = [ThetaFactors(name, np.full((2, n_in), 0.01, np.float32), np.full((n_out, 2), 0.01, np.float32))]
 
     def theta_at(path: Path, recorded: str) -> Path:
-        identity = model.identity() | {"path": recorded}
+        identity = dataclasses.replace(model.identity(), path=recorded)
         write_nkat(path, model.architecture, factors, NkatMeta(2, 2.0, "residual", "general", "f32", identity))
         return path
 

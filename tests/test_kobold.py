@@ -9,6 +9,7 @@ the way KoboldCpp does and then exit 1, which is also how start-up failures are 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -174,7 +175,7 @@ def make_theta(path: Path, base: Path, rank: int = 8, record_path: str | None = 
                                     rng.standard_normal((n_out, rank)).astype(np.float32) * 0.01))
     identity = model.identity()
     if record_path is not None:
-        identity["path"] = record_path
+        identity = dataclasses.replace(identity, path=record_path)
     write_nkat(path, model.architecture, factors,
                NkatMeta(theta_rank=rank, theta_gamma=2.0, source="residual", structure="general",
                         theta_type="q8_0", base=identity))

@@ -133,3 +133,20 @@ def test_unsupported_isa_is_refused():
     with pytest.raises(ValueError):
         with native.use_isa("neon"):
             pass
+
+
+def test_shim_hook_is_given_the_applied_scale_not_gamma():
+    """The 0.5 * gamma rule lives in nkat_format.applied_scale; the C hook multiplies by what
+    it is given, so what it holds must be that product (gamma itself would double theta)."""
+    from nkat_gguf.formats.nkat_format import ThetaFactors, applied_scale
+
+    A, B = np.ones((2, 32), np.float32), np.ones((32, 2), np.float32)
+    hook = native.ShimHook({"blk.0.attn_q.weight": ThetaFactors("blk.0.attn_q.weight", A, B)}, gamma=3.0)
+    try:
+        held = native.lib.nkat_hook_get_scale(hook._handle())
+        assert held == pytest.approx(applied_scale(3.0)) and applied_scale(3.0) == pytest.approx(1.5)
+        assert hook.gamma == 3.0
+        hook.set_gamma(0.0)
+        assert native.lib.nkat_hook_get_scale(hook._handle()) == 0.0
+    finally:
+        hook.close()

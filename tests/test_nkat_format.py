@@ -1,14 +1,17 @@
 """The .nkat file: stock LoRA layout, nkat.* metadata, INT8 error bounds."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from gguf import GGUFReader
 
 from nkat_gguf.errors import UserError
+from nkat_gguf.formats.identity import ModelIdentity
 from nkat_gguf.formats.nkat_format import NkatMeta, ThetaFactors, read_meta, read_nkat, write_nkat
 
 rng = np.random.default_rng(7)
-BASE = {"name": "m", "architecture": "llama", "file_size": 123, "fingerprint": "abc", "path": "/m.gguf"}
+BASE = ModelIdentity(name="m", architecture="llama", file_size=123, fingerprint="abc", path="/m.gguf")
 
 
 def meta(theta_type="q8_0", gamma=2.0):
@@ -36,7 +39,7 @@ def test_f32_roundtrip_is_exact_and_layout_is_llama_cpp_lora(tmp_path):
     np.testing.assert_array_equal(back.factors["blk.0.attn_q.weight"].A, A)
     np.testing.assert_allclose(back.factors["blk.0.attn_q.weight"].B, B, rtol=1e-6)
     assert nbytes == back.theta_bytes == (4 * 64 + 96 * 4) * 4
-    assert back.meta["base.fingerprint"] == "abc" and back.meta["source"] == "residual"
+    assert back.meta.base.fingerprint == "abc" and back.meta.source == "residual"
 
 
 def test_q8_0_error_within_block_bound_and_f16_fallback_for_odd_rank(tmp_path):
@@ -94,3 +97,28 @@ def test_read_meta_rejects_a_model_file(tmp_path):
     model = make_gguf(tmp_path / "m.gguf", {"blk.0.attn_q.weight": np.zeros((32, 32))})
     with pytest.raises(UserError, match="not a LoRA adapter"):
         read_meta(model)
+
+
+def test_meta_reads_back_as_written_with_empty_and_optional_fields(tmp_path):
+    """read_meta returns the NkatMeta write_nkat took: empty strings stay (gguf-py's add_string
+    would drop them), no reference stays None, extras come back as strings."""
+    A, B = np.ones((2, 32), np.float32), np.ones((32, 2), np.float32)
+    base = ModelIdentity(name="", architecture="llama", file_size=0, fingerprint="", path="")
+    written = NkatMeta(theta_rank=2, theta_gamma=0.5, source="residual", structure="", theta_type="f32",
+                       base=base, extra={"note": "", "budget_bytes": 100})
+    path = tmp_path / "e.nkat"
+    nbytes = write_nkat(path, "llama", [ThetaFactors("blk.0.attn_q.weight", A, B)], written)
+    back = read_meta(path)
+    assert back == NkatMeta(theta_rank=2, theta_gamma=0.5, source="residual", structure="", theta_type="f32",
+                            base=base, reference=None, imatrix="", extra={"note": "", "budget_bytes": "100"},
+                            tensor_count=1, theta_bytes=nbytes, architecture="llama", alpha=0.25)
+    keys = set(GGUFReader(path).fields)
+    assert {"nkat.structure", "nkat.base.name", "nkat.base.fingerprint", "nkat.note"} <= keys
+    assert not any(k.startswith("nkat.reference.") or k == "nkat.imatrix" for k in keys)
+
+    with_reference = dataclasses.replace(written, reference=dataclasses.replace(base, name="ref", file_size=9),
+                                         imatrix="i.dat", extra={})
+    write_nkat(path, "llama", [ThetaFactors("blk.0.attn_q.weight", A, B)], with_reference)
+    back = read_meta(path)
+    assert back.reference == with_reference.reference and back.imatrix == "i.dat" and back.extra == {}
+    assert back.as_dict()["reference.name"] == "ref" and back["theta_bytes"] == nbytes

@@ -1,7 +1,8 @@
 """Argument parsing only: every subcommand lives in nkat_gguf.commands.<name>.
 
 Each command module has `add_parser(subparsers)`, which registers its parser with
-`set_defaults(func=run)`, and `run(args) -> int`.
+`set_defaults(func=run)` (plus `setting_flags`: errors.Setting -> the flag that sets it, to word
+errors.BadSetting), and `run(args) -> int`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import signal
 import sys
 
 from . import __version__
-from .errors import UserError
+from .errors import BadSetting, UserError
 from .util.signals import terminate_like_interrupt
 
 COMMANDS = [
@@ -84,6 +85,8 @@ def dispatch(args, program: str) -> int:
         with terminate_like_interrupt():
             return int(args.func(args) or 0)
     except UserError as exc:
+        if isinstance(exc, BadSetting):  # named by the flag this command took it from
+            exc = exc.worded(getattr(args, "setting_flags", {}))
         print(f"{program}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import Setting
 from ..formats.defaults import find_eval_text
 from ..measure.frontier import DEFAULT_BASES, DEFAULT_BUDGETS, DEFAULT_LADDER, FrontierOptions, run_frontier
 from ..measure.frontier_report import frontier_markdown, frontier_plot, write_outputs
@@ -55,7 +56,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--chunks", type=positive_int, default=8, metavar="N", help="evaluation chunks (default 8)")
     add_runtime_flags(p, backend=True)
     add_output_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, setting_flags={Setting.THETA_RANK: "--theta-rank"})
 
 
 def reference_path(value) -> str:

@@ -31,9 +31,9 @@ def run(args) -> int:
     meta, pairs = read_layout(args.file)
     rows = tensor_rows(pairs)
     if args.json:
-        print_json({"file": args.file, "meta": meta, "tensors": rows})
+        print_json({"file": args.file, "meta": meta.as_dict(), "tensors": rows})
         return 0
-    print_table(f"{args.file}", ["key", "value"], sorted((k, str(v)) for k, v in meta.items()))
+    print_table(f"{args.file}", ["key", "value"], sorted((k, str(v)) for k, v in meta.as_dict().items()))
     print_table("tensors", ["tensor", "rank", "n_in", "n_out", "lora_a", "lora_b", "bytes"],
                 [[r[k] for k in ("tensor", "rank", "n_in", "n_out", "lora_a", "lora_b")] + [human_bytes(r["bytes"])]
                  for r in rows])

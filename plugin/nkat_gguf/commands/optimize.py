@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import Setting
 from ..formats.defaults import find_eval_text
 from ..util.report import human_bytes, print_json, print_table, say
 from .common import (add_model_flag, add_models_dir_flag, add_output_flags, add_runtime_flags, add_text_flag,
@@ -51,7 +52,7 @@ def add_parser(subparsers) -> None:
     add_models_dir_flag(p)
     add_runtime_flags(p, backend=True)
     add_output_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, setting_flags={Setting.THETA_RANK: "--target-rank"})
 
 
 def run(args) -> int:

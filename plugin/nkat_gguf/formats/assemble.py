@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gguf import GGUFValueType, GGUFWriter, Keys
+from gguf import GGUFValueType, Keys
 
-from ..util.atomic import atomic_path
 from ..errors import UserError
-from .gguf_io import field_value, open_gguf
+from .gguf_io import copy_metadata, copy_tensor_info, field_value, open_gguf, start_data, write_gguf
 
 
 def _readers(base_path, replacements: dict[str, str]):
@@ -60,25 +59,15 @@ def write_mixed(base_path, replacements: dict[str, str], output_path, extra_meta
     """Write base with `replacements` (tensor name -> donor GGUF path); return the file's bytes."""
     base, tensors = mixed_tensors(base_path, replacements)
     arch = str(field_value(base, Keys.General.ARCHITECTURE, "unknown"))
-    with atomic_path(output_path) as tmp:
-        writer = GGUFWriter(tmp, arch)
-        writer.data_alignment = int(field_value(base, Keys.General.ALIGNMENT, 32))
-        for field in base.fields.values():
-            if field.name == Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-                continue
-            vtype = field.types[0]
-            sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
+    with write_gguf(output_path, arch, alignment=int(field_value(base, Keys.General.ALIGNMENT, 32))) as writer:
+        copy_metadata(writer, base)
         for key, value in (extra_meta or {}).items():
             writer.add_key_value(key, value, GGUFValueType.STRING)
         for t in tensors:
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+            copy_tensor_info(writer, t)
+        start_data(writer)
         for t in tensors:
             writer.write_tensor_data(t.data)
-        writer.close()
     return os.path.getsize(output_path)
 
 

@@ -1,6 +1,6 @@
 """Input covariance files: per distinct matmul input, the sum of x x^T and the column count.
 
-The one definition of the format (GGUF, our own keys, COV_* below):
+The one definition of the format (GGUF, our own keys: NkatKeys.Covariance):
   general.type                 "nkat.covariance"
   nkat.covariance.version      u32, COV_VERSION
   nkat.covariance.datasets     [str], the calibration text(s)
@@ -25,16 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..util.atomic import atomic_path
 from ..errors import UserError
+from .gguf_io import field_value, open_gguf, start_data, write_gguf
+from .keys import NkatKeys
 
-COV_TYPE = "nkat.covariance"
+COV_TYPE = NkatKeys.Covariance.TYPE
 COV_VERSION = 1
-KEY_VERSION = "nkat.covariance.version"
-KEY_DATASETS = "nkat.covariance.datasets"
-KEY_CHUNK_COUNT = "nkat.covariance.chunk_count"
-KEY_CHUNK_SIZE = "nkat.covariance.chunk_size"
-KEY_WEIGHTS = "nkat.covariance.weights"
 SUFFIX_XXT = ".xxt"
 SUFFIX_COUNT = ".count"
 
@@ -72,24 +68,19 @@ def covariance_writer(path: str | os.PathLike, inputs: dict[str, int], users: di
     """Open a covariance file for streaming; yields write(input, sum_xxt, count), which must be
     called once per input in the order of `inputs` (input name -> n_in). Renamed into place only
     when the block exits normally with every input written."""
-    from gguf import GGUFWriter
-
-    with atomic_path(path) as tmp:
-        writer = GGUFWriter(str(tmp), architecture or "")
-        writer.add_type(COV_TYPE)
-        writer.add_uint32(KEY_VERSION, COV_VERSION)
-        writer.add_array(KEY_DATASETS, [d for d in datasets if d] or [""])
-        writer.add_uint32(KEY_CHUNK_COUNT, int(chunk_count))
-        writer.add_uint32(KEY_CHUNK_SIZE, int(chunk_size))
-        writer.add_array(KEY_WEIGHTS, [f"{w}={i}" for w, i in users.items()])
+    keys = NkatKeys.Covariance
+    with write_gguf(path, architecture or "", COV_TYPE) as writer:
+        writer.add_uint32(keys.VERSION, COV_VERSION)
+        writer.add_array(keys.DATASETS, [d for d in datasets if d] or [""])  # an empty array is dropped
+        writer.add_uint32(keys.CHUNK_COUNT, int(chunk_count))
+        writer.add_uint32(keys.CHUNK_SIZE, int(chunk_size))
+        writer.add_array(keys.WEIGHTS, [f"{w}={i}" for w, i in users.items()])
         order = list(inputs)
         for name in order:
             n = int(inputs[name])
             writer.add_tensor_info(name + SUFFIX_XXT, (n, n), np.dtype(np.float32), 4 * n * n)
             writer.add_tensor_info(name + SUFFIX_COUNT, (1,), np.dtype(np.float64), 8)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        start_data(writer)
         written = []
 
         def write(name: str, sum_xxt: np.ndarray, count: int) -> None:
@@ -100,12 +91,9 @@ def covariance_writer(path: str | os.PathLike, inputs: dict[str, int], users: di
             writer.write_tensor_data(np.array([float(count)], dtype=np.float64))
             written.append(name)
 
-        try:
-            yield write
-            if len(written) != len(order):
-                raise ValueError(f"covariance file incomplete: {len(written)} of {len(order)} inputs written")
-        finally:
-            writer.close()
+        yield write
+        if len(written) != len(order):
+            raise ValueError(f"covariance file incomplete: {len(written)} of {len(order)} inputs written")
 
 
 # ------------------------------------------------------------------ reading ------------
@@ -114,18 +102,15 @@ class CovarianceFile:
     """A covariance file opened for reading one input at a time (memory-mapped)."""
 
     def __init__(self, path: str | os.PathLike):
-        from .gguf_io import field_value, open_gguf
-
+        keys = NkatKeys.Covariance
         self.path = Path(path)
-        reader = open_gguf(self.path)
-        if field_value(reader, "general.type") != COV_TYPE:
-            raise UserError(f"{self.path}: not a covariance file (make one with nkat calibrate --covariance)")
-        version = int(field_value(reader, KEY_VERSION, 0))
+        reader = open_gguf(self.path, COV_TYPE)
+        version = int(field_value(reader, keys.VERSION, 0))
         if version != COV_VERSION:
             raise UserError(f"{self.path}: covariance format version {version}, this nkat reads {COV_VERSION}")
-        self.chunk_count = int(field_value(reader, KEY_CHUNK_COUNT, 0))
-        self.chunk_size = int(field_value(reader, KEY_CHUNK_SIZE, 0))
-        self.users = dict(item.split("=", 1) for item in field_value(reader, KEY_WEIGHTS, []))
+        self.chunk_count = int(field_value(reader, keys.CHUNK_COUNT, 0))
+        self.chunk_size = int(field_value(reader, keys.CHUNK_SIZE, 0))
+        self.users = dict(item.split("=", 1) for item in field_value(reader, keys.WEIGHTS, []))
         self._tensors = {t.name: t for t in reader.tensors}
         for owner in set(self.users.values()):
             if owner + SUFFIX_XXT not in self._tensors or owner + SUFFIX_COUNT not in self._tensors:

@@ -1,4 +1,6 @@
-"""Read GGUF model weights one tensor at a time, dequantized by gguf-py.
+"""GGUF files: the one way to open one (open_gguf: magic, damage and general.type checked) and
+to write one (write_gguf: under a temporary name, renamed when complete), and ModelFile, which
+reads model weights one tensor at a time, dequantized by gguf-py.
 
 The file is memory-mapped; only the tensor asked for is turned into float32, so a 7B model
 never sits in memory as float32.
@@ -10,21 +12,27 @@ import fnmatch
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGMLQuantizationType
+from gguf import GGUF_MAGIC as _GGUF_MAGIC_U32, GGUFReader, GGUFType, GGUFValueType, GGUFWriter, GGMLQuantizationType, Keys
+from gguf.gguf_writer import WriterState
 from gguf.quants import dequantize
 
-from ..errors import UserError
+from ..errors import BadSetting, Setting, UserError
+from ..util.atomic import atomic_path
 from ..util.signals import raise_if_terminated
+from .identity import ModelIdentity
+from .keys import NkatKeys
 
 # Transformer-block weight matrices: blk.N.<anything>.weight, 2-D, not a norm.
 _BLOCK_WEIGHT = re.compile(r"^blk\.\d+\.[A-Za-z0-9_.]+\.weight$")
 _BLOCK_ID = re.compile(r"^blk\.(\d+)\.")
 _FINGERPRINT_SAMPLES = 64
 _FINGERPRINT_SAMPLE_BYTES = 64 * 1024
+GGUF_MAGIC = _GGUF_MAGIC_U32.to_bytes(4, "little")  # b"GGUF"
 
 
 def is_target_name(name: str) -> bool:
@@ -49,29 +57,91 @@ def fingerprint_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:32]
 
 
-def open_gguf_magic(path: str | os.PathLike) -> None:
-    """A one-line error for a missing or non-GGUF file, reading only 4 bytes."""
+def read_magic(path: str | os.PathLike, missing: str = "file not found") -> bytes:
+    """A file's first 4 bytes (b"GGUF" for a GGUF); one-line error when it is missing."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"file not found: {path}")
+        raise UserError(f"{missing}: {path}")
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
+        return f.read(4)
+
+
+def open_gguf_magic(path: str | os.PathLike) -> None:
+    """A one-line error for a missing or non-GGUF file, reading only 4 bytes."""
+    magic = read_magic(path)
+    if magic != GGUF_MAGIC:
         raise UserError(f"{path}: not a GGUF file (magic {magic!r})")
 
 
-def open_gguf(path: str | os.PathLike) -> GGUFReader:
-    """GGUFReader with one-line errors for missing, non-GGUF and truncated files."""
+# general.type values as a user reads them, for "not a ..." errors
+_TYPE_NOUNS = {GGUFType.ADAPTER: "a LoRA adapter", GGUFType.IMATRIX: "an imatrix",
+               GGUFType.MODEL: "a model", NkatKeys.Covariance.TYPE: "a covariance file"}
+
+
+def open_gguf(path: str | os.PathLike, expect_type: str | None = None, *,
+              untyped_ok: bool = False) -> GGUFReader:
+    """GGUFReader with one-line errors for missing, non-GGUF and truncated files, and for a
+    general.type other than `expect_type` (a file without general.type passes if untyped_ok)."""
     open_gguf_magic(path)
     path = Path(path)
     try:
         reader = GGUFReader(path, "r")
         reader.nkat_path = path  # for error messages about its fields
-        return reader
     except UnicodeDecodeError:
         raise UserError(f"{path}: damaged GGUF (a key or tensor name is not valid UTF-8)") from None
     except (ValueError, IndexError, OSError, KeyError, TypeError, OverflowError, MemoryError) as exc:
         raise UserError(f"{path}: unreadable or truncated GGUF ({exc})") from None
+    if expect_type is not None:
+        kind = field_value(reader, Keys.General.TYPE)
+        if kind != expect_type and not (kind is None and untyped_ok):
+            raise UserError(f"{path}: not {_TYPE_NOUNS.get(expect_type, repr(expect_type))} "
+                            f"(its general.type is {kind!r})")
+    return reader
+
+
+@contextmanager
+def write_gguf(path: str | os.PathLike, architecture: str = "", file_type: str | None = None,
+               alignment: int | None = None):
+    """A GGUFWriter for `path`, under a temporary name renamed into place when the block exits
+    normally. In the block: add keys, then tensors, either whole (add_tensor: written at the
+    end) or streamed (add_tensor_info for all, then start_data(writer), then
+    write_tensor_data for each in the same order)."""
+    with atomic_path(path) as tmp:
+        writer = GGUFWriter(str(tmp), architecture)
+        if alignment is not None:
+            writer.data_alignment = int(alignment)
+        if file_type is not None:
+            writer.add_type(file_type)
+        try:
+            yield writer
+            if writer.state in (WriterState.NO_FILE, WriterState.EMPTY):
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+        finally:
+            writer.close()
+
+
+def start_data(writer: GGUFWriter) -> None:
+    """Header, keys and tensor index: what must precede streamed write_tensor_data calls."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+
+
+def copy_metadata(writer: GGUFWriter, reader: GGUFReader) -> None:
+    """Every key of `reader` except those GGUFWriter writes itself (architecture, GGUF.*)."""
+    for fld in reader.fields.values():
+        if fld.name == Keys.General.ARCHITECTURE or fld.name.startswith("GGUF."):
+            continue
+        vtype = fld.types[0]
+        sub_type = fld.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(fld.name, fld.contents(), vtype, sub_type=sub_type)
+
+
+def copy_tensor_info(writer: GGUFWriter, tensor) -> None:
+    """A reader tensor's entry, bytes and type as stored (its data goes with write_tensor_data)."""
+    writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
 
 
 def field_contents(field, path=None):
@@ -106,15 +176,19 @@ class ModelFile:
 
     @property
     def architecture(self) -> str:
-        return str(field_value(self.reader, "general.architecture", "unknown"))
+        return str(field_value(self.reader, Keys.General.ARCHITECTURE, "unknown"))
 
     @property
     def name(self) -> str:
-        return str(field_value(self.reader, "general.name", self.path.stem))
+        return str(field_value(self.reader, Keys.General.NAME, self.path.stem))
 
     @property
     def file_type(self) -> str:
-        return str(field_value(self.reader, "general.type", "model"))
+        return str(field_value(self.reader, Keys.General.TYPE, GGUFType.MODEL))
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.file_type == GGUFType.ADAPTER
 
     @property
     def file_size(self) -> int:
@@ -124,14 +198,9 @@ class ModelFile:
     def fingerprint(self) -> str:
         return fingerprint_file(self.path)
 
-    def identity(self) -> dict:
-        return {
-            "name": self.name,
-            "architecture": self.architecture,
-            "file_size": self.file_size,
-            "fingerprint": self.fingerprint,
-            "path": str(self.path.resolve()),
-        }
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(name=self.name, architecture=self.architecture, file_size=self.file_size,
+                             fingerprint=self.fingerprint, path=str(self.path.resolve()))
 
     def target_names(self, globs: list[str] | None = None) -> list[str]:
         """Block weight matrices (2-D, not norms), optionally narrowed by glob patterns."""
@@ -142,8 +211,8 @@ class ModelFile:
             gguf_globs = [g for pattern in globs for g in self.gguf_globs(pattern)]
             names = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in gguf_globs)]
             if not names:
-                raise UserError(
-                    f"--selective-layers {' '.join(globs)} matches no weight matrix in {self.path.name} "
+                raise BadSetting(
+                    Setting.LAYERS, f"{' '.join(globs)} matches no weight matrix in {self.path.name} "
                     "(names look like blk.0.attn_q.weight; Meta layers.0.attention.wq.weight and Hugging Face "
                     "model.layers.0.self_attn.q_proj.weight names are translated)"
                 )
@@ -159,7 +228,7 @@ class ModelFile:
         return get_tensor_name_map(arch, max(blocks, default=-1) + 1)
 
     def gguf_globs(self, pattern: str) -> list[str]:
-        """One --selective-layers pattern as GGUF-name globs: GGUF names pass unchanged; Meta
+        """One layer pattern as GGUF-name globs: GGUF names pass unchanged; Meta
         (layers.N.feed_forward.w1.weight) and Hugging Face (model.layers.N.mlp.gate_proj.weight)
         names, globs included, become the GGUF names they stand for (blk.N.ffn_gate.weight)."""
         if pattern.startswith("blk.") or not pattern.strip():

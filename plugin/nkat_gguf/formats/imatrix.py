@@ -21,9 +21,11 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from gguf import GGUFType, Keys
 
 from ..util.atomic import atomic_path
 from ..errors import UserError
+from .gguf_io import GGUF_MAGIC, open_gguf, read_magic, write_gguf
 
 SUFFIX_SUM2 = ".in_sum2"
 SUFFIX_COUNTS = ".counts"
@@ -54,23 +56,15 @@ def column_scales(sum_sq: np.ndarray, count: int) -> np.ndarray:
 def read_imatrix(path: str | os.PathLike) -> Stats:
     """name -> (sum of x^2 per input column, float32 (n_in,), column count), either format."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"imatrix file not found: {path}")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    stats = _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+    is_gguf = read_magic(path, missing="imatrix file not found") == GGUF_MAGIC
+    stats = _read_gguf(path) if is_gguf else _read_legacy(path)
     if not stats:
         raise UserError(f"{path}: the imatrix holds no statistics")
     return stats
 
 
 def _read_gguf(path: Path) -> Stats:
-    from .gguf_io import field_value, open_gguf
-
-    reader = open_gguf(path)
-    kind = field_value(reader, "general.type")
-    if kind is not None and kind != "imatrix":
-        raise UserError(f"{path}: a GGUF of type {kind!r}, not an imatrix")
+    reader = open_gguf(path, GGUFType.IMATRIX, untyped_ok=True)
     sums, counts = {}, {}
     for t in reader.tensors:
         if t.name.endswith(SUFFIX_SUM2):
@@ -131,27 +125,19 @@ def _read_legacy(path: Path) -> Stats:
 def write_imatrix(path: str | os.PathLike, stats: Stats, dataset: str | list[str] = "", chunks: int = 0,
                   chunk_size: int = 512, architecture: str = "") -> Path:
     """The GGUF imatrix format llama.cpp reads (llama-quantize --imatrix, llama-imatrix --in-file)."""
-    from gguf import GGUFWriter
-
     if not stats:
         raise UserError("no activation statistics to write (did any weight see input?)")
     datasets = [dataset] if isinstance(dataset, str) else list(dataset)
     path = Path(path)
-    with atomic_path(path) as tmp:
-        writer = GGUFWriter(str(tmp), architecture or "")
-        writer.add_type("imatrix")
-        writer.add_array("imatrix.datasets", [d for d in datasets if d] or [""])
-        writer.add_uint32("imatrix.chunk_count", int(chunks))
-        writer.add_uint32("imatrix.chunk_size", int(chunk_size))
+    with write_gguf(path, architecture or "", GGUFType.IMATRIX) as writer:
+        writer.add_array(Keys.IMatrix.DATASETS, [d for d in datasets if d] or [""])  # an empty array is dropped
+        writer.add_uint32(Keys.IMatrix.CHUNK_COUNT, int(chunks))
+        writer.add_uint32(Keys.IMatrix.CHUNK_SIZE, int(chunk_size))
         for name in sorted(stats):
             sum_sq, count = stats[name]
             sum_sq = np.ascontiguousarray(sum_sq, dtype=np.float32).reshape(1, -1)
             writer.add_tensor(name + SUFFIX_SUM2, sum_sq)
             writer.add_tensor(name + SUFFIX_COUNTS, np.array([[float(count)]], dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
     return path
 
 

@@ -1,4 +1,4 @@
-"""A model file with theta folded into its weights: W' = dequant(W) + 0.5 * gamma * B @ A.
+"""A model file with theta folded into its weights: W' = dequant(W) + applied_scale(gamma) * B @ A.
 
 The reference that both run-time backends (llama.cpp's adapter path and the native shim) are
 checked against: it needs no run-time correction at all, so it shares no code with either.
@@ -15,12 +15,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from gguf import GGUFWriter, Keys
 
-from ..util.atomic import atomic_path
 from ..errors import UserError
-from .gguf_io import ModelFile
-from .nkat_format import read_nkat
+from .gguf_io import ModelFile, copy_metadata, copy_tensor_info, start_data, write_gguf
+from .nkat_format import applied_scale, read_nkat
 
 MERGE_TYPES = {"f32": np.float32, "f16": np.float16}
 
@@ -38,7 +36,7 @@ def write_merged(model_path: str | os.PathLike, out_path: str | os.PathLike, the
     if theta_path is not None:
         nkat = read_nkat(theta_path)
         gamma = nkat.gamma if gamma is None else float(gamma)
-        factors, scale = nkat.factors, 0.5 * gamma
+        factors, scale = nkat.factors, applied_scale(gamma)
         missing = [n for n in factors if n not in model.tensors]
         if missing:
             raise UserError(f"{theta_path}: theta for {missing[0]}, which {model.path.name} lacks")
@@ -57,25 +55,16 @@ def write_merged(model_path: str | os.PathLike, out_path: str | os.PathLike, the
             w += np.float32(scale) * (f.B @ f.A)
         return w.astype(np_type, copy=False)
 
-    with atomic_path(out_path) as tmp:
-        writer = GGUFWriter(str(tmp), model.architecture)
-        for field in model.reader.fields.values():
-            if field.name == Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-                continue  # written by GGUFWriter itself
-            val_type = field.types[0]
-            sub_type = field.types[-1] if len(field.types) > 1 else None
-            writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+    with write_gguf(out_path, model.architecture) as writer:
+        copy_metadata(writer, model.reader)
         for t in model.reader.tensors:
             if t.name in changed_set:
                 n_out, n_in = model.shape(t.name)
                 writer.add_tensor_info(t.name, (n_out, n_in), np.dtype(np_type), n_out * n_in * np.dtype(np_type).itemsize)
             else:
-                writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+                copy_tensor_info(writer, t)
+        start_data(writer)
         for t in model.reader.tensors:
             writer.write_tensor_data(merged(t.name) if t.name in changed_set else t.data)
-        writer.close()
     return {"output": str(out_path), "bytes": os.path.getsize(out_path), "merged": len(factors) if scale else 0,
             "dequantized": len(changed), "gamma": gamma, "dtype": dtype}

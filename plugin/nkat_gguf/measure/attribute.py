@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import UserError
 from .frontier import score_rows, settings_record
 from ..formats.gguf_io import fingerprint_file, open_gguf
+from ..formats.keys import NkatKeys
 from ..util.report import say
 from ..runtime.settings import RuntimeSettings
 
@@ -81,7 +82,7 @@ def run_attribution(o: AttributeOptions) -> dict:
         path = work / f"restore-{base_fp}-{group.replace(' ', '').replace('-', '_')}.gguf"
         if not path.is_file():
             say(f"[attribute] assembling {o.base} with {group} from the reference ({len(members)} tensors)", o.quiet)
-            write_mixed(o.base, {n: o.reference for n in members}, path, {"nkat.restored": group})
+            write_mixed(o.base, {n: o.reference for n in members}, path, {NkatKeys.Assembled.RESTORED: group})
         rows.append({"label": group, "kind": "restored", "group": group, "model": str(path), "theta": None,
                      "tensors": len(members), "tensors_differing": len(differing), "extra_bytes": extra})
     n_chunks, runtime_settings = score_rows(rows, reference=o.reference, text=o.text, work=work, runtime=o.runtime,

@@ -28,6 +28,7 @@ from ..util.atomic import write_text_atomic
 from .byte_control import BYTE_TOLERANCE, best_control, verdict_line
 from ..errors import UserError
 from ..formats.gguf_io import fingerprint_file
+from ..formats.keys import NkatKeys
 from ..util.report import say, to_json
 from ..runtime.settings import RuntimeSettings
 
@@ -294,7 +295,7 @@ class Frontier:
                     size += extra
             while chosen and assembled_size(base_path, chosen) > target * (1 + BYTE_TOLERANCE):
                 chosen.popitem()
-            write_mixed(base_path, chosen, path, {"nkat.control.for": Path(point["theta"]).name})
+            write_mixed(base_path, chosen, path, {NkatKeys.Assembled.CONTROL_FOR: Path(point["theta"]).name})
             row["upgraded"] = len(chosen)
             out.append(row)
         return out

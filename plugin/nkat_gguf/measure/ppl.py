@@ -70,7 +70,7 @@ def run_ppl(req: PplRequest) -> dict:
             runtimes.append(rt)
             label = theta_label(theta)
             candidates[label] = rt
-            info[label] = {"theta_bytes": rt.theta_meta["theta_bytes"], "gamma": rt.gamma,
+            info[label] = {"theta_bytes": rt.theta_meta.theta_bytes, "gamma": rt.gamma,
                            "model": req.models[0]}
         base = {base_label: _runtime(req.models[0], None, req)}
         runtimes.append(base[base_label])

@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..formats.gguf_io import ModelFile, open_gguf_magic
 from .llama_log import captured_llama_log, relevant_lines
 from .settings import BACKENDS, RuntimeSettings
-from ..formats.nkat_format import check_base_matches, check_fits_model, read_layout
+from ..formats.nkat_format import NkatMeta, check_base_matches, check_fits_model, read_layout
 from ..util.signals import raise_if_terminated
 
 # NKAT_VERBOSE=1 shows llama.cpp's own log lines (model loading, adapters, quantizer).
@@ -69,11 +69,11 @@ class Runtime:
         self.n_threads = int(n_threads or default_threads())
         self.flash_attn = bool(flash_attn)
         self.n_gpu_layers = int(n_gpu_layers)
-        self.theta_meta: dict | None = None
+        self.theta_meta: NkatMeta | None = None
         self.file_gamma: float | None = None
         if self.theta_path:
             self.theta_meta, pairs = read_layout(self.theta_path)
-            self.file_gamma = float(self.theta_meta["theta_gamma"])
+            self.file_gamma = float(self.theta_meta.theta_gamma)
             # Checked from the GGUF headers before llama.cpp loads the (possibly large) model.
             model_file = ModelFile(self.model_path)
             check_base_matches(self.theta_meta, model_file.identity(), self.theta_path)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..formats.nkat_format import applied_scale
 
 try:
     from .._nkat_native import ffi, lib
@@ -352,7 +353,8 @@ class _Hook:
 
 
 class ShimHook(_Hook):
-    """Adds 0.5 * gamma * theta @ x after every MUL_MAT whose weight has a registered theta.
+    """Adds applied_scale(gamma) * theta @ x (0.5 * gamma: formats.nkat_format) after every
+    MUL_MAT whose weight has a registered theta.
 
     gamma=None takes the file's gamma; gamma 0 (or disable()) leaves the graph untouched, so
     the logits are bit-identical to the base model. cuda=True loads libnkat_cuda.so for
@@ -385,12 +387,13 @@ class ShimHook(_Hook):
 
     @property
     def gamma(self) -> float:
-        return float(lib.nkat_hook_get_gamma(self._handle()))
+        return self._gamma
 
     def set_gamma(self, gamma: float | None) -> None:
         if gamma is None or not np.isfinite(gamma):
             raise UserError(f"gamma must be a finite number, not {gamma}")
-        lib.nkat_hook_set_gamma(self._handle(), float(gamma))
+        lib.nkat_hook_set_scale(self._handle(), applied_scale(gamma))  # the hook applies what it is given
+        self._gamma = float(gamma)
 
     def never_applied(self) -> list[str]:
         """Registered weights whose matmul was never corrected since the hook was made."""

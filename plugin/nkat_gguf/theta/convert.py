@@ -193,7 +193,7 @@ def convert_budgets(input_path: str, outputs: list[tuple[str, int | None]], opts
         check_output_path(output_path, [input_path, opts.reference, opts.imatrix, opts.covariance], "--output")
     started = time.perf_counter()
     model = ModelFile(input_path)
-    if model.file_type == "adapter":
+    if model.is_adapter:
         raise UserError(f"{input_path}: is an adapter, not a model")
     names = model.target_names(opts.layers or None)
     source = theta_math.source_info(opts.source)

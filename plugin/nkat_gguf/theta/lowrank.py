@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import BadSetting, Setting, UserError
 
 
 class UnknownSource(UserError):
@@ -69,10 +69,6 @@ def source_info(name: str) -> Source:
 # What the seed's source was measured to do (README results, nkat ppl --chunks 8 on the demo pair).
 WEIGHT_SOURCE_EFFECT = ("theta from the weight itself (the seed's method) was measured to break the model: "
                         "PPL 29.6 -> 10390 on SmolLM2-135M Q4_0 at rank 8, gamma 0.97")
-NO_REFERENCE = ("no --reference: theta corrects what quantization lost, measured against a reference (a "
-                "higher-precision GGUF of the same model); pass --reference REF.gguf (or make a lower-bit base "
-                "from the model you have: nkat quantize --input M.gguf --output base.gguf), or ask for the "
-                "seed's method by name with --source weight")
 STRUCTURES = ("auto", "antisymmetric", "general")
 _OVERSAMPLE = 10
 _POWER_ITERATIONS = 3
@@ -107,7 +103,7 @@ def truncated_svd(E: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.
 def check_rank(rank: int, shape: tuple[int, int], name: str = "") -> None:
     if rank <= 0 or rank > min(shape):
         where = f" for {name} {shape[0]}x{shape[1]}" if name else ""
-        raise UserError(f"--theta-rank must be between 1 and {min(shape)}{where}, not {rank}")
+        raise BadSetting(Setting.THETA_RANK, f"must be between 1 and {min(shape)}{where}, not {rank}")
 
 
 def resolve_structure(structure: str, shape: tuple[int, int]) -> str:

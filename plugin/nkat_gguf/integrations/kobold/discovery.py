@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import UserError
-from ...formats.nkat_format import find_base_model, is_nkat_path, read_meta
+from ...formats.nkat_format import NkatMeta, find_base_model, is_nkat_path, read_meta
 
 KOBOLDCPP_ENV = "KOBOLDCPP"
 MODELS_DIR_ENV = "NKAT_MODELS_DIR"
@@ -330,7 +330,7 @@ def _auto_backend(libs: list[str], gpu: GpuInfo) -> tuple[str, str]:
 class NkatModel:
     theta: Path
     base: Path
-    meta: dict
+    meta: NkatMeta
 
     @property
     def name(self) -> str:
@@ -338,8 +338,8 @@ class NkatModel:
 
     def summary(self) -> dict:
         return {"name": self.name, "theta": str(self.theta), "base": str(self.base),
-                "rank": self.meta.get("theta_rank"), "gamma": self.meta.get("theta_gamma"),
-                "theta_bytes": self.meta.get("theta_bytes")}
+                "rank": self.meta.theta_rank, "gamma": self.meta.theta_gamma,
+                "theta_bytes": self.meta.theta_bytes}
 
 
 def default_models_dir() -> Path:
