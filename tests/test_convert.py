@@ -72,7 +72,10 @@ def test_full_rank_f32_residual_reproduces_the_reference(work, base_model, refer
 def test_cli_convert_json_and_inspect(work, base_model, reference_model):
     out = work / "cli.nkat"
     cmd = [sys.executable, "-m", "nkat_gguf.cli", "convert", "--input", str(base_model), "--reference",
-           str(reference_model), "--theta-rank", "4", "--selective-layers", "blk.0.*", "--output", str(out), "--json"]
+           str(reference_model), "--theta-rank", "4", "--selective-layers", "blk.0.*", "--output", str(out), "--json",
+           # rank 4 on one block moves PPL by about 0.01, either way with the thread count: this test is
+           # about the JSON and inspect, so the keep-or-refuse check (tested in test_faults) is off
+           "--check-chunks", "0"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
