@@ -27,7 +27,6 @@ from ..errors import UserError
 
 SUFFIX_SUM2 = ".in_sum2"
 SUFFIX_COUNTS = ".counts"
-SUFFIX_SUM = ".in_sum"
 LEGACY_CHUNK_SIZE = 512
 # Columns that (almost) never fired get at least this fraction of the median RMS, so that
 # 1/s in A = V^T diag(1/s) stays bounded (and INT8 storage of A keeps its precision).
