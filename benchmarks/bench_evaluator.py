@@ -31,26 +31,32 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    rt = Runtime(args.model or default_model_path(), n_ctx=args.ctx, n_threads=args.threads)
-    tokens = rt.tokenize(Path(find_eval_text(args.text)).read_bytes())
-    plain_s = eval_s = 0.0
-    acc = Accumulator()
-    rt.decode(tokens[:32], 0)  # warm-up
-    for c in range(args.chunks):
-        window = tokens[c * args.ctx:(c + 1) * args.ctx]
-        rt.clear()
-        t0 = time.perf_counter()
-        rt.decode(window, 0, logits_from=None)
-        plain_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        logp, targets = chunk_logprobs(rt, tokens, args.ctx, c)
-        acc.add(logp, targets, None)
-        eval_s += time.perf_counter() - t0
-    rt.close()
-    n = args.chunks * args.ctx
-    result = {"chunks": args.chunks, "ctx": args.ctx, "plain_decode_tokens_per_second": n / plain_s,
-              "evaluator_tokens_per_second": n / eval_s, "ratio": plain_s / eval_s, "ppl": acc.result()["ppl"]}
-    print(json.dumps(result, indent=2))
+    print(json.dumps(measure(args.model, args.text, args.chunks, args.ctx, args.threads), indent=2))
+
+
+def measure(model=None, text=None, chunks: int = 4, ctx: int = 512, threads: int | None = None) -> dict:
+    """Plain decodes and evaluator chunks, alternating; tokens/s of each and their ratio."""
+    rt = Runtime(model or default_model_path(), n_ctx=ctx, n_threads=threads)
+    try:
+        tokens = rt.tokenize(Path(find_eval_text(text)).read_bytes())
+        plain_s = eval_s = 0.0
+        acc = Accumulator()
+        rt.decode(tokens[:32], 0)  # warm-up
+        for c in range(chunks):
+            window = tokens[c * ctx:(c + 1) * ctx]
+            rt.clear()
+            t0 = time.perf_counter()
+            rt.decode(window, 0, logits_from=None)
+            plain_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            logp, targets = chunk_logprobs(rt, tokens, ctx, c)
+            acc.add(logp, targets, None)
+            eval_s += time.perf_counter() - t0
+    finally:
+        rt.close()
+    n = chunks * ctx
+    return {"chunks": chunks, "ctx": ctx, "plain_decode_tokens_per_second": n / plain_s,
+            "evaluator_tokens_per_second": n / eval_s, "ratio": plain_s / eval_s, "ppl": acc.result()["ppl"]}
 
 
 if __name__ == "__main__":

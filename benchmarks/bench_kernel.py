@@ -80,32 +80,40 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
+    print(json.dumps(measure(args.total_mb, args.dim, args.rank, args.repeats, args.threads), indent=2))
 
-    per_matrix = args.rank * 2 * args.dim + 4 * (args.rank + args.dim)
-    count = max(1, int(args.total_mb * 1e6 // per_matrix))
-    big = FactorSet([(args.dim, args.dim)] * count, args.rank)
+
+def measure(total_mb: float = 256, dim: int = 4096, rank: int = 64, repeats: int = 5,
+            threads: int = os.cpu_count() or 1, model_figures: bool = True) -> dict:
+    """The kernel's GB/s per ISA against numpy's read bandwidth, and (model_figures) the default
+    model's per-token and per-prompt times."""
+    per_matrix = rank * 2 * dim + 4 * (rank + dim)
+    count = max(1, int(total_mb * 1e6 // per_matrix))
+    big = FactorSet([(dim, dim)] * count, rank)
     big.run(1)  # warm up (page faults)
 
-    result = {"isa_best": native.best_isa(), "threads": args.threads, "matrices": count, "dim": args.dim,
-              "rank": args.rank, "theta_bytes": big.nbytes, "batch": 1}
-    result["memory_read_GBps_1_thread"] = read_bandwidth(big.nbytes, 1, args.repeats)
-    result["memory_read_GBps_all_threads"] = read_bandwidth(big.nbytes, args.threads, args.repeats)
+    result = {"isa_best": native.best_isa(), "threads": threads, "matrices": count, "dim": dim,
+              "rank": rank, "theta_bytes": big.nbytes, "batch": 1}
+    result["memory_read_GBps_1_thread"] = read_bandwidth(big.nbytes, 1, repeats)
+    result["memory_read_GBps_all_threads"] = read_bandwidth(big.nbytes, threads, repeats)
     for isa in native.supported_isas():
         with native.use_isa(isa):
-            result[f"theta_GBps_{isa}_1_thread"] = big.nbytes / best_of(lambda: big.run(1), args.repeats) / 1e9
+            result[f"theta_GBps_{isa}_1_thread"] = big.nbytes / best_of(lambda: big.run(1), repeats) / 1e9
     result["theta_GBps"] = result[f"theta_GBps_{native.best_isa()}_1_thread"]
     result["ratio"] = result["theta_GBps"] / result["memory_read_GBps_1_thread"]
+    if not model_figures:
+        return result
 
     # The default model's 210 matrices at rank 8: per generated token (in cache), and a
     # 512-token prompt batch on 1 thread and on all threads (columns split across threads).
     small = FactorSet(SMOLLM2_SHAPES * 30, 8)
     result["smollm2_r8_theta_bytes"] = small.nbytes
-    result["smollm2_r8_kernel_us_per_token"] = best_of(lambda: small.run(1), max(args.repeats, 20)) * 1e6
+    result["smollm2_r8_kernel_us_per_token"] = best_of(lambda: small.run(1), max(repeats, 20)) * 1e6
     batch = FactorSet(SMOLLM2_SHAPES * 30, 8, n_cols=512)
-    for threads in sorted({1, args.threads}):
-        seconds = best_of(lambda: batch.run(threads), args.repeats)
-        result[f"smollm2_r8_prompt512_ms_{threads}_threads"] = seconds * 1e3
-    print(json.dumps(result, indent=2))
+    for n in sorted({1, threads}):
+        seconds = best_of(lambda: batch.run(n), repeats)
+        result[f"smollm2_r8_prompt512_ms_{n}_threads"] = seconds * 1e3
+    return result
 
 
 if __name__ == "__main__":

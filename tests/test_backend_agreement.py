@@ -23,6 +23,7 @@ from nkat_gguf.formats.gguf_io import ModelFile
 from nkat_gguf.formats.merge import write_merged
 from nkat_gguf.formats.nkat_format import read_nkat
 from nkat_gguf.runtime.engine import Runtime
+from helpers import chunk_windows
 
 pytestmark = pytest.mark.slow
 CTX = 256
@@ -46,17 +47,7 @@ def thetas(work, base_model, reference_model, theta_r8):
 
 @pytest.fixture(scope="module")
 def windows(base_model, short_text):
-    with Runtime(base_model, n_ctx=CTX, n_threads=2) as rt:
-        toks = rt.tokenize(short_text.read_bytes())
-        bos = rt.bos_token if rt.add_bos else None
-    assert len(toks) >= CHUNKS * CTX
-    out = []
-    for c in range(CHUNKS):
-        w = toks[c * CTX:(c + 1) * CTX].copy()
-        if bos is not None:
-            w[0] = bos
-        out.append(w)
-    return out
+    return chunk_windows(base_model, short_text, CTX, CHUNKS)
 
 
 def prompt_logprobs(rt, windows) -> list[np.ndarray]:

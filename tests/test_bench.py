@@ -1,4 +1,4 @@
-"""nkat bench: the seed's JSON schema, and no overhead when theta is switched off (gamma 0)."""
+"""nkat bench: the seed's JSON schema, no overhead when theta is switched off (gamma 0), --benchmark."""
 
 import json
 import os
@@ -8,10 +8,14 @@ import sys
 from conftest import REPO
 
 
-def bench(*args):
+def run_bench(*args) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO / "plugin"))
-    done = subprocess.run([sys.executable, "-m", "nkat_gguf.cli", "bench", *map(str, args), "--json"],
+    return subprocess.run([sys.executable, "-m", "nkat_gguf.cli", "bench", *map(str, args), "--json"],
                           capture_output=True, text=True, timeout=600, env=env)
+
+
+def bench(*args):
+    done = run_bench(*args)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
@@ -38,3 +42,16 @@ def test_plain_benchmark_without_theta(reference_model):
     r = bench("--model", reference_model, "--seq-len", "32", "--iterations", "8", "--repeats", "1")
     assert r["theta_enabled"] is False and r["overhead_percentage"] is None
     assert r["tokens_per_second"] == r["baseline"]["generation_tokens_per_second"] > 0
+
+
+def test_benchmark_flag_is_the_standard_run(reference_model):
+    r = bench("--model", reference_model, "--benchmark", "--repeats", "1", "--no-cuda")
+    assert r["standard"] is True and (r["seq_len"], r["iterations"]) == (512, 100)
+    assert r["baseline"]["prompt_tokens_per_second"] > 0
+
+
+def test_benchmark_flag_refuses_other_sizes(reference_model):
+    for extra in (["--seq-len", "64"], ["--iterations", "8"], ["--text", reference_model]):
+        done = run_bench("--model", reference_model, "--benchmark", *extra)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.stderr.count("\n") == 1 and "--benchmark" in done.stderr, done.stderr

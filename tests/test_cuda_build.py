@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,14 +30,18 @@ def cuda_lib(tmp_path_factory) -> Path:
     return out
 
 
+def hook_lookups() -> list[str]:
+    """The names the shim's hook looks up in the CUDA library (dlsym in nkat_hook.c)."""
+    return re.findall(r'dlsym\(lib, "(\w+)"\)', (NATIVE / "nkat_hook.c").read_text())
+
+
 @needs_nvcc
 def test_cuda_source_compiles_and_links(cuda_lib):
-    lib = ctypes.CDLL(str(cuda_lib))  # all symbols resolve (cudart is linked in)
+    lib = ctypes.CDLL(str(cuda_lib))  # loads: every symbol it uses resolves (cudart is linked in)
+    needed = hook_lookups()
+    assert "nkat_cuda_star_apply" in needed and "nkat_cuda_api_version" in needed, needed
+    assert [name for name in needed if not hasattr(lib, name)] == []
     assert lib.nkat_cuda_api_version() == 2
-    for symbol in ("nkat_cuda_upload", "nkat_cuda_release", "nkat_cuda_star_apply", "nkat_cuda_error_string",
-                   "nkat_cuda_device_count"):
-        assert hasattr(lib, symbol)
-    assert lib.nkat_cuda_device_count() >= 0  # 0 without a GPU or driver, never a crash
 
 
 @needs_nvcc

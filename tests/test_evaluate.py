@@ -55,7 +55,7 @@ def test_kld_of_a_model_against_itself_is_zero(tokens_and_runtime, reference_mod
 
 def test_tpe_without_theta_is_one_over_ppl():
     assert tpe(24.39) == pytest.approx(1 / 24.39, rel=1e-12)
-    # 2.5 % extra bytes cost about 1 % of TPE (REFERENCE.md section 1)
+    # 2.5 % extra bytes cost about 1 % of TPE (README, **TPE**)
     assert tpe(24.39, 25, 1000) / tpe(24.39) == pytest.approx(0.99, abs=0.002)
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from nkat_gguf.runtime import native
 from nkat_gguf.errors import UserError
+from helpers import star_apply
 
 # (n_out, n_in, rank, n_cols): odd sizes, rank 1 and 64, n_in not a multiple of 32 (nor of the
 # 64-output tile), batches big enough to be split across threads by columns, a 4097-wide matrix.
@@ -69,9 +70,9 @@ def test_star_apply_with_untransposed_b():
     rng = np.random.default_rng(4)
     f, x = random_case(rng, 100, 70, 6, 2)
     B_q = np.ascontiguousarray(f.Bt_q.T)  # (n_out, rank), the natural layout
-    y = native.star_apply(f.A_q, f.A_scale, B_q, f.B_scale, x, np.zeros((2, 100), np.float32), 0.5)
+    y = star_apply(f.A_q, f.A_scale, B_q, f.B_scale, x, np.zeros((2, 100), np.float32), 0.5)
     assert native.relative_error(y, native.reference(f, x, 0.5)) < TOL
-    yt = native.star_apply(f.A_q, f.A_scale, f.Bt_q, f.B_scale, x, np.zeros((2, 100), np.float32), 0.5,
+    yt = star_apply(f.A_q, f.A_scale, f.Bt_q, f.B_scale, x, np.zeros((2, 100), np.float32), 0.5,
                            b_transposed=True)
     assert np.array_equal(y, yt)
 

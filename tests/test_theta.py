@@ -5,6 +5,7 @@ import pytest
 
 from nkat_gguf.theta import lowrank as theta
 from nkat_gguf.errors import UserError
+from helpers import factors
 
 rng = np.random.default_rng(42)
 
@@ -31,14 +32,14 @@ def test_truncated_svd_matches_lapack(shape):
 
 def test_general_factors_reproduce_low_rank_matrix():
     E = low_rank_plus_noise(200, 120, r=8, noise=0.0)
-    B, A = theta.factors(E, 8, "general")
+    B, A = factors(E, 8, "general")
     assert B.shape == (200, 8) and A.shape == (8, 120)
     np.testing.assert_allclose(B @ A, E, atol=1e-3)
 
 
 def test_antisymmetric_form_is_antisymmetric_and_exact():
     E = low_rank_plus_noise(128, 128, r=4, noise=0.0)
-    B, A = theta.factors(E, 4, "antisymmetric")
+    B, A = factors(E, 4, "antisymmetric")
     assert B.shape == (128, 8) and A.shape == (8, 128)
     T = B @ A
     np.testing.assert_allclose(T + T.T, 0, atol=1e-4)

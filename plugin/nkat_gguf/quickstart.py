@@ -27,16 +27,30 @@ def default_work_dir() -> Path:
     return Path(cache) / "nkat-gguf" / "quickstart"
 
 
+def self_test_fault(check: dict) -> str:
+    """What native.self_test found wrong, in a few words."""
+    if check["abi"] != "ok":
+        return f"ABI: {check['abi']}"
+    return (f"the {check['isa']} kernel differs from numpy by {check['max_rel_err']:.3g} "
+            f"(tolerance {check['tolerance']:g})")
+
+
 def calibrate_if_possible(reference: str, work: Path, runtime: RuntimeSettings, chunks: int, quiet: bool) -> str | None:
-    """An imatrix from the calibration text through the native hook; None when unavailable."""
+    """An imatrix from the calibration text through the native hook; None when unavailable, or
+    when the native library fails its self-test (then the run goes on with the lora backend only:
+    nothing native is trusted)."""
     try:
         from .formats.imatrix import write_imatrix
         from .runtime.activation_stats import collect
         from .runtime.native import self_test
 
-        self_test()
+        check = self_test()
     except (ImportError, OSError) as exc:
         say(f"activation-scaled theta skipped: the native shim is not built ({exc})", quiet)
+        return None
+    if not check["ok"]:
+        say(f"warning: the native shim failed its self-test ({self_test_fault(check)}): activation-scaled "
+            "theta skipped, the rest runs on the lora backend; `nkat doctor` shows the details")
         return None
     try:
         text = find_calibration_text()

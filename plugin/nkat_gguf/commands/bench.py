@@ -12,6 +12,8 @@ from .common import (add_model_flag, add_models_dir_flag, add_output_flags, add_
                      model_and_thetas, positive_int, runtime_settings)
 
 PPL_CHUNKS = 2  # --compare's measured perplexity change
+# --benchmark: the guide's standard run, the same sizes and the built-in prompt everywhere
+STANDARD_SEQ_LEN, STANDARD_ITERATIONS = 512, 100
 
 
 def add_parser(subparsers) -> None:
@@ -25,13 +27,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--theta", metavar="T.nkat", help="theta to apply")
     p.add_argument("--theta-gamma", "--gamma", dest="gamma", type=float, default=None,
                    help="override the file's gamma")
-    p.add_argument("--seq-len", type=positive_int, default=512, help="prompt length (default 512)")
-    p.add_argument("--iterations", type=positive_int, default=100, help="generated tokens per run (default 100)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help=f"prompt length (default {STANDARD_SEQ_LEN})")
+    p.add_argument("--iterations", type=positive_int, default=None,
+                   help=f"generated tokens per run (default {STANDARD_ITERATIONS})")
     p.add_argument("--repeats", type=positive_int, default=3, help="runs per side (default 3)")
     p.add_argument("--compare", action="store_true", help="baseline and NKAT alternately, with overhead")
     p.add_argument("--benchmark", action="store_true",
-                   help="benchmark the model as given (base + theta for a .nkat): what this command does "
-                   "without --compare; the guide's flag")
+                   help=f"the standard run, comparable between machines: seq-len {STANDARD_SEQ_LEN}, "
+                   f"{STANDARD_ITERATIONS} generated tokens, the built-in prompt; other --seq-len, "
+                   "--iterations or a --text are refused (the guide's flag)")
     add_text_flag(p, "prompts come from this text; with --compare the PPL change is measured on 2 chunks of "
                   "--seq-len tokens of it (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
     add_runtime_flags(p, ctx_default=None, flash_attn=False, backend=True)
@@ -41,7 +45,22 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def standard_sizes(args) -> None:
+    """Fill in --seq-len and --iterations; with --benchmark, refuse anything but the standard run."""
+    if args.benchmark:
+        for flag, given, standard in (("--seq-len", args.seq_len, STANDARD_SEQ_LEN),
+                                      ("--iterations", args.iterations, STANDARD_ITERATIONS)):
+            if given not in (None, standard):
+                raise UserError(f"--benchmark is the standard run with {flag} {standard}: drop {flag} {given}, "
+                                "or drop --benchmark")
+        if args.text:
+            raise UserError("--benchmark uses the built-in prompt: drop --text, or drop --benchmark")
+    args.seq_len = args.seq_len or STANDARD_SEQ_LEN
+    args.iterations = args.iterations or STANDARD_ITERATIONS
+
+
 def run(args) -> int:
+    standard_sizes(args)
     if args.theta and is_nkat_path(args.model):
         raise UserError(f"--model {args.model} is already a theta: drop --theta, or give its base as --model")
     model, thetas, _ = model_and_thetas([args.model], [args.theta] if args.theta else [], args.models_dir)
@@ -53,6 +72,7 @@ def run(args) -> int:
     opts = BenchOptions(seq_len=args.seq_len, iterations=args.iterations, repeats=args.repeats,
                         runtime=runtime_settings(args, gpu_layers=gpu_layers), quiet=args.quiet or args.json)
     result = benchmark(model, theta, args.gamma, opts, args.compare, text=prompt_text)
+    result["standard"] = args.benchmark
     if args.compare:
         result |= perplexity_change(model, theta, args)
     if args.json:
@@ -64,7 +84,7 @@ def run(args) -> int:
             r = result[label]
             rows.append([label, r["prompt_tokens_per_second"], r["generation_tokens_per_second"],
                          r["avg_latency_ms"], r["p50_latency_ms"], r["p95_latency_ms"]])
-    note = f"device {result['device']}, {args.repeats} runs per side, seq-len {args.seq_len}, {args.iterations} generated tokens"
+    note = ("standard benchmark, " if args.benchmark else "") + f"device {result['device']}, {args.repeats} runs per side, seq-len {args.seq_len}, {args.iterations} generated tokens"
     if result.get("overhead"):
         g, pp = result["overhead"]["generation_percent"], result["overhead"]["prompt_percent"]
         note += (f"\noverhead: generation {g['median']:+.1f} % ({g['min']:+.1f}..{g['max']:+.1f}), "

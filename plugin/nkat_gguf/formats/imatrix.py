@@ -29,7 +29,6 @@ from .gguf_io import GGUF_MAGIC, open_gguf, read_magic, write_gguf
 
 SUFFIX_SUM2 = ".in_sum2"
 SUFFIX_COUNTS = ".counts"
-SUFFIX_SUM = ".in_sum"
 LEGACY_CHUNK_SIZE = 512
 # Columns that (almost) never fired get at least this fraction of the median RMS, so that
 # 1/s in A = V^T diag(1/s) stays bounded (and INT8 storage of A keeps its precision).

@@ -37,7 +37,8 @@ def tpe(ppl: float, theta_bytes: int = 0, base_bytes: int = 1) -> float:
     """The project's TPE score: (1/PPL) / log10(1 + lambda), lambda = 9 * (1 + rho).
 
     rho = theta bytes / base model file bytes; with no theta the denominator is log10(10) = 1,
-    so TPE = 1/PPL. (The seed's formula divided by zero for the baseline; see REFERENCE.md.)
+    so TPE = 1/PPL. (The seed's TPE divided by zero for a model without theta; the 1 + rho in
+    lambda keeps that denominator at 1.)
     """
     rho = theta_bytes / base_bytes if base_bytes else 0.0
     return tpe_score(1.0 / ppl, rho)

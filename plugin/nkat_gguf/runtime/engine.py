@@ -56,7 +56,6 @@ class Runtime:
         flash_attn: bool = False,
         n_gpu_layers: int = 0,
         eval_callback=None,
-        verbose: bool = False,
     ):
         if backend not in BACKENDS:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -84,7 +83,6 @@ class Runtime:
             raise UserError(f"--gamma must be finite, not {gamma}")
 
         self._lib = _llama()
-        self._verbose = verbose
         self._adapter = None
         self._hook = None
         self._callback = eval_callback
@@ -111,7 +109,7 @@ class Runtime:
         params.n_gpu_layers = self.n_gpu_layers
         params.use_mmap = True
         try:
-            self._model = LlamaModel(path_model=str(self.model_path), params=params, verbose=self._verbose)
+            self._model = LlamaModel(path_model=str(self.model_path), params=params, verbose=False)
         except ValueError as exc:
             raise UserError(f"{self.model_path}: llama.cpp could not load it ({exc})") from None
         self.vocab = self._lib.llama_model_get_vocab(self._model.model)
@@ -153,7 +151,7 @@ class Runtime:
         lib = self._lib
         # ggml prints one "cannot use buft CPU_REPACK" warning per adapter tensor on stderr;
         # llama.cpp's own log lines are kept to explain a refusal.
-        with suppress_stdout_stderr(disable=self._verbose or LLAMA_VERBOSE), captured_llama_log() as log:
+        with suppress_stdout_stderr(disable=LLAMA_VERBOSE), captured_llama_log() as log:
             self._adapter = lib.llama_adapter_lora_init(self._model.model, str(self.theta_path).encode())
         if not self._adapter:
             why = " | ".join(relevant_lines(log)) or "it logged no reason"

@@ -150,20 +150,6 @@ def star_apply_factors(f: Int8Factors, x: np.ndarray, y: np.ndarray, s: float, t
     return y
 
 
-def star_apply(A_q, A_scale, B_q, B_scale, x, y, s, threads=None, *, b_transposed: bool = False) -> np.ndarray:
-    """The low-level kernel on numpy arrays: y += s * (B_q * B_scale) ((A_q * A_scale) x).
-
-    A_q int8 (rank, n_in), A_scale (rank,), B_q int8 (n_out, rank) -- or (rank, n_out) with
-    b_transposed=True, the kernel's own layout, which avoids a copy -- B_scale (n_out,)."""
-    A_q = np.ascontiguousarray(A_q, np.int8)
-    B_q = np.asarray(B_q, np.int8)
-    Bt_q = np.ascontiguousarray(B_q if b_transposed else B_q.T)
-    f = Int8Factors("", A_q, np.ascontiguousarray(A_scale, np.float32), Bt_q, np.ascontiguousarray(B_scale, np.float32))
-    if f.A_scale.shape != (f.rank,) or f.B_scale.shape != (f.n_out,) or Bt_q.shape[0] != f.rank:
-        raise ValueError("A_q, A_scale, B_q and B_scale shapes do not match")
-    return star_apply_factors(f, x, y, s, threads)
-
-
 def reference(f: Int8Factors, x: np.ndarray, s: float) -> np.ndarray:
     """numpy float64 s * B (A x) for x (n_cols, n_in): the kernel's expected delta."""
     A = f.A_q.astype(np.float64) * f.A_scale.astype(np.float64)[:, None]
@@ -185,7 +171,8 @@ def supported_isas() -> list[str]:
 
 @contextlib.contextmanager
 def use_isa(name: str):
-    """Run the kernels with one ISA (tests); raises ValueError if this CPU lacks it."""
+    """Run the kernels with one ISA; raises ValueError if this CPU lacks it. Test API: used by
+    the tests and benchmarks/bench_kernel.py, not by the package."""
     previous = isa()
     if name not in ISAS or lib.nkat_isa_set(ISAS.index(name)) != 0:
         raise ValueError(f"ISA {name!r} is not supported here (supported: {', '.join(supported_isas())})")
@@ -233,16 +220,6 @@ def cuda_library_path() -> Path | None:
     path = Path(__file__).resolve().parents[1] / CUDA_LIB_NAME  # beside _nkat_native
     return path if path.is_file() else None
 
-
-def cuda_device_count() -> int:
-    """GPUs the CUDA library can see (0 without the library, a driver or a device)."""
-    path = cuda_library_path()
-    if path is None:
-        return 0
-    try:
-        return int(ctypes.CDLL(str(path)).nkat_cuda_device_count())
-    except OSError:
-        return 0
 
 
 # ------------------------------------------------------------------ hooks ---------------
@@ -422,14 +399,6 @@ class ActivationCollector(_Hook):
         except BaseException:
             self.close()
             raise
-
-    @classmethod
-    def for_model(cls, model_path, globs: list[str] | None = None) -> "ActivationCollector":
-        """Every block weight matrix of a GGUF model (the same filter that convert uses)."""
-        from ..formats.gguf_io import ModelFile
-
-        model = ModelFile(model_path)
-        return cls({name: model.shape(name)[1] for name in model.target_names(globs)})
 
     def results(self) -> dict[str, tuple[np.ndarray, int]]:
         """name -> (sum of x^2 per input column, float32 (n_in,), number of columns); weights

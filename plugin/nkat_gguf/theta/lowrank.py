@@ -146,12 +146,6 @@ def _checked_svd(X: np.ndarray, rank: int):
                         "(a damaged weight?)") from None
 
 
-def factors(E: np.ndarray, rank: int, structure: str, col_scale: np.ndarray | None = None):
-    """(B, A) with theta = B @ A for a resolved structure ('general' or 'antisymmetric')."""
-    P, Q = low_rank(E, rank, col_scale)
-    return structure_factors(P, Q, structure)
-
-
 def structure_factors(P: np.ndarray, Q: np.ndarray, structure: str):
     """(B, A) from M = P Q^T: general -> (P, Q^T); antisymmetric -> 0.5 (M - M^T), rank 2r."""
     if structure == "general":

@@ -201,9 +201,3 @@ def generate(server: RunningServer, prompt: str = SMOKE_PROMPT, max_tokens: int 
     payload = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1}
     answer = http_json(server.url + "/v1/completions", payload, timeout)
     return answer["choices"][0]["text"]
-
-
-def koboldcpp_version(server: RunningServer) -> str | None:
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        return http_json(server.url + "/api/extra/version", timeout=5.0).get("version")
-    return None
