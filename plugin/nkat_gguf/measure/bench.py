@@ -106,7 +106,7 @@ def benchmark(model: str, theta: str | None, gamma: float | None, opts: BenchOpt
         for _ in progress(range(opts.repeats), desc="bench", quiet=opts.quiet, unit="rep"):
             for label, rt in plan:
                 runs[label].append(run_once(rt, tokens, opts.iterations))
-        settings = any_rt.settings()
+        settings = (nkat or base).settings()  # the NKAT side's, where there is one: theta, gamma, backend
     finally:
         for rt in (base, nkat):
             if rt is not None:
