@@ -121,4 +121,4 @@ def test_meta_reads_back_as_written_with_empty_and_optional_fields(tmp_path):
     write_nkat(path, "llama", [ThetaFactors("blk.0.attn_q.weight", A, B)], with_reference)
     back = read_meta(path)
     assert back.reference == with_reference.reference and back.imatrix == "i.dat" and back.extra == {}
-    assert back.as_dict()["reference.name"] == "ref" and back["theta_bytes"] == nbytes
+    assert back.as_dict()["reference.name"] == "ref" and back.theta_bytes == nbytes

@@ -91,13 +91,6 @@ class NkatMeta:
         flat = {key[len(PREFIX):]: value for key, value, _ in _key_values(self)}
         return flat | {"alpha": self.alpha, "architecture": self.architecture}
 
-    def get(self, key: str, default=None):
-        """One key of as_dict()."""
-        return self.as_dict().get(key, default)
-
-    def __getitem__(self, key: str):
-        return self.as_dict()[key]
-
 
 # (key, NkatMeta attribute, GGUF type) of the scalar keys, in file order
 _SCALARS = (

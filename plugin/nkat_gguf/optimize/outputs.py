@@ -228,9 +228,9 @@ class OutputWriter:
             meta = read_meta(path)
         except UserError:
             return False
-        return (meta.get("optimize.study") == self.report.opts.study_name
-                and str(meta.get("optimize.trial")) == str(best["number"])
-                and int(meta.get("theta_bytes", -1)) == best["theta_bytes"])
+        return (meta.extra.get("optimize.study") == self.report.opts.study_name
+                and str(meta.extra.get("optimize.trial")) == str(best["number"])
+                and meta.theta_bytes == best["theta_bytes"])
 
     def _confirm_and_write(self, best: dict, base: dict) -> tuple[dict | None, list[str]]:
         """Re-evaluate the best trial on --final-chunks; write optimal_* only when that confirms

@@ -96,7 +96,7 @@ class Optimizer:
         self._check_output_dir()
 
         self.model = ModelFile(o.model)
-        if self.model.file_type == "adapter":
+        if self.model.is_adapter:
             raise UserError(f"{o.model}: is an adapter, not a model")
         names = self.model.target_names()
         self.names = [n for n in names if group_of(n) is not None]
@@ -108,7 +108,7 @@ class Optimizer:
             from ..theta.convert import open_reference
 
             self.reference = open_reference(self.model, o.reference, self.names)
-            if self.reference.file_type == "adapter":
+            if self.reference.is_adapter:
                 raise UserError(f"{o.reference}: is an adapter, not a reference model")
             if self.reference.fingerprint == self.model.fingerprint:
                 raise UserError(f"{o.reference}: is the model itself; the reference must be a higher-precision copy")
@@ -132,10 +132,8 @@ class Optimizer:
         """What must be equal for trials to be comparable (checked when a study is resumed)."""
         o = self.opts
         return {
-            "model": {"name": self.model.name, "file_size": self.model.file_size,
-                      "fingerprint": self.model.fingerprint},
-            "reference": ({"name": self.reference.name, "file_size": self.reference.file_size,
-                           "fingerprint": self.reference.fingerprint} if self.reference else None),
+            "model": self.model.identity().content(),
+            "reference": self.reference.identity().content() if self.reference else None,
             "imatrix": file_digest(o.imatrix) if o.imatrix else None,
             "covariance": file_digest(o.covariance) if o.covariance else None,
             "text": {"name": Path(o.text).name, "sha256": file_digest(o.text)},
@@ -378,14 +376,14 @@ class Optimizer:
         ref_ppl = results["reference"]["ppl"] if "reference" in results else None
         figures = ("ppl", "ppl_err", "kld_mean", "kld_p99", "top1_agreement")
         out = {"chunks": n, "ctx": o.runtime.ctx}
-        out["best"] = score_row(pick(results["best"], figures), self.base_bytes, rt.theta_meta["theta_bytes"],
+        out["best"] = score_row(pick(results["best"], figures), self.base_bytes, rt.theta_meta.theta_bytes,
                                 base_ppl=base_ppl, reference_ppl=ref_ppl)
         out["baseline"] = score_row(pick(results["baseline"], figures), self.base_bytes)
         if ref_ppl is not None:
             out["reference"] = pick(results["reference"], ("ppl", "ppl_err"))
         if given is not None:
             out["given"] = score_row(pick(results["given"], figures[:4]), self.base_bytes,
-                                     given.theta_meta["theta_bytes"]) | {"theta": str(o.given_theta)}
+                                     given.theta_meta.theta_bytes) | {"theta": str(o.given_theta)}
         out["beats_baseline"] = out["best"]["tpe"] > out["baseline"]["tpe"]
         out["wall_seconds"] = results["_wall_seconds"]
         return out

@@ -35,8 +35,8 @@ def run(args) -> int:
 def show(ctx: Context, result: dict, quiet: bool) -> None:
     if quiet:
         return
-    rows = [(m.name, str(m.base.name), m.meta.get("theta_rank"), m.meta.get("theta_gamma"),
-             human_bytes(int(m.meta.get("theta_bytes") or 0))) for m in ctx.models]
+    rows = [(m.name, str(m.base.name), m.meta.theta_rank, m.meta.theta_gamma, human_bytes(m.meta.theta_bytes))
+            for m in ctx.models]
     print_table("NKAT models", ["name", "base model", "rank", "gamma", "theta"], rows,
                 note=None if rows else "no .nkat files found (nkat convert makes them)")
     launcher = ctx.launcher
