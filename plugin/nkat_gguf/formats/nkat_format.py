@@ -396,8 +396,9 @@ def find_base_model(theta: str | os.PathLike, base: str | os.PathLike | None = N
             return candidate
     where = ", ".join([str(theta.parent)] + ([str(models_dir)] if models_dir else []))
     changed = " (a file with another fingerprint is there)" if recorded.name and recorded.is_file() else ""
-    raise UserError(f"{theta}: base model not found: {recorded or 'no path recorded'}{changed}, nor a GGUF with "
-                    f"its fingerprint in {where}: pass --model BASE.gguf with --theta, or --models-dir DIR")
+    raise BadSetting(f"{theta}: base model not found: {recorded or 'no path recorded'}{changed}, nor a GGUF with "
+                     f"its fingerprint in {where}: pass", Setting.MODEL, "BASE.gguf with", Setting.THETA, ", or",
+                     Setting.MODELS_DIR, "DIR")
 
 
 def split_model_argument(model: str | os.PathLike, thetas: list | None = None,

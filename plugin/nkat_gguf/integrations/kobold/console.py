@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from ...errors import UserError
+from ...errors import BadSetting, UserError
 from ...util.report import human_bytes, print_json, print_table
 from .workflow import Context, build_context, launch, register, status
 
@@ -93,4 +93,6 @@ def menu(args) -> int:
             else:
                 print(f"no choice {choice!r}")
         except UserError as exc:
+            if isinstance(exc, BadSetting):  # named by the flag that set it (cli.dispatch)
+                exc = exc.worded(getattr(args, "setting_flags", {}))
             print(f"nkat kobold: error: {exc}", file=sys.stderr)
