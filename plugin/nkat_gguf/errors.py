@@ -35,6 +35,13 @@ class Setting:
     EVAL_TEXT = SettingName("evaluation text")
     CALIB_TEXT = SettingName("calibration text")
     CTX = SettingName("context length")
+    CHUNKS = SettingName("chunk count")
+    GAMMA = SettingName("gamma")
+    BACKEND = SettingName("theta backend")
+    QUANT_TYPE = SettingName("quant type")
+    TENSOR_TYPE = SettingName("tensor type rule")
+    OUTPUT = SettingName("output")
+    OUTPUT_DIR = SettingName("output directory")
 
 
 class BadSetting(UserError):

@@ -19,7 +19,9 @@ SETTING_FLAGS = {
     Setting.REFERENCE: "--reference", Setting.IMATRIX: "--imatrix", Setting.COVARIANCE: "--covariance",
     Setting.BUDGET_MB: "--budget-mb", Setting.BUDGET_PCT: "--budget-pct", Setting.MAX_MATRICES: "--max-matrices",
     Setting.MODEL: "--model", Setting.THETA: "--theta", Setting.MODELS_DIR: "--models-dir",
-    Setting.EVAL_TEXT: "--text", Setting.CTX: "--ctx",
+    Setting.EVAL_TEXT: "--text", Setting.CTX: "--ctx", Setting.CHUNKS: "--chunks", Setting.GAMMA: "--gamma",
+    Setting.BACKEND: "--backend", Setting.QUANT_TYPE: "--type", Setting.TENSOR_TYPE: "--tensor-type",
+    Setting.OUTPUT: "--output", Setting.OUTPUT_DIR: "--output-dir",
 }
 
 EVAL_TEXT_HELP = "evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)"

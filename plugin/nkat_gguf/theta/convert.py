@@ -193,7 +193,7 @@ def convert_budgets(input_path: str, outputs: list[tuple[str, int | None]], opts
     """
     validate(opts)
     for output_path, _ in outputs:
-        check_output_path(output_path, [input_path, opts.reference, opts.imatrix, opts.covariance], "--output")
+        check_output_path(output_path, [input_path, opts.reference, opts.imatrix, opts.covariance], Setting.OUTPUT)
     started = time.perf_counter()
     model = ModelFile(input_path)
     if model.is_adapter:
