@@ -65,10 +65,10 @@ def q8_0_step_bound(X):
 
 
 def test_antisymmetric_theta_survives_int8_within_its_bound(tmp_path):
-    from nkat_gguf.theta import lowrank as theta
+    from helpers import factors
 
     E = rng.standard_normal((64, 64)).astype(np.float32)
-    B, A = theta.factors(E, 16, "antisymmetric")  # stored rank 32: Q8_0 for both halves
+    B, A = factors(E, 16, "antisymmetric")  # stored rank 32: Q8_0 for both halves
     path = tmp_path / "a.nkat"
     write_nkat(path, "llama", [ThetaFactors("blk.0.attn_q.weight", A, B)], meta("q8_0"))
     back = read_nkat(path)
@@ -121,4 +121,4 @@ def test_meta_reads_back_as_written_with_empty_and_optional_fields(tmp_path):
     write_nkat(path, "llama", [ThetaFactors("blk.0.attn_q.weight", A, B)], with_reference)
     back = read_meta(path)
     assert back.reference == with_reference.reference and back.imatrix == "i.dat" and back.extra == {}
-    assert back.as_dict()["reference.name"] == "ref" and back["theta_bytes"] == nbytes
+    assert back.as_dict()["reference.name"] == "ref" and back.theta_bytes == nbytes

@@ -110,9 +110,9 @@ def test_tiny_study_writes_consistent_outputs(tiny_study):
     from nkat_gguf.formats.nkat_format import read_meta
 
     meta = read_meta(out / f"{stem}.nkat")
-    assert meta["theta_gamma"] == pytest.approx(best["params"]["gamma"], rel=1e-6)
-    assert int(meta["theta_bytes"]) == best["theta_bytes"]
-    assert meta["source"] == best["params"]["source"]
+    assert meta.theta_gamma == pytest.approx(best["params"]["gamma"], rel=1e-6)
+    assert meta.theta_bytes == best["theta_bytes"]
+    assert meta.source == best["params"]["source"]
 
 
 def test_rerun_resumes_without_repeating(tiny_study, base_model, reference_model, short_text, imatrix, capsys):

@@ -1,8 +1,8 @@
 """Argument parsing only: every subcommand lives in nkat_gguf.commands.<name>.
 
 Each command module has `add_parser(subparsers)`, which registers its parser with
-`set_defaults(func=run)` (plus `setting_flags`: errors.Setting -> the flag that sets it, to word
-errors.BadSetting), and `run(args) -> int`.
+`set_defaults(func=run)` (plus `setting_flags`: errors.Setting -> the flag that sets it, where it
+differs from commands.common.SETTING_FLAGS, to word errors.BadSetting), and `run(args) -> int`.
 """
 
 from __future__ import annotations
@@ -81,12 +81,15 @@ def run_command(name: str, argv: list[str] | None = None, prog: str | None = Non
 def dispatch(args, program: str) -> int:
     """Run the command: user errors are one line and status 2; SIGINT, SIGTERM and SIGHUP all
     unwind the same way (partial files removed, servers we started stopped), 128 + signal."""
+    from .commands.common import SETTING_FLAGS
+
+    args.setting_flags = SETTING_FLAGS | getattr(args, "setting_flags", {})
     try:
         with terminate_like_interrupt():
             return int(args.func(args) or 0)
     except UserError as exc:
         if isinstance(exc, BadSetting):  # named by the flag this command took it from
-            exc = exc.worded(getattr(args, "setting_flags", {}))
+            exc = exc.worded(args.setting_flags)
         print(f"{program}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

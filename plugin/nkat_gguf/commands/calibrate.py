@@ -17,7 +17,7 @@ from pathlib import Path
 from ..runtime.activation_stats import MemoryLimitError, collect, write_covariance_file
 from ..formats.imatrix import write_imatrix, write_imatrix_legacy
 from ..formats.defaults import find_calibration_text, find_eval_text
-from ..errors import UserError
+from ..errors import Setting, UserError
 from ..measure.ppl import read_text
 from ..util.output_paths import check_output_path
 from ..util.report import human_bytes, print_json, print_table, say
@@ -52,7 +52,7 @@ def add_parser(subparsers) -> None:
                    "blocks that do not fit are collected in further passes over the text (the model comes on top)")
     add_runtime_flags(p)
     add_output_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, setting_flags={Setting.CALIB_TEXT: "--text"})
 
 
 def check_not_eval_text(text: Path) -> None:

@@ -6,10 +6,23 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import Setting, UserError
 from ..formats.defaults import default_model_path
 from ..runtime.settings import BACKENDS, RuntimeSettings
 
+
+# The flag that sets each setting a layer below may refuse (errors.BadSetting), as most commands
+# name it; a command's own `setting_flags` win (nkat optimize sets the theta rank with --target-rank).
+SETTING_FLAGS = {
+    Setting.THETA_RANK: "--theta-rank", Setting.THETA_TYPE: "--theta-type", Setting.THETA_GAMMA: "--theta-gamma",
+    Setting.LAYERS: "--selective-layers", Setting.SOURCE: "--source", Setting.STRUCTURE: "--structure",
+    Setting.REFERENCE: "--reference", Setting.IMATRIX: "--imatrix", Setting.COVARIANCE: "--covariance",
+    Setting.BUDGET_MB: "--budget-mb", Setting.BUDGET_PCT: "--budget-pct", Setting.MAX_MATRICES: "--max-matrices",
+    Setting.MODEL: "--model", Setting.THETA: "--theta", Setting.MODELS_DIR: "--models-dir",
+    Setting.EVAL_TEXT: "--text", Setting.CTX: "--ctx", Setting.CHUNKS: "--chunks", Setting.GAMMA: "--gamma",
+    Setting.BACKEND: "--backend", Setting.QUANT_TYPE: "--type", Setting.TENSOR_TYPE: "--tensor-type",
+    Setting.OUTPUT: "--output", Setting.OUTPUT_DIR: "--output-dir",
+}
 
 EVAL_TEXT_HELP = "evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)"
 BACKEND_HELP = "lora: llama.cpp's adapter path (default); shim: the native eval-callback hook"

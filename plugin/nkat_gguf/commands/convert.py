@@ -8,7 +8,7 @@ from pathlib import Path
 from ..util.atomic import atomic_path
 from ..theta.convert import ConvertOptions, convert
 from ..formats.defaults import find_eval_text
-from ..errors import Setting, UserError
+from ..errors import UserError
 from ..formats.gguf_io import open_gguf_magic
 from ..measure.ppl import CHEAP_CHECK_BYTES, CHECK_CHUNKS, check_theta, check_words
 from ..formats.nkat_format import THETA_TYPES
@@ -78,16 +78,13 @@ def add_parser(subparsers) -> None:
                    help="write the theta even when the check finds it makes the model worse (with a warning)")
     add_runtime_flags(p)  # the check's chunks
     add_output_flags(p)
-    p.set_defaults(func=run, setting_flags=SETTING_FLAGS)
+    p.set_defaults(func=run)
 
 
 NO_REFERENCE = ("no --reference: theta corrects what quantization lost, measured against a reference (a "
                 "higher-precision GGUF of the same model); pass --reference REF.gguf (or make a lower-bit base "
                 "from the model you have: nkat quantize --input M.gguf --output base.gguf), or ask for the "
                 "seed's method by name with --source weight")
-# the flags that set what the layers below check (errors.BadSetting)
-SETTING_FLAGS = {Setting.THETA_RANK: "--theta-rank", Setting.THETA_TYPE: "--theta-type",
-                 Setting.THETA_GAMMA: "--theta-gamma", Setting.LAYERS: "--selective-layers"}
 
 
 def resolve_source(args) -> str:

@@ -56,7 +56,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--chunks", type=positive_int, default=8, metavar="N", help="evaluation chunks (default 8)")
     add_runtime_flags(p, backend=True)
     add_output_flags(p)
-    p.set_defaults(func=run, setting_flags={Setting.THETA_RANK: "--theta-rank"})
+    p.set_defaults(func=run, setting_flags={Setting.CALIB_TEXT: "--calib-text", Setting.QUANT_TYPE: "--ladder"})
 
 
 def reference_path(value) -> str:

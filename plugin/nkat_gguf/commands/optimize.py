@@ -8,7 +8,7 @@ from ..errors import Setting
 from ..formats.defaults import find_eval_text
 from ..util.report import human_bytes, print_json, print_table, say
 from .common import (add_model_flag, add_models_dir_flag, add_output_flags, add_runtime_flags, add_text_flag,
-                     model_and_thetas)
+                     model_and_thetas, runtime_settings)
 
 
 def add_parser(subparsers) -> None:
@@ -66,9 +66,9 @@ def run(args) -> int:
     opts = OptimizeOptions(
         model=model, output_dir=args.output_dir, text=str(find_eval_text(args.text)),
         reference=args.reference, imatrix=args.imatrix, covariance=args.covariance, mode=args.mode, trials=args.trials,
-        storage=args.storage, study_name=args.study_name, backend=args.backend, target_rank=args.target_rank,
+        storage=args.storage, study_name=args.study_name, target_rank=args.target_rank,
         max_kld=args.max_kld, max_overhead=args.max_overhead, chunks=args.chunks, final_chunks=args.final_chunks,
-        ctx=args.ctx, threads=args.threads, flash_attn=args.flash_attn, seed=args.seed,
+        runtime=runtime_settings(args), seed=args.seed,
         quiet=args.quiet or args.json, given_theta=given[0] if given else None,
     )
     summary = run_optimize(opts)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import Setting
 from ..formats.defaults import find_eval_text
 from ..quickstart import default_work_dir, quickstart
 from ..util.report import print_json
@@ -25,7 +24,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--base-type", default="q4_0", help="the lower-bit copy's type (default q4_0)")
     add_runtime_flags(p, flash_attn=False)
     add_output_flags(p)
-    p.set_defaults(func=run, setting_flags={Setting.THETA_RANK: "--theta-rank"})
+    p.set_defaults(func=run)
 
 
 def run(args) -> int:

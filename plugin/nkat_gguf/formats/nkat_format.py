@@ -91,13 +91,6 @@ class NkatMeta:
         flat = {key[len(PREFIX):]: value for key, value, _ in _key_values(self)}
         return flat | {"alpha": self.alpha, "architecture": self.architecture}
 
-    def get(self, key: str, default=None):
-        """One key of as_dict()."""
-        return self.as_dict().get(key, default)
-
-    def __getitem__(self, key: str):
-        return self.as_dict()[key]
-
 
 # (key, NkatMeta attribute, GGUF type) of the scalar keys, in file order
 _SCALARS = (
@@ -403,8 +396,9 @@ def find_base_model(theta: str | os.PathLike, base: str | os.PathLike | None = N
             return candidate
     where = ", ".join([str(theta.parent)] + ([str(models_dir)] if models_dir else []))
     changed = " (a file with another fingerprint is there)" if recorded.name and recorded.is_file() else ""
-    raise UserError(f"{theta}: base model not found: {recorded or 'no path recorded'}{changed}, nor a GGUF with "
-                    f"its fingerprint in {where}: pass --model BASE.gguf with --theta, or --models-dir DIR")
+    raise BadSetting(f"{theta}: base model not found: {recorded or 'no path recorded'}{changed}, nor a GGUF with "
+                     f"its fingerprint in {where}: pass", Setting.MODEL, "BASE.gguf with", Setting.THETA, ", or",
+                     Setting.MODELS_DIR, "DIR")
 
 
 def split_model_argument(model: str | os.PathLike, thetas: list | None = None,

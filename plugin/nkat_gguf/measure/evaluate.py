@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import BadSetting, Setting, UserError
 from ..runtime.chunks import chunk_window
 from ..util.report import progress
 
@@ -104,13 +104,13 @@ MIN_CTX = 8
 
 def check_ctx(n_ctx: int) -> None:
     if n_ctx < MIN_CTX:
-        raise UserError(f"--ctx must be at least {MIN_CTX} (each chunk scores its second half), not {n_ctx}")
+        raise BadSetting(Setting.CTX, f"must be at least {MIN_CTX} (each chunk scores its second half), not {n_ctx}")
 
 
-def check_chunks(chunks: int | None, flag: str = "--chunks") -> None:
+def check_chunks(chunks: int | None) -> None:
     """None means all chunks; anything else must be a positive count."""
     if chunks is not None and chunks < 1:
-        raise UserError(f"{flag} must be at least 1 (leave it out for all chunks), not {chunks}")
+        raise BadSetting(Setting.CHUNKS, f"must be at least 1 (leave it out for all chunks), not {chunks}")
 
 
 def chunk_count(n_tokens: int, n_ctx: int, chunks: int | None) -> int:
@@ -118,10 +118,8 @@ def chunk_count(n_tokens: int, n_ctx: int, chunks: int | None) -> int:
     check_chunks(chunks)
     available = n_tokens // n_ctx
     if available < 2:
-        raise UserError(
-            f"the text has {n_tokens} tokens: at least two chunks of --ctx {n_ctx} "
-            f"({2 * n_ctx} tokens) are needed"
-        )
+        raise BadSetting(f"the text has {n_tokens} tokens: at least two chunks of", Setting.CTX,
+                         f"{n_ctx} ({2 * n_ctx} tokens) are needed")
     if chunks is None:
         return available
     return min(chunks, available)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from ..runtime.settings import RuntimeSettings
 
 MODES = {"quick": 12, "full": 100}
 DEFAULT_CHUNKS = 2
@@ -24,15 +25,12 @@ class OptimizeOptions:
     trials: int | None = None
     storage: str | None = None
     study_name: str = DEFAULT_STUDY_NAME
-    backend: str = "lora"
     target_rank: int | None = None
     max_kld: float | None = None
     max_overhead: float | None = None
     chunks: int = DEFAULT_CHUNKS
     final_chunks: int = DEFAULT_FINAL_CHUNKS
-    ctx: int = 512
-    threads: int | None = None
-    flash_attn: bool = False
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)  # ctx, threads, flash_attn, backend
     seed: int | None = None
     quiet: bool = False
     given_theta: str | None = None  # --model X.nkat: X is scored beside the best trial in the final check

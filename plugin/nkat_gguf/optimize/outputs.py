@@ -148,10 +148,11 @@ class OutputWriter:
             convert += ["--selective-layers", *layer_globs(p["groups"])]
         convert += ["--output", str(nkat_path or f"{best_stem(row)}.nkat")]
         ppl = ["nkat", "ppl", "--model", o.model, "--theta", str(nkat_path or f"{best_stem(row)}.nkat"),
-               "--text", o.text, "--ctx", str(o.ctx), "--chunks", str(row["chunks"]), "--backend", o.backend]
+               "--text", o.text, "--ctx", str(o.runtime.ctx), "--chunks", str(row["chunks"]), "--backend",
+               o.runtime.backend]
         if o.reference:
             ppl += ["--reference", o.reference]
-        if o.flash_attn:
+        if o.runtime.flash_attn:
             ppl += ["--flash-attn"]
         return {
             "command": shlex.join(ppl),
@@ -227,9 +228,9 @@ class OutputWriter:
             meta = read_meta(path)
         except UserError:
             return False
-        return (meta.get("optimize.study") == self.report.opts.study_name
-                and str(meta.get("optimize.trial")) == str(best["number"])
-                and int(meta.get("theta_bytes", -1)) == best["theta_bytes"])
+        return (meta.extra.get("optimize.study") == self.report.opts.study_name
+                and str(meta.extra.get("optimize.trial")) == str(best["number"])
+                and meta.theta_bytes == best["theta_bytes"])
 
     def _confirm_and_write(self, best: dict, base: dict) -> tuple[dict | None, list[str]]:
         """Re-evaluate the best trial on --final-chunks; write optimal_* only when that confirms
@@ -242,7 +243,7 @@ class OutputWriter:
         same_best = (previous.get("best_trial") or {}).get("number") == best["number"]
         old_final = previous.get("final") if same_best else None
         wanted = min(opt.opts.final_chunks, opt.available_chunks)
-        reuse = bool(old_final and old_final.get("chunks") == wanted and old_final.get("ctx") == opt.opts.ctx)
+        reuse = bool(old_final and old_final.get("chunks") == wanted and old_final.get("ctx") == opt.opts.runtime.ctx)
         if same_best and self._is_written(nkat_path, best):
             say(f"the best theta (trial {best['number']}) is already in {nkat_path}", quiet)
             final = old_final if reuse else opt.final_evaluation(nkat_path)
@@ -314,9 +315,9 @@ def study_command(o: OptimizeOptions, n_trials: int) -> list[str]:
                         ("--max-kld", o.max_kld), ("--max-overhead", o.max_overhead), ("--storage", o.storage)):
         if value is not None:
             cmd += [flag, redact(str(value)) if flag == "--storage" else str(value)]
-    cmd += ["--output-dir", o.output_dir, "--study-name", o.study_name, "--backend", o.backend,
-            "--chunks", str(o.chunks), "--final-chunks", str(o.final_chunks), "--ctx", str(o.ctx)]
-    if o.flash_attn:
+    cmd += ["--output-dir", o.output_dir, "--study-name", o.study_name, "--backend", o.runtime.backend,
+            "--chunks", str(o.chunks), "--final-chunks", str(o.final_chunks), "--ctx", str(o.runtime.ctx)]
+    if o.runtime.flash_attn:
         cmd.append("--flash-attn")
     return cmd
 

@@ -65,8 +65,8 @@ class Optimizer:
         from ..measure.ppl import read_text
 
         o = self.opts
-        if o.backend not in BACKENDS:
-            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {o.backend!r}")
+        if o.runtime.backend not in BACKENDS:
+            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {o.runtime.backend!r}")
         if o.chunks is None or o.chunks < 1:
             raise UserError(f"--chunks must be at least 1, not {o.chunks}")
         if o.final_chunks is None or o.final_chunks < 0:
@@ -86,7 +86,7 @@ class Optimizer:
                 raise UserError(f"{flag} file not found: {path}")
         if not o.study_name or not o.study_name.strip():
             raise UserError("--study-name must not be empty")
-        check_ctx(o.ctx)
+        check_ctx(o.runtime.ctx)
 
         # Where results go, and the storage, are checked before any model is read or loaded.
         out = Path(o.output_dir)
@@ -96,7 +96,7 @@ class Optimizer:
         self._check_output_dir()
 
         self.model = ModelFile(o.model)
-        if self.model.file_type == "adapter":
+        if self.model.is_adapter:
             raise UserError(f"{o.model}: is an adapter, not a model")
         names = self.model.target_names()
         self.names = [n for n in names if group_of(n) is not None]
@@ -108,7 +108,7 @@ class Optimizer:
             from ..theta.convert import open_reference
 
             self.reference = open_reference(self.model, o.reference, self.names)
-            if self.reference.file_type == "adapter":
+            if self.reference.is_adapter:
                 raise UserError(f"{o.reference}: is an adapter, not a reference model")
             if self.reference.fingerprint == self.model.fingerprint:
                 raise UserError(f"{o.reference}: is the model itself; the reference must be a higher-precision copy")
@@ -132,14 +132,13 @@ class Optimizer:
         """What must be equal for trials to be comparable (checked when a study is resumed)."""
         o = self.opts
         return {
-            "model": {"name": self.model.name, "file_size": self.model.file_size,
-                      "fingerprint": self.model.fingerprint},
-            "reference": ({"name": self.reference.name, "file_size": self.reference.file_size,
-                           "fingerprint": self.reference.fingerprint} if self.reference else None),
+            "model": self.model.identity().content(),
+            "reference": self.reference.identity().content() if self.reference else None,
             "imatrix": file_digest(o.imatrix) if o.imatrix else None,
             "covariance": file_digest(o.covariance) if o.covariance else None,
             "text": {"name": Path(o.text).name, "sha256": file_digest(o.text)},
-            "ctx": o.ctx, "chunks": o.chunks, "backend": o.backend, "flash_attn": bool(o.flash_attn),
+            "ctx": o.runtime.ctx, "chunks": o.chunks, "backend": o.runtime.backend,
+            "flash_attn": bool(o.runtime.flash_attn),
             "max_kld": o.max_kld, "max_overhead": o.max_overhead,
         }
 
@@ -363,13 +362,12 @@ class Optimizer:
         if not o.final_chunks:
             return None
         n = min(o.final_chunks, self.scorer.available_chunks)
-        rt_kwargs = dict(n_ctx=o.ctx, n_threads=o.threads, flash_attn=o.flash_attn)
-        rt = Runtime(o.model, nkat_path, backend=o.backend, **rt_kwargs)
-        ref = Runtime(o.reference, **rt_kwargs) if o.reference else None
-        given = Runtime(o.model, o.given_theta, backend=o.backend, **rt_kwargs) if o.given_theta else None
+        rt = Runtime.from_settings(o.model, nkat_path, o.runtime)
+        ref = Runtime.from_settings(o.reference, None, o.runtime) if o.reference else None
+        given = Runtime.from_settings(o.model, o.given_theta, o.runtime) if o.given_theta else None
         candidates = {"baseline": (rt, 0.0), "best": (rt, rt.file_gamma)} | ({"given": given} if given else {})
         try:
-            results = evaluate(candidates, self.scorer.tokens, o.ctx, n, reference=ref, quiet=o.quiet)
+            results = evaluate(candidates, self.scorer.tokens, o.runtime.ctx, n, reference=ref, quiet=o.quiet)
         finally:
             for runtime in (rt, ref, given):
                 if runtime is not None:
@@ -377,15 +375,15 @@ class Optimizer:
         base_ppl = results["baseline"]["ppl"]
         ref_ppl = results["reference"]["ppl"] if "reference" in results else None
         figures = ("ppl", "ppl_err", "kld_mean", "kld_p99", "top1_agreement")
-        out = {"chunks": n, "ctx": o.ctx}
-        out["best"] = score_row(pick(results["best"], figures), self.base_bytes, rt.theta_meta["theta_bytes"],
+        out = {"chunks": n, "ctx": o.runtime.ctx}
+        out["best"] = score_row(pick(results["best"], figures), self.base_bytes, rt.theta_meta.theta_bytes,
                                 base_ppl=base_ppl, reference_ppl=ref_ppl)
         out["baseline"] = score_row(pick(results["baseline"], figures), self.base_bytes)
         if ref_ppl is not None:
             out["reference"] = pick(results["reference"], ("ppl", "ppl_err"))
         if given is not None:
             out["given"] = score_row(pick(results["given"], figures[:4]), self.base_bytes,
-                                     given.theta_meta["theta_bytes"]) | {"theta": str(o.given_theta)}
+                                     given.theta_meta.theta_bytes) | {"theta": str(o.given_theta)}
         out["beats_baseline"] = out["best"]["tpe"] > out["baseline"]["tpe"]
         out["wall_seconds"] = results["_wall_seconds"]
         return out

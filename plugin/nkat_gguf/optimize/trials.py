@@ -112,16 +112,15 @@ class TrialScorer:
         """Load the base (and reference), tokenize and check the chunk count; decodes nothing."""
         self.opts = opts
         self.base_bytes = base_bytes
-        rt_kwargs = dict(n_ctx=opts.ctx, n_threads=opts.threads, flash_attn=opts.flash_attn)
-        self._base = Runtime(opts.model, **rt_kwargs)
+        self._base = Runtime.from_settings(opts.model, None, opts.runtime)
         self._ref = None
         try:
             if opts.reference:
-                self._ref = Runtime(opts.reference, **rt_kwargs)
+                self._ref = Runtime.from_settings(opts.reference, None, opts.runtime)
                 check_same_vocab([self._base, self._ref])
             self.tokens = self._base.tokenize(text)
-            self.n_chunks = chunk_count(len(self.tokens), opts.ctx, opts.chunks)
-            self.available_chunks = len(self.tokens) // opts.ctx
+            self.n_chunks = chunk_count(len(self.tokens), opts.runtime.ctx, opts.chunks)
+            self.available_chunks = len(self.tokens) // opts.runtime.ctx
         except BaseException:
             self.close()
             raise
@@ -136,7 +135,7 @@ class TrialScorer:
         try:
             if self._ref is not None:
                 self.store = LogprobStore(store_dir)
-                self.reference = fill_store(self._ref, self.tokens, opts.ctx, self.n_chunks, self.store, opts.quiet)
+                self.reference = fill_store(self._ref, self.tokens, opts.runtime.ctx, self.n_chunks, self.store, opts.quiet)
             self.baseline = self.score(self._base, desc="baseline")
             self.baseline["tpe"] = tpe(self.baseline["ppl"])
         finally:
@@ -149,7 +148,7 @@ class TrialScorer:
         self._base = self._ref = None
 
     def score(self, runtime, desc: str = "trial") -> dict:
-        result = score_model(runtime, self.tokens, self.opts.ctx, self.n_chunks, self.store, self.opts.quiet, desc)
+        result = score_model(runtime, self.tokens, self.opts.runtime.ctx, self.n_chunks, self.store, self.opts.quiet, desc)
         return result | {"decode_seconds": result["eval_seconds"]}
 
     def figures(self, result: dict, theta_bytes: int) -> dict:
@@ -189,8 +188,7 @@ class TrialRunner:
             self._close_runtime()
             path = self.scratch / "trial.nkat"
             self._theta_bytes = self.factors.write(path, config, FILE_GAMMA)
-            self._rt = Runtime(self.opts.model, path, backend=self.opts.backend, gamma=config["gamma"],
-                               n_ctx=self.opts.ctx, n_threads=self.opts.threads, flash_attn=self.opts.flash_attn)
+            self._rt = Runtime.from_settings(self.opts.model, path, self.opts.runtime, gamma=config["gamma"])
             self._key = key
             self.loads += 1
             loads = 1
@@ -211,9 +209,10 @@ class TrialRunner:
         if key not in self._overhead:
             from ..measure.bench import measure_overhead
 
-            res = measure_overhead(self.opts.model, str(self.scratch / "trial.nkat"), self.opts.backend, gamma,
+            settings = self.opts.runtime
+            res = measure_overhead(self.opts.model, str(self.scratch / "trial.nkat"), settings.backend, gamma,
                                    seq_len=OVERHEAD_SEQ_LEN, iterations=OVERHEAD_ITERATIONS, repeats=3,
-                                   threads=self.opts.threads)
+                                   threads=settings.threads)
             self._overhead[key] = float(res["overhead_percentage"])
         return self._overhead[key]
 

@@ -6,7 +6,7 @@ over non-overlapping chunks (BOS first where the vocab adds one), as llama-imatr
 
 from __future__ import annotations
 
-from ..errors import UserError
+from ..errors import BadSetting, Setting, UserError
 from ..util.report import progress
 from .chunks import chunk_window
 
@@ -68,7 +68,7 @@ def calibration_windows(runtime, text: bytes, chunks: int, ctx: int) -> tuple[li
     tokens = runtime.tokenize(text)
     available = len(tokens) // ctx
     if available < 1:
-        raise UserError(f"the calibration text has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}")
+        raise BadSetting(f"the calibration text has {len(tokens)} tokens, fewer than one chunk of", Setting.CTX, str(ctx))
     windows = [chunk_window(runtime, tokens, ctx, c) for c in range(min(chunks, available))]
     return windows, available, int(len(tokens))
 

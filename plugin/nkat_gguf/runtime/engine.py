@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import BadSetting, Setting, UserError
 from ..formats.gguf_io import ModelFile, open_gguf_magic
 from .llama_log import captured_llama_log, relevant_lines
 from .settings import BACKENDS, RuntimeSettings
@@ -58,7 +58,7 @@ class Runtime:
         eval_callback=None,
     ):
         if backend not in BACKENDS:
-            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+            raise BadSetting(Setting.BACKEND, f"must be one of {', '.join(BACKENDS)}, not {backend!r}")
         self.model_path = Path(model_path)
         open_gguf_magic(self.model_path)
         self.theta_path = Path(theta_path) if theta_path else None
@@ -80,7 +80,7 @@ class Runtime:
             del model_file
         self.gamma = self.file_gamma if gamma is None else float(gamma)
         if self.gamma is not None and not np.isfinite(self.gamma):
-            raise UserError(f"--gamma must be finite, not {gamma}")
+            raise BadSetting(Setting.GAMMA, f"must be finite, not {gamma}")
 
         self._lib = _llama()
         self._adapter = None
@@ -118,9 +118,7 @@ class Runtime:
         self.add_bos = bool(self._lib.llama_vocab_get_add_bos(self.vocab))
         self.bos_token = int(self._lib.llama_vocab_bos(self.vocab))
         if self.n_ctx > self.n_ctx_train:
-            raise UserError(
-                f"--ctx {self.n_ctx} is larger than the model's training context {self.n_ctx_train}"
-            )
+            raise BadSetting(Setting.CTX, f"{self.n_ctx} is larger than the model's training context {self.n_ctx_train}")
 
     def _make_context(self) -> None:
         lib = self._lib

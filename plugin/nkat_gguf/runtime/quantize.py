@@ -9,7 +9,7 @@ import re
 import numpy as np
 
 from ..util.atomic import atomic_path
-from ..errors import UserError
+from ..errors import BadSetting, Setting, UserError
 from ..formats.gguf_io import open_gguf, quant_type_by_name
 from ..util.output_paths import check_output_path
 
@@ -44,7 +44,7 @@ def overrides_array(llama_cpp, overrides: dict[str, str]):
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise UserError(f"--tensor-type {pattern!r}: not a regular expression ({exc})") from None
+            raise BadSetting(Setting.TENSOR_TYPE, f"{pattern!r}: not a regular expression ({exc})") from None
         entries[i].pattern = pattern.encode()
         entries[i].type = int(quant_type_by_name(type_name))
     return entries
@@ -58,10 +58,10 @@ def quantize_model(input_path: str, output_path: str, qtype: str = "q4_0", threa
     import llama_cpp
 
     open_gguf(input_path)  # a clear error for missing / non-GGUF input
-    check_output_path(output_path, [input_path], "--output")
+    check_output_path(output_path, [input_path], Setting.OUTPUT)
     names = ftype_names(llama_cpp)
     if qtype.lower() not in names:
-        raise UserError(f"--type {qtype!r} is not a llama.cpp quant type; one of: {', '.join(sorted(names))}")
+        raise BadSetting(Setting.QUANT_TYPE, f"{qtype!r} is not a llama.cpp quant type; one of: {', '.join(sorted(names))}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = names[qtype.lower()]
     params.allow_requantize = True

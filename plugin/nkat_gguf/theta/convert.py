@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import lowrank as theta_math
-from ..errors import UserError
+from ..errors import BadSetting, Setting, UserError
 from ..formats.gguf_io import ModelFile
 from ..formats.nkat_format import NkatMeta, ThetaFactors, factor_bytes, stored_roundtrip, write_nkat
 from ..util.output_paths import check_output_path
@@ -54,22 +54,25 @@ class ConvertOptions:
 def validate(opts: ConvertOptions) -> None:
     source = theta_math.source_info(opts.source)
     if source.needs_reference and not opts.reference:
-        raise UserError(f"--source {opts.source} needs --reference REF.gguf (a higher-precision copy of the model)")
+        raise BadSetting(Setting.SOURCE, f"{opts.source} needs", Setting.REFERENCE,
+                         "REF.gguf (a higher-precision copy of the model)")
     if source.statistics == "diagonal" and not opts.imatrix:
-        raise UserError(f"--source {opts.source} needs --imatrix FILE (make one with nkat calibrate)")
+        raise BadSetting(Setting.SOURCE, f"{opts.source} needs", Setting.IMATRIX, "FILE (make one with nkat calibrate)")
     if source.statistics == "covariance" and not (opts.covariance or opts.imatrix):
-        raise UserError(f"--source {opts.source} needs --covariance FILE (make one with nkat calibrate --covariance)")
+        raise BadSetting(Setting.SOURCE, f"{opts.source} needs", Setting.COVARIANCE,
+                         "FILE (make one with nkat calibrate --covariance)")
     gamma = opts.resolved_gamma()
     if not np.isfinite(gamma) or gamma == 0:
-        raise UserError(f"--theta-gamma must be finite and non-zero, not {opts.gamma}")
+        raise BadSetting(Setting.THETA_GAMMA, f"must be finite and non-zero, not {opts.gamma}")
     if opts.rank <= 0:
-        raise UserError(f"--theta-rank must be positive, not {opts.rank}")
+        raise BadSetting(Setting.THETA_RANK, f"must be positive, not {opts.rank}")
     if opts.budget_mb is not None and opts.budget_mb <= 0:
-        raise UserError(f"--budget-mb must be positive, not {opts.budget_mb}")
+        raise BadSetting(Setting.BUDGET_MB, f"must be positive, not {opts.budget_mb}")
     if opts.budget_mb is not None and opts.budget_pct is not None:
-        raise UserError("give one budget: --budget-mb or --budget-pct")
+        raise BadSetting("give one budget:", Setting.BUDGET_MB, "or", Setting.BUDGET_PCT)
     if opts.max_matrices is not None and (opts.max_matrices <= 0 or (opts.budget_mb is None and opts.budget_pct is None)):
-        raise UserError("--max-matrices N needs a positive N and a budget (--budget-mb or --budget-pct)")
+        raise BadSetting(Setting.MAX_MATRICES, "N needs a positive N and a budget (", Setting.BUDGET_MB, "or",
+                         Setting.BUDGET_PCT, ")")
 
 
 def open_reference(model: ModelFile, path: str, names: list[str]) -> ModelFile:
@@ -107,8 +110,8 @@ class Statistics:
         wants_scales = names if kind == "diagonal" else self.diagonal_only
         if self.diagonal_only and not imatrix:
             where = covariance or "the statistics"
-            raise UserError(f"{where}: no covariance for {self.diagonal_only[0]} "
-                            f"({len(self.diagonal_only)} tensors; pass --imatrix to use their diagonal)")
+            raise BadSetting(f"{where}: no covariance for {self.diagonal_only[0]} ({len(self.diagonal_only)} "
+                             "tensors; pass", Setting.IMATRIX, "to use their diagonal)")
         self.scales = load_scales(imatrix, wants_scales) if wants_scales else {}
         self._roots: dict[str, np.ndarray] = {}
 
@@ -172,7 +175,7 @@ def budget_bytes(opts: ConvertOptions, base_bytes: int) -> int | None:
     """The .nkat file's size limit: --budget-mb MiB, or --budget-pct percent of the base file."""
     if opts.budget_pct is not None:
         if not 0 < opts.budget_pct <= 100:
-            raise UserError(f"--budget-pct must be in (0, 100], not {opts.budget_pct}")
+            raise BadSetting(Setting.BUDGET_PCT, f"must be in (0, 100], not {opts.budget_pct}")
         return int(opts.budget_pct / 100 * base_bytes)
     return None if opts.budget_mb is None else int(opts.budget_mb * 1024 * 1024)
 
@@ -190,7 +193,7 @@ def convert_budgets(input_path: str, outputs: list[tuple[str, int | None]], opts
     """
     validate(opts)
     for output_path, _ in outputs:
-        check_output_path(output_path, [input_path, opts.reference, opts.imatrix, opts.covariance], "--output")
+        check_output_path(output_path, [input_path, opts.reference, opts.imatrix, opts.covariance], Setting.OUTPUT)
     started = time.perf_counter()
     model = ModelFile(input_path)
     if model.is_adapter:

@@ -109,13 +109,12 @@ def check_rank(rank: int, shape: tuple[int, int], name: str = "") -> None:
 def resolve_structure(structure: str, shape: tuple[int, int]) -> str:
     """auto -> antisymmetric for square matrices, general otherwise."""
     if structure not in STRUCTURES:
-        raise UserError(f"--structure must be one of {', '.join(STRUCTURES)}, not {structure!r}")
+        raise BadSetting(Setting.STRUCTURE, f"must be one of {', '.join(STRUCTURES)}, not {structure!r}")
     if structure == "auto":
         return "antisymmetric" if shape[0] == shape[1] else "general"
     if structure == "antisymmetric" and shape[0] != shape[1]:
-        raise UserError(
-            f"antisymmetric theta needs a square matrix, not {shape[0]}x{shape[1]}: use --structure auto"
-        )
+        raise BadSetting(f"antisymmetric theta needs a square matrix, not {shape[0]}x{shape[1]}: use",
+                         Setting.STRUCTURE, "auto")
     return structure
 
 
@@ -162,7 +161,8 @@ def correction_matrix(source: str, W: np.ndarray, W_ref: np.ndarray | None) -> n
     if not source_info(source).needs_reference:
         return W
     if W_ref is None:
-        raise UserError(f"--source {source} needs --reference (a higher-precision GGUF of the same model)")
+        raise BadSetting(Setting.SOURCE, f"{source} needs", Setting.REFERENCE,
+                         "(a higher-precision GGUF of the same model)")
     return W_ref - W
 
 

@@ -4,6 +4,7 @@ Refused, with one line naming the path: an output that is one of the command's i
 file by inode or by real path, through links), an existing directory or other non-regular
 file (a device node, a FIFO, a socket), and an output whose directory is missing or not
 writable. An existing regular file that is no input may be replaced.
+`flag` names the path in the message: a Setting (worded with the command's flag) or plain text.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import stat
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import BadSetting, Setting
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -23,44 +24,44 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_output_path(target: str | os.PathLike, inputs=(), flag: str = "output") -> None:
-    """Raise UserError unless `target` can be written without touching an input or a non-file."""
+    """Raise a UserError (BadSetting) unless `target` can be written without touching an input or a non-file."""
     target = Path(target)
     for source in inputs:
         if source and _same_file(target, Path(source)):
-            raise UserError(f"{flag} {target} is the input {source}: it would be overwritten; "
-                            "choose another output path")
+            raise BadSetting(flag, f"{target} is the input {source}: it would be overwritten; "
+                                   "choose another output path")
     try:
         st = os.stat(target)
     except FileNotFoundError:
         st = None
     except OSError as exc:
-        raise UserError(f"{flag} {target}: {exc.strerror}") from None
+        raise BadSetting(flag, f"{target}: {exc.strerror}") from None
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
-            raise UserError(f"{flag} {target} is a directory; give a file name")
+            raise BadSetting(flag, f"{target} is a directory; give a file name")
         if not stat.S_ISREG(st.st_mode):
-            raise UserError(f"{flag} {target} exists and is not a regular file (a device, FIFO or socket); "
-                            "it is never replaced")
+            raise BadSetting(flag, f"{target} exists and is not a regular file (a device, FIFO or socket); "
+                                   "it is never replaced")
     check_writable_dir(target.parent if str(target.parent) else Path("."), flag)
 
 
 def check_writable_dir(directory: str | os.PathLike, flag: str = "output") -> None:
     directory = Path(directory)
     if not directory.is_dir():
-        raise UserError(f"{flag} directory does not exist: {directory}")
+        raise BadSetting(flag, f"directory does not exist: {directory}")
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} directory is not writable: {directory}")
+        raise BadSetting(flag, f"directory is not writable: {directory}")
 
 
-def check_output_dir(directory: str | os.PathLike, inputs=(), flag: str = "--output-dir") -> None:
+def check_output_dir(directory: str | os.PathLike, inputs=(), flag: str = Setting.OUTPUT_DIR) -> None:
     """A directory to create or fill: not a file, not an input, inside a writable parent."""
     directory = Path(directory)
     for source in inputs:
         if source and _same_file(directory, Path(source)):
-            raise UserError(f"{flag} {directory} is the input {source}; choose another directory")
+            raise BadSetting(flag, f"{directory} is the input {source}; choose another directory")
     if directory.exists():
         if not directory.is_dir():
-            raise UserError(f"{flag} {directory}: exists and is not a directory")
+            raise BadSetting(flag, f"{directory}: exists and is not a directory")
         check_writable_dir(directory, flag)
         return
     parent = directory.parent

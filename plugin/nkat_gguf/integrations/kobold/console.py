@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from ...errors import UserError
+from ...errors import BadSetting, UserError
 from ...util.report import human_bytes, print_json, print_table
 from .workflow import Context, build_context, launch, register, status
 
@@ -35,8 +35,8 @@ def run(args) -> int:
 def show(ctx: Context, result: dict, quiet: bool) -> None:
     if quiet:
         return
-    rows = [(m.name, str(m.base.name), m.meta.get("theta_rank"), m.meta.get("theta_gamma"),
-             human_bytes(int(m.meta.get("theta_bytes") or 0))) for m in ctx.models]
+    rows = [(m.name, str(m.base.name), m.meta.theta_rank, m.meta.theta_gamma, human_bytes(m.meta.theta_bytes))
+            for m in ctx.models]
     print_table("NKAT models", ["name", "base model", "rank", "gamma", "theta"], rows,
                 note=None if rows else "no .nkat files found (nkat convert makes them)")
     launcher = ctx.launcher
@@ -93,4 +93,6 @@ def menu(args) -> int:
             else:
                 print(f"no choice {choice!r}")
         except UserError as exc:
+            if isinstance(exc, BadSetting):  # named by the flag that set it (cli.dispatch)
+                exc = exc.worded(getattr(args, "setting_flags", {}))
             print(f"nkat kobold: error: {exc}", file=sys.stderr)
