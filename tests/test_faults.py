@@ -4,7 +4,6 @@ orphan a server or pass garbage as a result. Each test reproduces one defect fou
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import stat

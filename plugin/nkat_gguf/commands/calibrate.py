@@ -10,7 +10,6 @@ per pass over the text so that the sums fit in --max-memory.
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
@@ -90,19 +89,11 @@ def run(args) -> int:
         "bytes": Path(args.output).stat().st_size, "seconds": time.perf_counter() - started,
         "flash_attn": bool(args.flash_attn),
     } | facts
-    if args.json:
-        print_json(result)
-        return 0
-    if facts["chunks"] < args.chunks:
-        say(f"note: the text holds only {facts['chunks']} chunks of {args.ctx} tokens", quiet)
-    print_table("calibration (imatrix)", ["", "value"], [
+    return show_result(args, result, quiet, "calibration (imatrix)", [
         ["output", f"{result['output']} ({args.format}, {human_bytes(result['bytes'])})"],
         ["weights", result["tensors"]],
         ["chunks x ctx", f"{facts['chunks']} x {args.ctx} = {result['tokens_per_tensor']} tokens per weight"],
-        ["text", result["text"]],
-        ["time", f"{result['seconds']:.1f} s ({facts['threads']} threads)"],
     ])
-    return 0
 
 
 def run_covariance(args, model: str, text_path: Path, quiet: bool) -> int:
@@ -113,19 +104,24 @@ def run_covariance(args, model: str, text_path: Path, quiet: bool) -> int:
                                        args.ctx, args.threads, args.flash_attn, quiet, args.max_memory)
     except MemoryLimitError as exc:
         raise UserError(f"--max-memory: {exc}") from None
-    facts, tokens = result, result["tokens_per_input"]
+    return show_result(args, result, quiet, "calibration (input covariance)", [
+        ["output", f"{result['output']} ({human_bytes(result['bytes'])})"],
+        ["inputs / weights", f"{result['inputs']} distinct inputs for {result['weights']} weights"],
+        ["chunks x ctx", f"{result['chunks']} x {args.ctx} = {result['tokens_per_input']} tokens per input"],
+        ["passes", f"{result['passes']} (--max-memory {human_bytes(args.max_memory)})"],
+        ["peak RSS", f"{result['peak_rss_mb']:.0f} MB"],
+    ])
+
+
+def show_result(args, result: dict, quiet: bool, title: str, rows: list) -> int:
+    """The JSON, or a note on a short text and the table: `rows`, then the text and the time."""
     if args.json:
         print_json(result)
         return 0
-    if facts["chunks"] < args.chunks:
-        say(f"note: the text holds only {facts['chunks']} chunks of {args.ctx} tokens", quiet)
-    print_table("calibration (input covariance)", ["", "value"], [
-        ["output", f"{result['output']} ({human_bytes(result['bytes'])})"],
-        ["inputs / weights", f"{result['inputs']} distinct inputs for {result['weights']} weights"],
-        ["chunks x ctx", f"{facts['chunks']} x {args.ctx} = {tokens} tokens per input"],
-        ["passes", f"{facts['passes']} (--max-memory {human_bytes(args.max_memory)})"],
-        ["peak RSS", f"{result['peak_rss_mb']:.0f} MB"],
+    if result["chunks"] < args.chunks:
+        say(f"note: the text holds only {result['chunks']} chunks of {args.ctx} tokens", quiet)
+    print_table(title, ["", "value"], rows + [
         ["text", result["text"]],
-        ["time", f"{result['seconds']:.1f} s ({facts['threads']} threads)"],
+        ["time", f"{result['seconds']:.1f} s ({result['threads']} threads)"],
     ])
     return 0
