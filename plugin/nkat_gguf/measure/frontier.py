@@ -153,15 +153,15 @@ class Frontier:
         from ..formats.defaults import find_calibration_text
         from .ppl import read_text
 
-        path = self.work / f"{self.name}-calib{self.o.calib_chunks}x{self.o.runtime.ctx}.imatrix"
+        rs = self.o.runtime
+        path = self.work / f"{self.name}-calib{self.o.calib_chunks}x{rs.ctx}.imatrix"
         if path.is_file():
             return str(path)
         text = find_calibration_text(self.o.calib_text)
         say(f"[frontier] activation statistics of {Path(self.o.reference).name} on {text.name}", self.o.quiet)
-        rs = self.o.runtime
         stats, facts = collect(self.o.reference, read_text(text), self.o.calib_chunks, rs.ctx, rs.threads, rs.flash_attn,
                                self.o.quiet)
-        write_imatrix(path, stats, dataset=str(text), chunks=facts["chunks"], chunk_size=self.o.runtime.ctx,
+        write_imatrix(path, stats, dataset=str(text), chunks=facts["chunks"], chunk_size=rs.ctx,
                       architecture=facts["architecture"])
         return str(path)
 
