@@ -174,6 +174,22 @@ def test_mixed_file_takes_donor_tensors_verbatim(tmp_path, frontier_run, referen
         assert np.array_equal(np.asarray(mixed[name].data), np.asarray(src.data))
 
 
+def test_attribute_knows_a_tensor_stored_as_in_the_reference(tmp_path, frontier_run, reference_model):
+    """A group whose tensors are byte-identical in both files is not assembled or scored."""
+    from nkat_gguf.formats.assemble import write_mixed
+    from nkat_gguf.formats.gguf_io import open_gguf
+    from nkat_gguf.measure.attribute import _same_tensor
+
+    _, _, result = frontier_run
+    base = next(r for r in result["rows"] if r["label"] == "Q4_0-imat")["model"]
+    out = tmp_path / "mixed.gguf"
+    write_mixed(base, {"blk.0.attn_q.weight": str(reference_model)}, out)
+    mixed = {t.name: t for t in open_gguf(out).tensors}
+    ref = {t.name: t for t in open_gguf(reference_model).tensors}
+    assert _same_tensor(mixed["blk.0.attn_q.weight"], ref["blk.0.attn_q.weight"])
+    assert not _same_tensor(mixed["blk.1.attn_q.weight"], ref["blk.1.attn_q.weight"])
+
+
 def test_quantize_overrides_and_imatrix(tmp_path, frontier_run, reference_model):
     """tt_overrides set the named tensors' type; the imatrix changes the rounding, not the size."""
     from nkat_gguf.formats.gguf_io import open_gguf

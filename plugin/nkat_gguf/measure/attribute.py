@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import UserError
 from .frontier import score_rows, settings_record
 from ..formats.gguf_io import fingerprint_file, open_gguf
@@ -34,6 +36,12 @@ def group_members(names: list[str], group: str) -> list[str]:
         lo, hi = (int(x) for x in group[4:].split("-"))
         return [n for n in weights if (m := _BLOCK.match(n)) and lo <= int(m.group(1)) <= hi]
     return [n for n in weights if _BLOCK.match(n) and n.split(".")[2] == group]
+
+
+def _same_tensor(a, b) -> bool:
+    """Stored identically: type, size and every byte (a requantized tensor can differ in data alone)."""
+    return (a.tensor_type == b.tensor_type and a.n_bytes == b.n_bytes
+            and np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)))
 
 
 def block_ranges(n_blocks: int, parts: int) -> list[str]:
@@ -76,9 +84,12 @@ def run_attribution(o: AttributeOptions) -> dict:
         members = group_members(names, group)
         if not members:
             raise UserError(f"group {group!r} matches no weight tensor of {o.base}")
-        differing = [n for n in members if base_t[n].tensor_type != ref_t[n].tensor_type
-                     or base_t[n].n_bytes != ref_t[n].n_bytes]
+        differing = [n for n in members if not _same_tensor(base_t[n], ref_t[n])]
         extra = sum(int(ref_t[n].n_bytes) - int(base_t[n].n_bytes) for n in members)
+        if not differing:  # restoring changes no byte: the base itself, nothing to assemble or score
+            rows.append({"label": group, "kind": "restored", "group": group, "model": o.base, "theta": None,
+                         "tensors": len(members), "tensors_differing": 0, "extra_bytes": 0})
+            continue
         path = work / f"restore-{base_fp}-{group.replace(' ', '').replace('-', '_')}.gguf"
         if not path.is_file():
             say(f"[attribute] assembling {o.base} with {group} from the reference ({len(members)} tensors)", o.quiet)
