@@ -41,9 +41,6 @@ def frontier_markdown(result: dict) -> str:
                          f"PPL {g['ppl']:.3f} ± {g['ppl_err']:.3f} vs {g['rung_ppl']:.3f} ± {g['rung_ppl_err']:.3f} "
                          f"({'better' if g['beats_on_ppl'] else 'WORSE'}), KLD {g['kld_mean']:.4f} vs "
                          f"{g['rung_kld_mean']:.4f} ({'better' if g['beats_on_kld'] else 'WORSE'})")
-    same = [r["group"] for r in result["groups"] if r.get("tensors_differing", 1) == 0]
-    if same:
-        lines += ["", f"Stored byte for byte as in the reference (nothing to restore, not scored): {', '.join(same)}."]
     lines += ["", f"Wall time {result['wall_seconds']:.0f} s, peak RSS {result['peak_rss_mb']:.0f} MB."]
     return "\n".join(lines) + "\n"
 
