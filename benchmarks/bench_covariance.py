@@ -5,9 +5,8 @@
 On the demo pair (reference: the embedded SmolLM2-135M-Instruct Q4_1; base: its Q4_0 from
 `nkat quantize`), all through the `nkat` commands in child processes:
   1. calibrate on WikiText-2 *valid* (never the test text): an imatrix and a covariance file;
-  2. convert: residual-act (diagonal) and residual-cov (exact) at rank 8 and 32, residual-cov
-     rank 8 with lora_b refit after INT8 rounding (--refit-b), and residual-cov with --budget-mb set to
-     the file size of uniform rank 8 (the same bytes, spent by the greedy cut);
+  2. convert: residual-act (diagonal) and residual-cov (exact) at rank 8 and 32, and residual-cov
+     with --budget-mb set to the file size of uniform rank 8 (the same bytes, spent by the greedy cut);
   3. one `nkat ppl` run over WikiText-2 test (ctx 512, --chunks chunks) scoring every theta on the
      same chunks against the reference; gap recovered = (PPL_base - PPL) / (PPL_base - PPL_ref).
 Prints each theta's gap recovered and the issue's goals (rank 32 >= 80 %, rank 8 >= 60 %, budget
@@ -79,7 +78,6 @@ def main() -> int:
     for rank in ("8", "32"):
         convert(f"act-r{rank}", "--source", "residual-act", "--imatrix", str(imatrix), "--theta-rank", rank)
         convert(f"cov-r{rank}", "--source", "residual-cov", "--covariance", str(cov), "--theta-rank", rank)
-    convert("cov-r8-refit", "--source", "residual-cov", "--covariance", str(cov), "--theta-rank", "8", "--refit-b")
     r8_mb = thetas["cov-r8"].stat().st_size / 2**20
     convert("cov-budget-r8bytes", "--source", "residual-cov", "--covariance", str(cov), "--theta-rank", "8",
             "--budget-mb", f"{r8_mb:.6f}")

@@ -174,20 +174,30 @@ def test_mixed_file_takes_donor_tensors_verbatim(tmp_path, frontier_run, referen
         assert np.array_equal(np.asarray(mixed[name].data), np.asarray(src.data))
 
 
-def test_attribute_knows_a_tensor_stored_as_in_the_reference(tmp_path, frontier_run, reference_model):
-    """A group whose tensors are byte-identical in both files is not assembled or scored."""
+def test_attribute_skips_a_group_stored_as_in_the_reference(tmp_path, frontier_run, reference_model, short_text):
+    """A group whose tensors are byte-identical in base and reference is neither assembled nor scored."""
     from nkat_gguf.formats.assemble import write_mixed
     from nkat_gguf.formats.gguf_io import open_gguf
     from nkat_gguf.measure.attribute import _same_tensor
 
     _, _, result = frontier_run
-    base = next(r for r in result["rows"] if r["label"] == "Q4_0-imat")["model"]
-    out = tmp_path / "mixed.gguf"
-    write_mixed(base, {"blk.0.attn_q.weight": str(reference_model)}, out)
-    mixed = {t.name: t for t in open_gguf(out).tensors}
+    q4_0 = next(r for r in result["rows"] if r["label"] == "Q4_0-imat")["model"]
+    names = [t.name for t in open_gguf(q4_0).tensors if t.name.endswith("attn_q.weight")]
+    base = tmp_path / "q-restored.gguf"
+    write_mixed(q4_0, {n: str(reference_model) for n in names}, base)
+    b = {t.name: t for t in open_gguf(base).tensors}
     ref = {t.name: t for t in open_gguf(reference_model).tensors}
-    assert _same_tensor(mixed["blk.0.attn_q.weight"], ref["blk.0.attn_q.weight"])
-    assert not _same_tensor(mixed["blk.1.attn_q.weight"], ref["blk.1.attn_q.weight"])
+    assert _same_tensor(b[names[0]], ref[names[0]]) and not _same_tensor(b["blk.0.attn_v.weight"], ref["blk.0.attn_v.weight"])
+    done = nkat("attribute", "--base", base, "--reference", reference_model, "--text", short_text, "--work-dir",
+                tmp_path / "a", "--groups", "attn_q,attn_v", "--chunks", 1, "--ctx", CTX, "--threads", 1, "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    groups = {g["group"]: g for g in json.loads(done.stdout)["groups"]}
+    assert groups["attn_q"]["tensors_differing"] == 0 and groups["attn_q"]["share"] == 0
+    assert groups["attn_v"]["share"] > 0
+    restored = [p.name for p in (tmp_path / "a").glob("restore-*.gguf")]
+    assert len(restored) == 1 and restored[0].endswith("attn_v.gguf")
+    assert "Stored byte for byte as in the reference (nothing to restore, not scored): attn_q." in \
+        (tmp_path / "a" / "attribution.md").read_text()
 
 
 def test_quantize_overrides_and_imatrix(tmp_path, frontier_run, reference_model):

@@ -64,8 +64,6 @@ def add_parser(subparsers) -> None:
                         help="the same limit as a percent of the base model file's bytes")
     p.add_argument("--max-matrices", type=positive_int, default=None, metavar="N",
                    help="with a budget: at most N matrices carry theta (fewer graph ops at run time)")
-    p.add_argument("--refit-b", action="store_true",
-                   help="residual-cov: refit lora_b by least squares after lora_a is rounded to --theta-type")
     p.add_argument("--optimize-rank", action="store_true", help="(implied by a budget; kept for old scripts)")
     p.add_argument("--target-size", type=int, default=None, metavar="N",
                    help="the guide's cap on the matrix size given to the SVD: not needed here and ignored "
@@ -150,7 +148,6 @@ def run(args) -> int:
         budget_mb=args.budget_mb,
         budget_pct=args.budget_pct,
         max_matrices=args.max_matrices,
-        refit_b=args.refit_b,
         quiet=args.quiet or args.json,
     )
     plan = plan_check(args, model)

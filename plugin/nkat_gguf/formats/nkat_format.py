@@ -186,12 +186,6 @@ def encode(array: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return quantize(array, qtype)
 
 
-def stored_roundtrip(array: np.ndarray, theta_type: str) -> np.ndarray:
-    """What a factor (rows, row_length) reads back as after storage in theta_type, float32."""
-    qtype = storage_type(theta_type, array.shape[1])
-    return np.asarray(dequantize(encode(array, qtype), qtype), np.float32).reshape(array.shape)
-
-
 def check_storable(name: str, array: np.ndarray, qtype: GGMLQuantizationType) -> None:
     """Refuse factors that are not finite or would overflow their storage type (F16 and the
     F16 scales of Q8_0): a theta must never be written as Inf."""

@@ -16,7 +16,7 @@ import numpy as np
 from . import lowrank as theta_math
 from ..errors import BadSetting, Setting, UserError
 from ..formats.gguf_io import ModelFile
-from ..formats.nkat_format import NkatMeta, ThetaFactors, factor_bytes, stored_roundtrip, write_nkat
+from ..formats.nkat_format import NkatMeta, ThetaFactors, factor_bytes, write_nkat
 from ..util.output_paths import check_output_path
 from ..util.report import progress, say
 
@@ -44,7 +44,6 @@ class ConvertOptions:
     budget_mb: float | None = None  # set (or budget_pct) -> ranks by the greedy cut, file <= budget
     budget_pct: float | None = None  # percent of the base file's bytes
     max_matrices: int | None = None  # with a budget: at most this many matrices get theta
-    refit_b: bool = False  # residual-cov: refit lora_b after lora_a is rounded to its storage type
     quiet: bool = False
 
     def resolved_gamma(self) -> float:
@@ -134,12 +133,9 @@ class Statistics:
 
 
 def correction_pq(model: ModelFile, ref: ModelFile | None, name: str, source: str, rank: int,
-                  col_scale: np.ndarray | None = None, cov_root: np.ndarray | None = None,
-                  refit_type: str | None = None):
-    """P, Q with E ~ P Q^T at `rank` for one tensor, E being what `source` corrects.
-
-    With cov_root L, the exact whitened solution; refit_type then rounds Q^T (lora_a) to that
-    storage type and refits P (lora_b) to the rounded factor."""
+                  col_scale: np.ndarray | None = None, cov_root: np.ndarray | None = None):
+    """P, Q with E ~ P Q^T at `rank` for one tensor, E being what `source` corrects (with cov_root L,
+    the exact whitened solution)."""
     W = model.dequantize(name)
     E = theta_math.correction_matrix(source, W, ref.dequantize(name) if ref else None)
     del W
@@ -147,9 +143,6 @@ def correction_pq(model: ModelFile, ref: ModelFile | None, name: str, source: st
         if cov_root is None:
             return theta_math.low_rank(E, rank, col_scale)
         P, Q, _ = theta_math.whitened_low_rank(E, cov_root, rank)
-        if refit_type is not None:
-            A = stored_roundtrip(np.ascontiguousarray(Q.T), refit_type)
-            return theta_math.refit_b(E, cov_root, A), np.ascontiguousarray(A.T)
         return P, Q
     except UserError as exc:
         raise UserError(f"{model.path.name}: {name}: {exc}") from None
@@ -161,13 +154,12 @@ def truncated_theta(name: str, P: np.ndarray, Q: np.ndarray, rank: int, structur
     return ThetaFactors(name, A, B)
 
 
-def _matrix_factors(model, ref, name, opts, stats: Statistics, rank, refit: bool):
+def _matrix_factors(model, ref, name, opts, stats: Statistics, rank):
     """P, Q (E ~ P Q^T) for one tensor at `rank`, and its resolved structure (checked first)."""
     shape = model.shape(name)
     structure = theta_math.resolve_structure(opts.structure, shape)
     theta_math.check_rank(rank, shape, name)
-    refit_type = opts.theta_type if refit and structure == "general" else None
-    P, Q = correction_pq(model, ref, name, opts.source, rank, stats.scales.get(name), stats.root(name), refit_type)
+    P, Q = correction_pq(model, ref, name, opts.source, rank, stats.scales.get(name), stats.root(name))
     return P, Q, structure
 
 
@@ -206,47 +198,38 @@ def convert_budgets(input_path: str, outputs: list[tuple[str, int | None]], opts
         say(stats.notice())  # always: it changes the method for those tensors
     gamma = opts.resolved_gamma()
     budgeted = any(budget is not None for _, budget in outputs)
-    # the refit depends on the rank: with a budget the chosen matrices are redone at their rank
-    refit = opts.refit_b and stats.cov is not None
 
     pieces = {}
     for name in progress(names, desc="theta", quiet=opts.quiet, unit="tensor"):
         if budgeted:
             rank = min(opts.rank * RANK_SEARCH_FACTOR, RANK_SEARCH_CAP, min(model.shape(name)))
-            pieces[name] = _matrix_factors(model, ref, name, opts, stats, rank, refit=False)
+            pieces[name] = _matrix_factors(model, ref, name, opts, stats, rank)
         else:
-            pieces[name] = _matrix_factors(model, ref, name, opts, stats, opts.rank, refit)
+            pieces[name] = _matrix_factors(model, ref, name, opts, stats, opts.rank)
     svd_seconds = time.perf_counter() - started
 
     summaries = []
     for output_path, budget in outputs:
         t0 = time.perf_counter()
         ranks = _budget_ranks(model, pieces, opts, budget) if budget is not None else {n: opts.rank for n in names}
-        chosen = dict(pieces)
-        if budget is not None and refit:
-            for name in progress([n for n in names if ranks[n]], desc="refit", quiet=opts.quiet, unit="tensor"):
-                chosen[name] = _matrix_factors(model, ref, name, opts, stats, ranks[name], refit=True)
-        all_factors = [truncated_theta(name, chosen[name][0], chosen[name][1], ranks[name], chosen[name][2])
+        all_factors = [truncated_theta(name, pieces[name][0], pieces[name][1], ranks[name], pieces[name][2])
                        for name in names if ranks[name] > 0]
         if not all_factors:
             raise UserError(f"the budget of {budget} bytes is too small for even one rank of one matrix")
-        refit_done = refit and (budget is not None or not budgeted)
-        summary = _write(model, ref, output_path, all_factors, opts, gamma, budget, refit_done, stats)
+        summary = _write(model, ref, output_path, all_factors, opts, gamma, budget, stats)
         summary["matrices"] = len(names)
         summary["seconds"] = svd_seconds + time.perf_counter() - t0
         summaries.append(summary)
     return summaries
 
 
-def _write(model, ref, output_path, all_factors, opts, gamma, budget, refit, stats) -> dict:
+def _write(model, ref, output_path, all_factors, opts, gamma, budget, stats) -> dict:
     structures = {theta_math.resolve_structure(opts.structure, model.shape(f.name)) for f in all_factors}
     extra = {"rank_allocation": "budget" if budget is not None else "uniform"}
     if opts.covariance:
         extra["covariance"] = str(opts.covariance)
     if budget is not None:
         extra["budget_bytes"] = budget
-    if refit:
-        extra["refit_b"] = "yes"
     meta = NkatMeta(
         theta_rank=opts.rank,
         theta_gamma=gamma,
@@ -279,7 +262,6 @@ def _write(model, ref, output_path, all_factors, opts, gamma, budget, refit, sta
         "budget_bytes": budget,
         "file_bytes": file_bytes,
         "diagonal_fallback": len(stats.diagonal_only),
-        "refit_b": refit,
         "theta_bytes": theta_bytes,
         "base_bytes": model.file_size,
         "rho": theta_bytes / model.file_size,

@@ -244,19 +244,6 @@ def _whitened_svd(E: np.ndarray, L: np.ndarray, rank: int):
     return _operator_svd(mul, rmul, m, n, rank)
 
 
-def refit_b(E: np.ndarray, L: np.ndarray, A: np.ndarray) -> np.ndarray:
-    """The B (m, r) minimizing ||(E - B A) L||_F for a fixed (e.g. INT8-rounded) A (r, n).
-
-    A least-squares solve in the whitened space: with Z = A L, B = (E L) Z^T (Z Z^T)^-1, where
-    E L Z^T is computed as E (L Z^T) (no m x n x n product).
-    """
-    Z = np.asarray(A, dtype=np.float64) @ L
-    rhs = np.asarray(E, dtype=np.float64) @ (L @ Z.T)
-    B = np.linalg.solve(Z @ Z.T, rhs.T).T
-    return B.astype(np.float32)
-
-
-
 # ---------------------------------------------------------------- rank allocation under a budget --
 def allocate_ranks(gains: dict[str, np.ndarray], costs: dict[str, float], budget_bytes: float,
                    first_cost: dict[str, float] | None = None, max_matrices: int | None = None) -> dict[str, int]:
