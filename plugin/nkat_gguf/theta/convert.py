@@ -201,11 +201,8 @@ def convert_budgets(input_path: str, outputs: list[tuple[str, int | None]], opts
 
     pieces = {}
     for name in progress(names, desc="theta", quiet=opts.quiet, unit="tensor"):
-        if budgeted:
-            rank = min(opts.rank * RANK_SEARCH_FACTOR, RANK_SEARCH_CAP, min(model.shape(name)))
-            pieces[name] = _matrix_factors(model, ref, name, opts, stats, rank)
-        else:
-            pieces[name] = _matrix_factors(model, ref, name, opts, stats, opts.rank)
+        rank = min(opts.rank * RANK_SEARCH_FACTOR, RANK_SEARCH_CAP, min(model.shape(name))) if budgeted else opts.rank
+        pieces[name] = _matrix_factors(model, ref, name, opts, stats, rank)
     svd_seconds = time.perf_counter() - started
 
     summaries = []
