@@ -86,16 +86,16 @@ def run_attribution(o: AttributeOptions) -> dict:
             raise UserError(f"group {group!r} matches no weight tensor of {o.base}")
         differing = [n for n in members if not _same_tensor(base_t[n], ref_t[n])]
         extra = sum(int(ref_t[n].n_bytes) - int(base_t[n].n_bytes) for n in members)
-        if not differing:  # restoring changes no byte: the base itself, nothing to assemble or score
-            rows.append({"label": group, "kind": "restored", "group": group, "model": o.base, "theta": None,
-                         "tensors": len(members), "tensors_differing": 0, "extra_bytes": 0})
-            continue
-        path = work / f"restore-{base_fp}-{group.replace(' ', '').replace('-', '_')}.gguf"
-        if not path.is_file():
-            say(f"[attribute] assembling {o.base} with {group} from the reference ({len(members)} tensors)", o.quiet)
-            write_mixed(o.base, {n: o.reference for n in members}, path, {NkatKeys.Assembled.RESTORED: group})
-        rows.append({"label": group, "kind": "restored", "group": group, "model": str(path), "theta": None,
-                     "tensors": len(members), "tensors_differing": len(differing), "extra_bytes": extra})
+        row = {"label": group, "kind": "restored", "group": group, "model": o.base, "theta": None,
+               "tensors": len(members), "tensors_differing": len(differing), "extra_bytes": extra}
+        if differing:  # else restoring changes no byte: the row is the base itself (its score is cached)
+            path = work / f"restore-{base_fp}-{group.replace(' ', '').replace('-', '_')}.gguf"
+            if not path.is_file():
+                say(f"[attribute] assembling {o.base} with {group} from the reference ({len(members)} tensors)",
+                    o.quiet)
+                write_mixed(o.base, {n: o.reference for n in members}, path, {NkatKeys.Assembled.RESTORED: group})
+            row["model"] = str(path)
+        rows.append(row)
     n_chunks, runtime_settings = score_rows(rows, reference=o.reference, text=o.text, work=work, runtime=o.runtime,
                                             chunks=o.chunks, quiet=o.quiet)
     base = rows[0]

@@ -100,7 +100,7 @@ def attribution_markdown(result: dict) -> str:
         per = 100 * r["share"] / (r["extra_bytes"] / (10 * MIB)) if r["extra_bytes"] > 0 else float("nan")
         lines.append(f"| {r['group']} | {r['tensors']} | {r['extra_bytes'] / MIB:.1f} | {r['kld_mean']:.4f} | "
                      f"{100 * r['share']:.1f} % | {per:.2f} % | {r['ppl']:.3f} | {r['ppl_err']:.3f} |")
-    same = [r["group"] for r in result["groups"] if r.get("tensors_differing", 1) == 0]
+    same = [r["group"] for r in result["groups"] if r["tensors_differing"] == 0]
     if same:
         lines += ["", f"Stored byte for byte as in the reference (nothing to restore, not scored): {', '.join(same)}."]
     lines += ["", f"Wall time {result['wall_seconds']:.0f} s, peak RSS {result['peak_rss_mb']:.0f} MB."]
