@@ -83,7 +83,7 @@ def quickstart(text: str, work_dir: Path, rank: int = 32, chunks: int = 8, base_
     for source, imx in sources:
         out = str(work_dir / f"theta-{source}-r{rank}.nkat")
         conversions.append(convert(base, out, ConvertOptions(rank=rank, source=source, reference=reference,
-                                                             imatrix=imx, quiet=quiet)))
+                                                             imatrix=imx, quiet=quiet)).to_dict())
         thetas.append(out)
 
     say(f"[4/4] perplexity: {chunks} chunks x {runtime.ctx} tokens of {text}", quiet)

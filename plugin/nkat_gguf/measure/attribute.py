@@ -20,10 +20,10 @@ from ..errors import UserError
 from .frontier import score_rows, settings_record
 from ..formats.gguf_io import fingerprint_file, open_gguf
 from ..formats.keys import NkatKeys
+from ..formats.roles import ROLES as ROLE_GROUPS
 from ..util.report import say
 from ..runtime.settings import RuntimeSettings
 
-ROLE_GROUPS = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
