@@ -20,7 +20,7 @@ from ..errors import UserError
 from .frontier import score_rows, settings_record
 from ..formats.gguf_io import fingerprint_file, open_gguf
 from ..formats.keys import NkatKeys
-from ..formats.roles import ROLES as ROLE_GROUPS
+from ..formats.roles import MODEL_ROLES, ROLES as ROLE_GROUPS
 from ..util.report import say
 from ..runtime.settings import RuntimeSettings
 
@@ -30,7 +30,7 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.")
 def group_members(names: list[str], group: str) -> list[str]:
     """Weight tensors of a group: a role (e.g. attn_q, token_embd) or a block range 'blk 0-6'."""
     weights = [n for n in names if n.endswith(".weight") and "norm" not in n]
-    if group in ("token_embd", "output"):
+    if group in MODEL_ROLES:
         return [n for n in weights if n == f"{group}.weight"]
     if group.startswith("blk "):
         lo, hi = (int(x) for x in group[4:].split("-"))
