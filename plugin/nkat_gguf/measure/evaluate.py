@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import BadSetting, Setting, UserError
 from ..runtime.chunks import chunk_window
+from ..runtime.settings import MIN_CTX
 from ..util.report import progress
 
 
@@ -96,10 +97,6 @@ class Accumulator:
                 top1_agreement=self.top1 / count,
             )
         return out
-
-
-# Scored positions are [n_ctx/2, n_ctx-2]: below this a chunk scores (almost) nothing.
-MIN_CTX = 8
 
 
 def check_ctx(n_ctx: int) -> None:
