@@ -12,7 +12,7 @@ the same bytes. The rule:
 
 from __future__ import annotations
 
-from .evaluate import tpe
+from .tpe import tpe
 
 BYTE_TOLERANCE = 0.02
 

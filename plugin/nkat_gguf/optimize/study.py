@@ -4,7 +4,7 @@ One worker's lifecycle: check every input before anything is written, open or re
 (its search space and setup must match), score the reference and the baseline once, run trials
 until the study holds its budget of COMPLETE trials (shared by all workers), then write the
 outputs, re-evaluating the best trial on --final-chunks first. Objective: maximize
-evaluate.tpe on a fixed set of chunks. Constraints (--max-kld, --max-overhead) go through
+measure.tpe on a fixed set of chunks. Constraints (--max-kld, --max-overhead) go through
 Optuna's constraint support: a trial over a bar is recorded with its figures but cannot win.
 The search space is in space.py, a trial's work in trials.py, the storage and dead workers in
 storage.py, the files in outputs.py.

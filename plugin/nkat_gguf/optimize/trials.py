@@ -24,7 +24,8 @@ import numpy as np
 from ..formats.gguf_io import ModelFile
 from ..formats.keys import NkatKeys
 from ..formats.nkat_format import ThetaFactors, write_nkat
-from ..measure.evaluate import LogprobStore, check_same_vocab, chunk_count, fill_store, score_model, tpe
+from ..measure.evaluate import LogprobStore, check_same_vocab, chunk_count, fill_store, score_model
+from ..measure.tpe import tpe
 from ..measure.rows import pick, score_row
 from ..runtime.engine import Runtime
 from ..theta import lowrank as theta_math
