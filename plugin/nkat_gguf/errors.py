@@ -40,6 +40,8 @@ class Setting:
     MAX_KLD = SettingName("KLD limit")
     MAX_OVERHEAD = SettingName("overhead limit")
     STUDY_NAME = SettingName("study name")
+    MODE = SettingName("study mode")
+    TRIALS = SettingName("trial count")
     GAMMA = SettingName("gamma")
     BACKEND = SettingName("theta backend")
     QUANT_TYPE = SettingName("quant type")

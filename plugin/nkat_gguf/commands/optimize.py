@@ -55,7 +55,8 @@ def add_parser(subparsers) -> None:
     add_output_flags(p)
     p.set_defaults(func=run, setting_flags={
         Setting.THETA_RANK: "--target-rank", Setting.FINAL_CHUNKS: "--final-chunks", Setting.MAX_KLD: "--max-kld",
-        Setting.MAX_OVERHEAD: "--max-overhead", Setting.STUDY_NAME: "--study-name"})
+        Setting.MAX_OVERHEAD: "--max-overhead", Setting.STUDY_NAME: "--study-name", Setting.MODE: "--mode",
+        Setting.TRIALS: "--trials"})
 
 
 def run(args) -> int:
