@@ -23,7 +23,7 @@ import numpy as np
 
 from ..formats.gguf_io import ModelFile
 from ..formats.keys import NkatKeys
-from ..formats.nkat_format import ThetaFactors, write_nkat
+from ..formats.nkat_format import write_nkat
 from ..measure.evaluate import LogprobStore, check_same_vocab, chunk_count, fill_store, score_model
 from ..measure.tpe import tpe
 from ..measure.rows import pick, score_row
@@ -87,10 +87,6 @@ class FactorCache:
         chosen = {n: pq[n] for n in pricing.shapes}
         ranks = uniform if budget is None else choose_ranks(chosen, pricing, config["rank"], budget)
         return chosen, pricing, ranks, budget
-
-    def theta_factors(self, config: dict) -> list[ThetaFactors]:
-        chosen, pricing, ranks, _ = self.plan(config)
-        return thetas(chosen, pricing, ranks)
 
     def predicted_bytes(self, config: dict) -> int:
         """The theta bytes the configuration's file holds, from the pricing alone."""
