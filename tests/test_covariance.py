@@ -109,7 +109,7 @@ def test_residual_cov_and_budget_on_the_demo_pair(calibrated, base_model, refere
     layers = ["blk.1.*", "blk.2.*"]
     uniform = convert(str(base_model), str(tmp_path / "u.nkat"), ConvertOptions(
         rank=8, source="residual-cov", reference=str(reference_model), covariance=str(cov), layers=layers, quiet=True))
-    assert uniform["tensors"] == 14 and uniform["diagonal_fallback"] == 0
+    assert uniform.tensors == 14 and uniform.diagonal_fallback == 0
     budgets, previous = [], None
     for mb in (0.05, 0.15, 0.4):
         out = tmp_path / f"b{mb}.nkat"
@@ -119,16 +119,16 @@ def test_residual_cov_and_budget_on_the_demo_pair(calibrated, base_model, refere
         assert out.stat().st_size <= mb * 2**20  # the whole file, headers included
         _, pairs = read_layout(out)
         ranks = {name: int(a.shape[1]) for name, (a, _) in pairs.items()}
-        assert ranks == s["ranks"]
+        assert ranks == s.ranks
         if previous is not None:  # monotone: no matrix loses rank, none disappears
             assert all(ranks.get(n, 0) >= r for n, r in previous.items())
         previous = ranks
         budgets.append(s)
-    assert budgets[0]["tensors"] < 14  # a small budget leaves matrices out entirely
+    assert budgets[0].tensors < 14  # a small budget leaves matrices out entirely
     capped = convert(str(base_model), str(tmp_path / "cap.nkat"), ConvertOptions(
         rank=8, source="residual-cov", reference=str(reference_model), covariance=str(cov), layers=layers,
         budget_mb=0.4, max_matrices=3, quiet=True))
-    assert capped["tensors"] == 3
+    assert capped.tensors == 3
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nkat_gguf import doctor
+from nkat_gguf.jobs import doctor
 from nkat_gguf.integrations.kobold import discovery as kobold
 from nkat_gguf.cli import main
 

@@ -215,7 +215,7 @@ def test_optimize_storage_password_never_printed_and_storage_checked_before_mode
 
 def test_reproducing_command_and_summary_hide_the_password(tmp_path):
     from nkat_gguf.optimize.options import OptimizeOptions
-    from nkat_gguf.optimize.outputs import study_command
+    from nkat_gguf.commands.rerun import study_command
 
     url = "postgresql://u@db.example/optuna?password=Secret9"
     opts = OptimizeOptions(model="m.gguf", output_dir=str(tmp_path), text="t.txt", storage=url)

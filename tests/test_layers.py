@@ -5,13 +5,14 @@ import ast
 from pathlib import Path
 
 import nkat_gguf
+from nkat_gguf.formats.roles import ROLES
 
 PKG = Path(nkat_gguf.__file__).parent
 # Lower numbers sit lower. A module may import from its own layer or any lower one.
 LAYERS = {
     "__init__": 0, "errors": 0, "util": 0, "_nkat_native": 1,
     "formats": 1, "theta": 2, "runtime": 3, "measure": 4, "optimize": 5, "integrations": 5,
-    "doctor": 6, "quickstart": 6, "commands": 7, "cli": 8,
+    "jobs": 6, "commands": 7, "cli": 8,
 }
 # The math imports nothing of ours but the errors (ARCHITECTURE: numpy in, numpy out).
 PURE_MATH = {"nkat_gguf.theta.lowrank"}
@@ -82,3 +83,61 @@ def test_no_import_cycle():
     for m in sorted(GRAPH):
         if m not in state:
             visit(m, [m])
+
+
+def literal_strings(path: Path):
+    """(line, text) of every string literal in `path` but docstrings (f-string pieces included)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            yield node.lineno, node.value
+
+
+def extra_keys(path: Path):
+    """(line, key) of string keys written into or read from an NkatMeta.extra (stored as nkat.<key>):
+    `extra = {...}`, `extra={...}`, `extra["..."]`, `.extra.get("...")`."""
+    def named_extra(node) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "extra") or (isinstance(node, ast.Attribute)
+                                                                      and node.attr == "extra")
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        given = None
+        if isinstance(node, ast.keyword) and node.arg == "extra":
+            given = node.value
+        elif isinstance(node, ast.Assign) and any(named_extra(t) for t in node.targets):
+            given = node.value
+        for d in ast.walk(given) if given is not None else ():  # {...} | (extra or {}) too
+            if isinstance(d, ast.Dict):
+                yield from ((k.lineno, k.value) for k in d.keys if isinstance(k, ast.Constant))
+        if isinstance(node, ast.Subscript) and named_extra(node.value) and isinstance(node.slice, ast.Constant):
+            yield node.lineno, node.slice.value
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                and named_extra(node.func.value) and node.args and isinstance(node.args[0], ast.Constant)):
+            yield node.lineno, node.args[0].value
+
+
+def test_nkat_keys_are_spelled_only_in_formats_keys():
+    keys = PKG / "formats" / "keys.py"
+    spelled = [f"{p.relative_to(PKG)}:{line} {text!r}" for p in PKG.rglob("*.py") if p != keys
+               for line, text in literal_strings(p) if text.startswith("nkat.")]
+    spelled += [f"{p.relative_to(PKG)}:{line} extra {key!r}" for p in PKG.rglob("*.py") if p != keys
+                for line, key in extra_keys(p)]
+    assert spelled == []
+
+
+def test_tensor_role_tables_live_in_formats():
+    """A literal collection naming two or more tensor roles is a role table: formats/ holds them."""
+    tables = []
+    for p in PKG.rglob("*.py"):
+        if p.relative_to(PKG).parts[0] == "formats":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+                items = node.keys + node.values if isinstance(node, ast.Dict) else node.elts
+                named = [i.value for i in items if isinstance(i, ast.Constant) and i.value in ROLES]
+                if len(named) >= 2:
+                    tables.append(f"{p.relative_to(PKG)}:{node.lineno} {named}")
+    assert tables == []

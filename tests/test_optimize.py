@@ -78,7 +78,7 @@ def test_tiny_study_writes_consistent_outputs(tiny_study):
 
         assert r["tpe"] == pytest.approx(tpe(r["ppl"], r["theta_bytes"], study["baseline"]["bytes"]), rel=1e-12)
     assert history[0]["params"] == {"source": "residual-act", "structure": "general", "rank": 8, "gamma": 2.0,
-                                    "allocation": "uniform", "groups": ["attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up",
+                                    "allocation": "uniform", "groups": ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
                                                "ffn_down"]}
     # The activation-scaled default recovers a real share of the gap on these chunks.
     assert history[0]["ppl"] < study["baseline"]["ppl"]
@@ -171,7 +171,7 @@ def test_runtime_gamma_equals_file_gamma(work, base_model, reference_model, shor
     model, ref = ModelFile(base_model), ModelFile(reference_model)
     names = [n for n in model.target_names() if n.endswith(("attn_output.weight", "ffn_down.weight"))]
     cache = FactorCache(model, ref, names, 8, None, quiet=True)
-    config = {"source": "residual", "structure": "general", "rank": 8, "gamma": 1.7, "groups": ["attn_o", "ffn_down"]}
+    config = {"source": "residual", "structure": "general", "rank": 8, "gamma": 1.7, "groups": ["attn_output", "ffn_down"]}
     at_one, at_gamma = work / "gamma-file-1.nkat", work / "gamma-file-1.7.nkat"
     bytes_one = cache.write(at_one, config, FILE_GAMMA)
     bytes_gamma = cache.write(at_gamma, config, 1.7)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nkat_gguf import quickstart
+from nkat_gguf.jobs import quickstart
 from nkat_gguf.errors import UserError
 from nkat_gguf.runtime import native
 from nkat_gguf.runtime.settings import RuntimeSettings

@@ -1,8 +1,8 @@
 """Scores: lambda, TPE, Global TPE, Consistency, Robustness (defined here, once).
 
   rho          = parameters / 10^6 (the model's size in millions of parameters)
-  lambda       = 9 * (1 + rho)                            nkat_gguf.measure.evaluate.tpe_lambda
-  TPE_d        = accuracy_d / log10(1 + lambda_d)         nkat_gguf.measure.evaluate.tpe_score
+  lambda       = 9 * (1 + rho)                            nkat_gguf.measure.tpe.tpe_lambda
+  TPE_d        = accuracy_d / log10(1 + lambda_d)         nkat_gguf.measure.tpe.tpe_score
   Global TPE   = mean_d accuracy_d / log10(1 + lambda_bar), lambda_bar from the mean parameter
                  count of the per-dataset models (they differ only in input channels and classes)
   Consistency  = 1 - std_d(TPE_d) / mean_d(TPE_d)          (population std; needs >= 2 datasets)
@@ -23,7 +23,7 @@ import math
 import statistics
 
 import torch
-from nkat_gguf.measure.evaluate import tpe_lambda, tpe_score
+from nkat_gguf.measure.tpe import tpe_lambda, tpe_score
 from torch.nn import functional as F
 
 CORRUPTION_SEED = 1234

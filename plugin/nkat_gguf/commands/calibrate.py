@@ -10,20 +10,18 @@ per pass over the text so that the sums fit in --max-memory.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from ..runtime.activation_stats import MemoryLimitError, collect, write_covariance_file
-from ..formats.imatrix import write_imatrix, write_imatrix_legacy
+from ..runtime.activation_stats import MemoryLimitError
+from ..runtime.calibrate import IMATRIX_FORMATS, calibrate
 from ..formats.defaults import find_calibration_text, find_eval_text
 from ..errors import Setting, UserError
 from ..measure.ppl import read_text
 from ..util.output_paths import check_output_path
 from ..util.report import human_bytes, print_json, print_table, say
 from .common import (add_model_flag, add_output_flags, add_runtime_flags, add_text_flag, byte_size, model_path,
-                     positive_int)
+                     positive_int, runtime_settings)
 
-FORMATS = ("gguf", "dat")
 DEFAULT_CHUNKS = 16
 # Covariance sums held at once: the 1.5B model's 28 blocks need 19.6 GB in all (one 8960-wide
 # input is 640 MB), so 8 GiB means a few passes and leaves a 24 GB machine two thirds free.
@@ -42,7 +40,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", "-o", required=True, metavar="M.imatrix", help="the imatrix file to write")
     p.add_argument("--chunks", type=positive_int, default=DEFAULT_CHUNKS, metavar="N",
                    help=f"chunks of --ctx tokens to decode (default {DEFAULT_CHUNKS}; fewer if the text is short)")
-    p.add_argument("--format", choices=FORMATS, default="gguf", help="gguf (default) or the legacy .dat")
+    p.add_argument("--format", choices=IMATRIX_FORMATS, default="gguf", help="gguf (default) or the legacy .dat")
     p.add_argument("--covariance", action="store_true",
                    help="record the full input covariance (sum of x x^T per distinct matmul input) for "
                    "--source residual-cov, instead of the imatrix diagonal")
@@ -69,47 +67,26 @@ def run(args) -> int:
     text_path = find_calibration_text(args.text)
     check_not_eval_text(text_path)
     check_output_path(args.output, [model, text_path], "--output")
-    if args.ctx < 8:
-        raise UserError(f"--ctx must be at least 8, not {args.ctx}")
+    if args.covariance and args.format != "gguf":
+        raise UserError("--covariance writes its own GGUF format: drop --format dat")
     quiet = args.quiet or args.json
+    try:
+        result = calibrate(model, read_text(text_path), str(text_path), args.output, args.chunks,
+                           runtime_settings(args), quiet, args.covariance, args.max_memory, args.format)
+    except MemoryLimitError as exc:
+        raise UserError(f"--max-memory: {exc}") from None
     if args.covariance:
-        return run_covariance(args, model, text_path, quiet)
-    started = time.perf_counter()
-    stats, facts = collect(model, read_text(text_path), args.chunks, args.ctx, args.threads, args.flash_attn, quiet)
-    if not stats:
-        raise UserError(f"{model}: no block weight matrix saw any input (is it a transformer GGUF?)")
-    if args.format == "dat":
-        write_imatrix_legacy(args.output, stats, dataset=str(text_path), chunks=facts["chunks"], chunk_size=args.ctx)
-    else:
-        write_imatrix(args.output, stats, dataset=str(text_path), chunks=facts["chunks"], chunk_size=args.ctx,
-                      architecture=facts["architecture"])
-    result = {
-        "output": str(args.output), "format": args.format, "model": model, "text": str(text_path),
-        "ctx": args.ctx, "tensors": len(stats), "tokens_per_tensor": max(c for _, c in stats.values()),
-        "bytes": Path(args.output).stat().st_size, "seconds": time.perf_counter() - started,
-        "flash_attn": bool(args.flash_attn),
-    } | facts
+        return show_result(args, result, quiet, "calibration (input covariance)", [
+            ["output", f"{result['output']} ({human_bytes(result['bytes'])})"],
+            ["inputs / weights", f"{result['inputs']} distinct inputs for {result['weights']} weights"],
+            ["chunks x ctx", f"{result['chunks']} x {args.ctx} = {result['tokens_per_input']} tokens per input"],
+            ["passes", f"{result['passes']} (--max-memory {human_bytes(args.max_memory)})"],
+            ["peak RSS", f"{result['peak_rss_mb']:.0f} MB"],
+        ])
     return show_result(args, result, quiet, "calibration (imatrix)", [
         ["output", f"{result['output']} ({args.format}, {human_bytes(result['bytes'])})"],
         ["weights", result["tensors"]],
-        ["chunks x ctx", f"{facts['chunks']} x {args.ctx} = {result['tokens_per_tensor']} tokens per weight"],
-    ])
-
-
-def run_covariance(args, model: str, text_path: Path, quiet: bool) -> int:
-    if args.format != "gguf":
-        raise UserError("--covariance writes its own GGUF format: drop --format dat")
-    try:
-        result = write_covariance_file(model, read_text(text_path), str(text_path), args.output, args.chunks,
-                                       args.ctx, args.threads, args.flash_attn, quiet, args.max_memory)
-    except MemoryLimitError as exc:
-        raise UserError(f"--max-memory: {exc}") from None
-    return show_result(args, result, quiet, "calibration (input covariance)", [
-        ["output", f"{result['output']} ({human_bytes(result['bytes'])})"],
-        ["inputs / weights", f"{result['inputs']} distinct inputs for {result['weights']} weights"],
-        ["chunks x ctx", f"{result['chunks']} x {args.ctx} = {result['tokens_per_input']} tokens per input"],
-        ["passes", f"{result['passes']} (--max-memory {human_bytes(args.max_memory)})"],
-        ["peak RSS", f"{result['peak_rss_mb']:.0f} MB"],
+        ["chunks x ctx", f"{result['chunks']} x {args.ctx} = {result['tokens_per_tensor']} tokens per weight"],
     ])
 
 

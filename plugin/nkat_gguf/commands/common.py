@@ -7,7 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..errors import Setting, UserError
-from ..formats.defaults import default_model_path
+from ..formats.defaults import default_model_path, default_models_dir
 from ..runtime.settings import BACKENDS, RuntimeSettings
 
 
@@ -91,7 +91,6 @@ def model_and_thetas(values, thetas=(), models_dir=None) -> tuple[str, list[str]
     A .nkat stands for its base model plus itself as theta (nkat_format.find_base_model finds the
     base); every .nkat must correct the same base as the first model.
     """
-    from ..integrations.kobold.discovery import default_models_dir
     from ..formats.nkat_format import split_model_argument
 
     models_dir = models_dir or default_models_dir()

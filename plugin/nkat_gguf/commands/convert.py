@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ..util.atomic import atomic_path
@@ -154,13 +155,12 @@ def run(args) -> int:
     if args.target_size is not None:
         say(TARGET_SIZE_NOTE, args.quiet)  # stderr: also with --json
     with atomic_path(args.output, inputs) as tmp:  # the file appears only once it has passed the check
-        summary = convert(model, str(tmp), opts)
+        result = convert(model, str(tmp), opts)
         check = run_check(args, model, str(tmp), plan)
         if check.get("harmful") and not args.keep_harmful:
             raise UserError(f"the new theta makes the model worse, {check_words(check)}: {args.output} not "
                             "written; pass --reference REF.gguf for a correction, or --keep-harmful to write it anyway")
-    summary["output"] = str(args.output)
-    summary["check"] = check
+    summary = replace(result, output=str(args.output)).to_dict() | {"check": check}
     summary["warnings"] = warnings_for(summary)
     for line in summary["warnings"]:
         print(f"nkat convert: warning: {line}", file=sys.stderr)

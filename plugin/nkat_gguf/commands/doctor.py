@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.markup import escape
 
-from .. import doctor
+from ..jobs import doctor
 from ..util.report import print_json, print_table
 from .common import add_output_flags
 

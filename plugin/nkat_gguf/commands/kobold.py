@@ -4,12 +4,14 @@ KoboldCpp is installed; register them for KoboldCpp's admin mode; smoke-test a l
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
+from ..formats.defaults import MODELS_DIR_ENV
 from ..integrations.kobold import config as kobold_config
 from ..integrations.kobold import console
 from ..integrations.kobold import discovery as kobold
 from ..integrations.kobold import server as kobold_server
-from ..integrations.kobold.workflow import DEFAULT_TIMEOUT_S
+from ..integrations.kobold.workflow import DEFAULT_TIMEOUT_S, SMOKE_MAX_TOKENS, KoboldOptions
 from .common import add_model_flag, add_output_flags
 
 
@@ -24,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     where = p.add_argument_group("what to serve")
     where.add_argument("--models-dir", metavar="DIR",
-                       help=f"directory of .nkat files (default ${kobold.MODELS_DIR_ENV} or ./models)")
+                       help=f"directory of .nkat files (default ${MODELS_DIR_ENV} or ./models)")
     where.add_argument("--theta", metavar="FILE", action="append",
                        help="a .nkat file (repeatable; replaces the models directory scan)")
     add_model_flag(where, "base model for the .nkat files (default: the path recorded in each .nkat, then its "
@@ -56,10 +58,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="seconds to wait for the server to answer (default 180)")
     srv.add_argument("--log", metavar="FILE", help="server log file (default: a temporary file)")
     srv.add_argument("--prompt", default=kobold_server.SMOKE_PROMPT, help="test generation prompt")
-    srv.add_argument("--max-tokens", type=int, default=16, help="test generation length")
+    srv.add_argument("--max-tokens", type=int, default=SMOKE_MAX_TOKENS, help="test generation length")
     srv.add_argument("--admin-password-env", metavar="VAR", default=kobold.ADMIN_PASSWORD_ENV,
                      help="environment variable holding the KoboldCpp admin password "
                      "(prompted on a terminal when unset; never printed)")
     add_output_flags(p, quiet_help="no status lines")
-    p.set_defaults(func=console.run)
+    p.set_defaults(func=run)
     return p
+
+
+def run(args) -> int:
+    return console.run(KoboldOptions(**{f.name: getattr(args, f.name) for f in fields(KoboldOptions)}))

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..errors import Setting
 from ..formats.defaults import find_eval_text
 from ..util.report import human_bytes, print_json, print_table, say
+from .rerun import rerun_commands
 from .common import (add_model_flag, add_models_dir_flag, add_output_flags, add_runtime_flags, add_text_flag,
                      model_and_thetas, runtime_settings)
 
@@ -52,7 +53,10 @@ def add_parser(subparsers) -> None:
     add_models_dir_flag(p)
     add_runtime_flags(p, backend=True)
     add_output_flags(p)
-    p.set_defaults(func=run, setting_flags={Setting.THETA_RANK: "--target-rank"})
+    p.set_defaults(func=run, setting_flags={
+        Setting.THETA_RANK: "--target-rank", Setting.FINAL_CHUNKS: "--final-chunks", Setting.MAX_KLD: "--max-kld",
+        Setting.MAX_OVERHEAD: "--max-overhead", Setting.STUDY_NAME: "--study-name", Setting.MODE: "--mode",
+        Setting.TRIALS: "--trials"})
 
 
 def run(args) -> int:
@@ -71,7 +75,7 @@ def run(args) -> int:
         runtime=runtime_settings(args), seed=args.seed,
         quiet=args.quiet or args.json, given_theta=given[0] if given else None,
     )
-    summary = run_optimize(opts)
+    summary = run_optimize(opts, rerun_commands)
     if args.json:
         print_json(summary)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..formats.defaults import find_eval_text
-from ..quickstart import default_work_dir, quickstart
+from ..jobs.quickstart import default_work_dir, quickstart
 from ..util.report import print_json
 from .common import add_output_flags, add_runtime_flags, add_text_flag, positive_int, runtime_settings
 from .ppl import print_ppl_table

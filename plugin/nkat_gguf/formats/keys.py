@@ -23,6 +23,16 @@ class NkatKeys:
     THETA_BYTES = "nkat.theta_bytes"
     IMATRIX = "nkat.imatrix"
 
+    class Extra:
+        """Keys of NkatMeta.extra: written as nkat.<key>, named here without the prefix."""
+
+        RANK_ALLOCATION = "rank_allocation"  # uniform | budget (theta/pipeline.py)
+        BUDGET_BYTES = "budget_bytes"  # the file's byte budget when allocation is budget
+        COVARIANCE = "covariance"  # the covariance file theta was whitened with
+        GROUPS = "groups"  # nkat optimize: the tensor groups (comma-separated) that carry theta
+        OPTIMIZE_STUDY = "optimize.study"  # nkat optimize: the study that wrote the file
+        OPTIMIZE_TRIAL = "optimize.trial"  # and its trial number
+
     class Identity:
         """nkat.base.* (the model theta corrects) and nkat.reference.* (what it was fitted to)."""
 

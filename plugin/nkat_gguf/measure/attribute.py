@@ -20,17 +20,17 @@ from ..errors import UserError
 from .frontier import score_rows, settings_record
 from ..formats.gguf_io import fingerprint_file, open_gguf
 from ..formats.keys import NkatKeys
+from ..formats.roles import MODEL_ROLES, ROLES as ROLE_GROUPS
 from ..util.report import say
 from ..runtime.settings import RuntimeSettings
 
-ROLE_GROUPS = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 def group_members(names: list[str], group: str) -> list[str]:
     """Weight tensors of a group: a role (e.g. attn_q, token_embd) or a block range 'blk 0-6'."""
     weights = [n for n in names if n.endswith(".weight") and "norm" not in n]
-    if group in ("token_embd", "output"):
+    if group in MODEL_ROLES:
         return [n for n in weights if n == f"{group}.weight"]
     if group.startswith("blk "):
         lo, hi = (int(x) for x in group[4:].split("-"))

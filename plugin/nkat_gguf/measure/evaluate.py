@@ -1,4 +1,5 @@
-"""Perplexity, KL-divergence, top-token agreement and TPE, scored as llama.cpp's perplexity tool.
+"""Perplexity, KL-divergence, top-token agreement (and TPE, from measure/tpe.py), scored as
+llama.cpp's perplexity tool.
 
 Per chunk of n_ctx tokens (non-overlapping, from one tokenization of the whole text): clear the
 KV cache, put BOS first when the vocab adds one, decode, and score positions
@@ -16,32 +17,9 @@ import numpy as np
 
 from ..errors import BadSetting, Setting, UserError
 from ..runtime.chunks import chunk_window
+from ..runtime.settings import MIN_CTX
 from ..util.report import progress
-
-
-def tpe_lambda(rho: float) -> float:
-    """The TPE complexity term lambda = 9 * (1 + rho), rho the model's relative size.
-
-    GGUF: rho = theta bytes / base file bytes. Vision (nkat_vit): rho = parameters in millions.
-    rho = 0 gives log10(1 + lambda) = 1, so TPE is then the quality measure itself.
-    """
-    return 9.0 * (1.0 + rho)
-
-
-def tpe_score(quality: float, rho: float) -> float:
-    """TPE = quality / log10(1 + lambda(rho)); quality is 1/PPL (GGUF) or accuracy (vision)."""
-    return quality / math.log10(1.0 + tpe_lambda(rho))
-
-
-def tpe(ppl: float, theta_bytes: int = 0, base_bytes: int = 1) -> float:
-    """The project's TPE score: (1/PPL) / log10(1 + lambda), lambda = 9 * (1 + rho).
-
-    rho = theta bytes / base model file bytes; with no theta the denominator is log10(10) = 1,
-    so TPE = 1/PPL. (The seed's TPE divided by zero for a model without theta; the 1 + rho in
-    lambda keeps that denominator at 1.)
-    """
-    rho = theta_bytes / base_bytes if base_bytes else 0.0
-    return tpe_score(1.0 / ppl, rho)
+from .tpe import tpe  # noqa: F401  (the scorer's figures: measure/tpe.py is the formula's home)
 
 
 def gap_recovered(ppl_base: float, ppl_nkat: float, ppl_reference: float) -> float | None:
@@ -96,10 +74,6 @@ class Accumulator:
                 top1_agreement=self.top1 / count,
             )
         return out
-
-
-# Scored positions are [n_ctx/2, n_ctx-2]: below this a chunk scores (almost) nothing.
-MIN_CTX = 8
 
 
 def check_ctx(n_ctx: int) -> None:

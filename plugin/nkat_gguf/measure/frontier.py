@@ -148,8 +148,7 @@ class Frontier:
     def imatrix(self) -> str:
         if self.o.imatrix:
             return self.o.imatrix
-        from ..runtime.activation_stats import collect
-        from ..formats.imatrix import write_imatrix
+        from ..runtime.calibrate import calibrate
         from ..formats.defaults import find_calibration_text
         from .ppl import read_text
 
@@ -159,10 +158,7 @@ class Frontier:
             return str(path)
         text = find_calibration_text(self.o.calib_text)
         say(f"[frontier] activation statistics of {Path(self.o.reference).name} on {text.name}", self.o.quiet)
-        stats, facts = collect(self.o.reference, read_text(text), self.o.calib_chunks, rs.ctx, rs.threads, rs.flash_attn,
-                               self.o.quiet)
-        write_imatrix(path, stats, dataset=str(text), chunks=facts["chunks"], chunk_size=rs.ctx,
-                      architecture=facts["architecture"])
+        calibrate(self.o.reference, read_text(text), str(text), path, self.o.calib_chunks, rs, self.o.quiet)
         return str(path)
 
     def covariance(self) -> str | None:
@@ -174,7 +170,7 @@ class Frontier:
         if self.o.covariance:
             return self.o.covariance
         from ..formats.defaults import find_calibration_text
-        from ..runtime.activation_stats import write_covariance_file
+        from ..runtime.calibrate import calibrate
         from .ppl import read_text
 
         rs = self.o.runtime
@@ -183,8 +179,8 @@ class Frontier:
             text = find_calibration_text(self.o.calib_text)
             say(f"[frontier] input covariances of {Path(self.o.reference).name} on {text.name}", self.o.quiet)
             t0 = time.perf_counter()
-            write_covariance_file(self.o.reference, read_text(text), str(text), path, self.o.calib_chunks,
-                                  rs.ctx, rs.threads, rs.flash_attn, self.o.quiet, self.o.max_memory)
+            calibrate(self.o.reference, read_text(text), str(text), path, self.o.calib_chunks, rs, self.o.quiet,
+                      covariance=True, max_memory=self.o.max_memory)
             self.timings["covariance"] = time.perf_counter() - t0
         return str(path)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from ..errors import BadSetting, Setting
 from ..runtime.settings import RuntimeSettings
 
 MODES = {"quick": 12, "full": 100}
@@ -41,10 +41,11 @@ def trial_budget(mode: str, trials: int | None) -> int:
     """quick = 12, full = 100, custom = --trials."""
     if mode == "custom":
         if trials is None or trials <= 0:
-            raise UserError("--mode custom needs --trials N (a positive number)")
+            raise BadSetting(Setting.MODE, "custom needs", Setting.TRIALS, "N (a positive number)")
         return int(trials)
     if mode not in MODES:
-        raise UserError(f"--mode must be quick, full or custom, not {mode!r}")
+        raise BadSetting(Setting.MODE, f"must be quick, full or custom, not {mode!r}")
     if trials is not None:
-        raise UserError(f"--trials is for --mode custom (--mode {mode} runs {MODES[mode]} trials)")
+        raise BadSetting(Setting.TRIALS, "is for", Setting.MODE, "custom (", Setting.MODE,
+                         f"{mode} runs {MODES[mode]} trials)")
     return MODES[mode]

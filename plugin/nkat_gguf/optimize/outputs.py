@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import shlex
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,13 +20,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UserError
+from ..formats.keys import NkatKeys
 from ..formats.nkat_format import read_meta
 from ..measure.byte_control import byte_matched, charged_tpe
-from ..theta.lowrank import source_info
 from ..util.atomic import atomic_path, write_text_atomic
 from ..util.report import say, to_json
 from .options import OptimizeOptions
-from .space import GROUPS, THETA_TYPE, layer_globs
 from .storage import redact
 
 HISTORY = "optimization_history.json"
@@ -98,7 +96,21 @@ class OptimizeReport:
     notes: list[str]
     svd_seconds: dict  # the factor cache's own dict: filled while trials run
     write_theta: Callable[..., int]  # FactorCache.write(path, config, gamma, extra) -> theta bytes
+    budget_of: Callable[[dict], int | None]  # a configuration's byte budget (None: uniform ranks)
     final_evaluation: Callable[[Path], dict | None]  # the best theta on --final-chunks
+    rerun: Callable[[RerunFacts], dict]  # the commands that redo the best trial (the CLI words them)
+
+
+@dataclass(frozen=True)
+class RerunFacts:
+    """What the commands that redo a study's best trial are made of."""
+
+    opts: OptimizeOptions
+    row: dict  # the trial's history row (params, figures)
+    nkat_path: Path  # where its theta was written
+    budget_bytes: int | None  # the file budget of its ranks, for a budget allocation
+    max_rank: int  # the rank the study's SVDs were taken at
+    n_trials: int  # the study's trial budget
 
 
 class OutputWriter:
@@ -128,39 +140,6 @@ class OutputWriter:
             out["byte_matched"] = byte_matched(ref_bytes, best_bytes)
             out["bytes_vs_best"] = ref_bytes / best_bytes
         return out
-
-    def commands(self, row: dict, nkat_path: Path | None) -> dict:
-        o = self.report.opts
-        p = row["params"]
-        convert = ["nkat", "convert", "--model", o.model]
-        if o.reference:
-            convert += ["--reference", o.reference]
-        statistics = source_info(p["source"]).statistics
-        if o.imatrix and statistics == "diagonal":
-            convert += ["--imatrix", o.imatrix]
-        if o.covariance and statistics == "covariance":
-            convert += ["--covariance", o.covariance]
-        convert += ["--source", p["source"], "--structure", p["structure"], "--theta-rank", str(p["rank"]),
-                    "--theta-gamma", repr(p["gamma"]), "--theta-type", THETA_TYPE]
-        if p.get("allocation") == "budget" and row.get("theta_bytes"):
-            convert += ["--budget-mb", f"{row['theta_bytes'] / 2**20 + 0.01:.3f}"]
-        if set(p["groups"]) != set(GROUPS):
-            convert += ["--selective-layers", *layer_globs(p["groups"])]
-        convert += ["--output", str(nkat_path or f"{best_stem(row)}.nkat")]
-        ppl = ["nkat", "ppl", "--model", o.model, "--theta", str(nkat_path or f"{best_stem(row)}.nkat"),
-               "--text", o.text, "--ctx", str(o.runtime.ctx), "--chunks", str(row["chunks"]), "--backend",
-               o.runtime.backend]
-        if o.reference:
-            ppl += ["--reference", o.reference]
-        if o.runtime.flash_attn:
-            ppl += ["--flash-attn"]
-        return {
-            "command": shlex.join(ppl),
-            "convert_command": shlex.join(convert),
-            "convert_note": "nkat convert takes the SVD at this rank directly; the study truncated one taken at "
-                            f"rank {self.report.max_rank}, so its theta can differ in the last digits",
-            "study_command": shlex.join(study_command(o, self.report.n_trials)),
-        }
 
     def summary(self, rows: list[dict], best: dict | None, final: dict | None, files: list[str],
                 status: str) -> dict:
@@ -228,8 +207,8 @@ class OutputWriter:
             meta = read_meta(path)
         except UserError:
             return False
-        return (meta.extra.get("optimize.study") == self.report.opts.study_name
-                and str(meta.extra.get("optimize.trial")) == str(best["number"])
+        return (meta.extra.get(NkatKeys.Extra.OPTIMIZE_STUDY) == self.report.opts.study_name
+                and str(meta.extra.get(NkatKeys.Extra.OPTIMIZE_TRIAL)) == str(best["number"])
                 and meta.theta_bytes == best["theta_bytes"])
 
     def _confirm_and_write(self, best: dict, base: dict) -> tuple[dict | None, list[str]]:
@@ -251,7 +230,8 @@ class OutputWriter:
         else:
             candidate = self.out / f".{stem}.unconfirmed.nkat"  # renamed only once the final run confirms it
             opt.write_theta(candidate, best["params"], best["params"]["gamma"],
-                              extra={"optimize.study": opt.opts.study_name, "optimize.trial": best["number"]})
+                              extra={NkatKeys.Extra.OPTIMIZE_STUDY: opt.opts.study_name,
+                                     NkatKeys.Extra.OPTIMIZE_TRIAL: best["number"]})
             try:
                 final = old_final if reuse else opt.final_evaluation(candidate)
             except BaseException:
@@ -275,7 +255,8 @@ class OutputWriter:
             "verdict": verdict(best, base, final, opt.opts.max_kld, opt.opts.max_overhead,
                                self.control(best["bytes"])),
         })
-        best_doc.update(self.commands(best, nkat_path))
+        best_doc.update(opt.rerun(RerunFacts(opt.opts, best, nkat_path, opt.budget_of(best["params"]),
+                                             opt.max_rank, opt.n_trials)))
         write_text_atomic(self.out / f"{stem}.json", to_json(best_doc) + "\n")
         return final, [nkat_path.name, f"{stem}.json"]
 
@@ -303,23 +284,6 @@ class OutputWriter:
         write_text_atomic(self.out / SUMMARY, to_json(summary) + "\n")
         summary["output_dir"] = str(self.out)
         return summary
-
-
-def study_command(o: OptimizeOptions, n_trials: int) -> list[str]:
-    """The nkat optimize command that resumes this study (its storage password redacted)."""
-    cmd = ["nkat", "optimize", "--model", o.model, "--text", o.text, "--mode", o.mode]
-    if o.mode == "custom":
-        cmd += ["--trials", str(n_trials)]
-    for flag, value in (("--reference", o.reference), ("--imatrix", o.imatrix), ("--covariance", o.covariance),
-                        ("--target-rank", o.target_rank),
-                        ("--max-kld", o.max_kld), ("--max-overhead", o.max_overhead), ("--storage", o.storage)):
-        if value is not None:
-            cmd += [flag, redact(str(value)) if flag == "--storage" else str(value)]
-    cmd += ["--output-dir", o.output_dir, "--study-name", o.study_name, "--backend", o.runtime.backend,
-            "--chunks", str(o.chunks), "--final-chunks", str(o.final_chunks), "--ctx", str(o.runtime.ctx)]
-    if o.runtime.flash_attn:
-        cmd.append("--flash-attn")
-    return cmd
 
 
 def verdict(best: dict | None, base: dict, final: dict | None, max_kld, max_overhead, control=None,

@@ -3,47 +3,32 @@
 Source (those the inputs allow), structure, size (the bytes of a uniform rank R), allocation of
 those bytes (uniform rank R, or the global greedy cut by singular value^2 per byte of
 theta.allocate_ranks), gamma (each source's range from theta.SOURCE_TABLE), and which tensor
-groups (attention q/k/v/o, ffn gate/up/down) carry theta.
+groups (the block roles attention q/k/v/output, ffn gate/up/down) carry theta.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+from ..formats.roles import BLOCK_ROLES, block_role
 from ..theta import lowrank as theta_math
+from ..theta.pipeline import Allocation
 
-# Tensor groups that may carry theta: group label -> the weight's name inside a block.
-GROUPS = {
-    "attn_q": "attn_q",
-    "attn_k": "attn_k",
-    "attn_v": "attn_v",
-    "attn_o": "attn_output",
-    "ffn_gate": "ffn_gate",
-    "ffn_up": "ffn_up",
-    "ffn_down": "ffn_down",
-}
-_GROUP_OF = {suffix: label for label, suffix in GROUPS.items()}
-_BLOCK_NAME = re.compile(r"^blk\.\d+\.([A-Za-z0-9_]+)\.weight$")
+# Tensor groups that may carry theta: the block roles (formats/roles.py), in gguf's spelling.
+GROUPS = BLOCK_ROLES
 STRUCTURE_CHOICES = ("general", "auto")  # auto = antisymmetric (the NKAT form) where square
 RANK_LOW, RANK_HIGH, RANK_STEP = 8, 64, 8
-ALLOCATIONS = ("uniform", "budget")  # budget: the bytes of uniform rank R, ranks by the greedy cut
+ALLOCATIONS = tuple(a.value for a in Allocation)  # plain strings for Optuna; budget: the file bytes of uniform rank R, ranks by the greedy cut
 THETA_TYPE = "q8_0"
 
 
 def group_of(name: str) -> str | None:
-    m = _BLOCK_NAME.match(name)
-    return _GROUP_OF.get(m.group(1)) if m else None
+    return block_role(name)
 
 
 def gamma_param(source: str) -> str:
     """The Optuna parameter of a source's gamma: the residual sources share one (same range)."""
     return "gamma" if theta_math.source_info(source).needs_reference else "gamma_weight"
-
-
-def layer_globs(groups: list[str]) -> list[str]:
-    """The --selective-layers globs of nkat convert that select these groups."""
-    return [f"blk.*.{GROUPS[g]}.weight" for g in groups]
 
 
 @dataclass
@@ -103,7 +88,7 @@ class SearchSpace:
         # The table's last possible, the most informed: residual-cov > residual-act > residual > weight
         # (README: at rank 8 on the demo pair, residual-cov recovered 56 % of the gap, residual-act 22 %).
         source = self.sources[-1]
-        params = {"source": source, "structure": "general", "allocation": "uniform",
+        params = {"source": source, "structure": "general", "allocation": Allocation.UNIFORM.value,
                   gamma_param(source): theta_math.source_info(source).default_gamma}
         if "fixed" not in self.rank:
             lo, hi, step = self.rank["low"], self.rank["high"], self.rank["step"]

@@ -4,7 +4,7 @@ One worker's lifecycle: check every input before anything is written, open or re
 (its search space and setup must match), score the reference and the baseline once, run trials
 until the study holds its budget of COMPLETE trials (shared by all workers), then write the
 outputs, re-evaluating the best trial on --final-chunks first. Objective: maximize
-evaluate.tpe on a fixed set of chunks. Constraints (--max-kld, --max-overhead) go through
+measure.tpe on a fixed set of chunks. Constraints (--max-kld, --max-overhead) go through
 Optuna's constraint support: a trial over a bar is recorded with its figures but cannot win.
 The search space is in space.py, a trial's work in trials.py, the storage and dead workers in
 storage.py, the files in outputs.py.
@@ -18,10 +18,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import BadSetting, Setting, UserError
 from ..formats.gguf_io import ModelFile
 from ..measure.evaluate import NonFiniteError, check_ctx, evaluate
 from ..measure.rows import pick, score_row
@@ -53,8 +54,9 @@ def file_digest(path: str | os.PathLike) -> str:
 class Optimizer:
     """One worker of a study: validate, open/resume the study, run trials, write the outputs."""
 
-    def __init__(self, opts: OptimizeOptions):
+    def __init__(self, opts: OptimizeOptions, rerun: Callable[[outputs.RerunFacts], dict]):
         self.opts = opts
+        self.rerun = rerun
         self.n_trials = trial_budget(opts.mode, opts.trials)
         self.worker = worker_id()
         self.started = time.perf_counter()
@@ -66,26 +68,26 @@ class Optimizer:
 
         o = self.opts
         if o.runtime.backend not in BACKENDS:
-            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {o.runtime.backend!r}")
+            raise BadSetting(Setting.BACKEND, f"must be one of {', '.join(BACKENDS)}, not {o.runtime.backend!r}")
         if o.chunks is None or o.chunks < 1:
-            raise UserError(f"--chunks must be at least 1, not {o.chunks}")
+            raise BadSetting(Setting.CHUNKS, f"must be at least 1, not {o.chunks}")
         if o.final_chunks is None or o.final_chunks < 0:
-            raise UserError(f"--final-chunks must be 0 (off) or more, not {o.final_chunks}")
+            raise BadSetting(Setting.FINAL_CHUNKS, f"must be 0 (off) or more, not {o.final_chunks}")
         if o.target_rank is not None and o.target_rank <= 0:
-            raise UserError(f"--target-rank must be positive, not {o.target_rank}")
+            raise BadSetting(Setting.THETA_RANK, f"must be positive, not {o.target_rank}")
         if o.max_kld is not None and not (np.isfinite(o.max_kld) and o.max_kld > 0):
-            raise UserError(f"--max-kld must be a positive number, not {o.max_kld}")
+            raise BadSetting(Setting.MAX_KLD, f"must be a positive number, not {o.max_kld}")
         if o.max_kld is not None and not o.reference:
-            raise UserError("--max-kld needs --reference (KL-divergence is measured against it)")
+            raise BadSetting(Setting.MAX_KLD, "needs", Setting.REFERENCE, "(KL-divergence is measured against it)")
         if o.max_overhead is not None and not np.isfinite(o.max_overhead):
-            raise UserError(f"--max-overhead must be a number (percent), not {o.max_overhead}")
-        for flag, path in (("--imatrix", o.imatrix), ("--covariance", o.covariance)):
+            raise BadSetting(Setting.MAX_OVERHEAD, f"must be a number (percent), not {o.max_overhead}")
+        for setting, path in ((Setting.IMATRIX, o.imatrix), (Setting.COVARIANCE, o.covariance)):
             if path and not o.reference:
-                raise UserError(f"{flag} is used by a residual source, which needs --reference")
+                raise BadSetting(setting, "is used by a residual source, which needs", Setting.REFERENCE)
             if path and not Path(path).is_file():
-                raise UserError(f"{flag} file not found: {path}")
+                raise BadSetting(setting, f"file not found: {path}")
         if not o.study_name or not o.study_name.strip():
-            raise UserError("--study-name must not be empty")
+            raise BadSetting(Setting.STUDY_NAME, "must not be empty")
         check_ctx(o.runtime.ctx)
 
         # Where results go, and the storage, are checked before any model is read or loaded.
@@ -351,8 +353,8 @@ class Optimizer:
             reference_bytes=self.reference.file_size if self.reference is not None else None,
             available_chunks=self.scorer.available_chunks, max_rank=self.space.max_rank,
             search_space=self.space.to_dict(), setup=self.setup(), notes=self.notes,
-            svd_seconds=self.factors.seconds, write_theta=self.factors.write,
-            final_evaluation=self.final_evaluation,
+            svd_seconds=self.factors.seconds, write_theta=self.factors.write, budget_of=self.factors.budget_of,
+            final_evaluation=self.final_evaluation, rerun=self.rerun,
         )
 
     # -- used by the outputs ---------------------------------------------------------------------
@@ -389,5 +391,6 @@ class Optimizer:
         return out
 
 
-def run_optimize(opts: OptimizeOptions) -> dict:
-    return Optimizer(opts).run()
+def run_optimize(opts: OptimizeOptions, rerun: Callable[[outputs.RerunFacts], dict]) -> dict:
+    """Run one worker of the study; `rerun` words the commands that redo its best trial."""
+    return Optimizer(opts, rerun).run()

@@ -22,14 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from ..formats.gguf_io import ModelFile
-from ..formats.nkat_format import NkatMeta, ThetaFactors, factor_bytes, write_nkat
-from ..measure.evaluate import LogprobStore, check_same_vocab, chunk_count, fill_store, score_model, tpe
+from ..formats.keys import NkatKeys
+from ..formats.nkat_format import write_nkat
+from ..measure.evaluate import LogprobStore, check_same_vocab, chunk_count, fill_store, score_model
+from ..measure.tpe import tpe
 from ..measure.rows import pick, score_row
 from ..runtime.engine import Runtime
 from ..theta import lowrank as theta_math
-from ..theta.convert import TENSOR_OVERHEAD, Statistics, correction_pq, truncated_theta
+from ..theta.pipeline import Allocation, Pricing, Statistics, choose_ranks, factor_loop, theta_meta, thetas
 from ..util.atomic import pid_alive
-from ..util.report import progress
 from .options import OptimizeOptions
 from .space import THETA_TYPE, group_of
 
@@ -57,51 +58,50 @@ class FactorCache:
     def factors(self, source: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if source not in self._pq:
             started = time.perf_counter()
-            stats = self.statistics(source)
-            pq = {}
-            for name in progress(self.names, desc=f"SVD ({source}, rank {self.max_rank})", quiet=self.quiet,
-                                 unit="tensor"):
-                rank = min(self.max_rank, min(self.model.shape(name)))
-                pq[name] = correction_pq(self.model, self.reference, name, source, rank, stats.scales.get(name),
-                                         stats.root(name))
-            self._pq[source] = pq
+            ranks = {n: min(self.max_rank, min(self.model.shape(n))) for n in self.names}
+            self._pq[source] = factor_loop(self.model, self.reference, source, self.statistics(source), ranks,
+                                           f"SVD ({source}, rank {self.max_rank})", self.quiet)
             self.seconds[source] = time.perf_counter() - started
         return self._pq[source]
 
-    def theta_factors(self, config: dict) -> list[ThetaFactors]:
-        pq = self.factors(config["source"])
+    def pricing(self, config: dict) -> tuple[Pricing, dict[str, int], int | None]:
+        """The configuration's pricing, uniform ranks and byte budget (None: uniform allocation),
+        from the shapes alone. A budget allocation re-spends the file bytes of the uniform ranks by
+        the greedy cut, priced as nkat convert prices them: `nkat convert --budget-mb` with that
+        budget makes the same choice."""
         groups = set(config["groups"])
-        chosen = [n for n in self.names if group_of(n) in groups]
-        structures = {n: theta_math.resolve_structure(config["structure"], self.model.shape(n)) for n in chosen}
-        ranks = {n: min(config["rank"], pq[n][0].shape[1]) for n in chosen}
-        if config.get("allocation", "uniform") == "budget":
-            ranks = self._budget_ranks(pq, chosen, structures, ranks)
-        return [truncated_theta(n, *pq[n], ranks[n], structures[n]) for n in chosen if ranks[n] > 0]
+        shapes = {n: self.model.shape(n) for n in self.names if group_of(n) in groups}
+        pricing = Pricing(shapes, {n: theta_math.resolve_structure(config["structure"], s) for n, s in shapes.items()},
+                          THETA_TYPE)
+        uniform = {n: min(config["rank"], self.max_rank, min(s)) for n, s in shapes.items()}
+        budgeted = config.get("allocation", Allocation.UNIFORM) == Allocation.BUDGET
+        return pricing, uniform, pricing.file_bytes(uniform) if budgeted else None
 
-    def _budget_ranks(self, pq, chosen, structures, uniform) -> dict[str, int]:
-        """The bytes of the uniform ranks, re-spent by the greedy cut (theta.allocate_ranks)."""
-        costs, first, gains = {}, {}, {}
-        for n in chosen:
-            per_component = 2 if structures[n] == "antisymmetric" else 1
-            costs[n] = per_component * factor_bytes(*self.model.shape(n), 1, THETA_TYPE)
-            first[n] = TENSOR_OVERHEAD
-            gains[n] = (pq[n][0].astype(np.float64) ** 2).sum(axis=0)
-        budget = sum(uniform[n] * costs[n] + first[n] for n in chosen)
-        return theta_math.allocate_ranks(gains, costs, budget, first)
+    def budget_of(self, config: dict) -> int | None:
+        return self.pricing(config)[2]
+
+    def plan(self, config: dict) -> tuple[dict, Pricing, dict[str, int], int | None]:
+        """The configuration's factors, pricing, ranks and byte budget (None: uniform ranks)."""
+        pricing, uniform, budget = self.pricing(config)
+        pq = self.factors(config["source"])
+        chosen = {n: pq[n] for n in pricing.shapes}
+        ranks = uniform if budget is None else choose_ranks(chosen, pricing, config["rank"], budget)
+        return chosen, pricing, ranks, budget
+
+    def predicted_bytes(self, config: dict) -> int:
+        """The theta bytes the configuration's file holds, from the pricing alone."""
+        _, pricing, ranks, _ = self.plan(config)
+        return pricing.theta_bytes(ranks)
 
     def write(self, path, config: dict, gamma: float, extra: dict | None = None) -> int:
         """Write the configuration's theta as a .nkat at `gamma`; returns theta bytes."""
-        factors = self.theta_factors(config)
-        meta = NkatMeta(
-            theta_rank=config["rank"], theta_gamma=gamma, source=config["source"],
-            structure=config["structure"], theta_type=THETA_TYPE, base=self.model.identity(),
-            reference=self.reference.identity() if self.reference is not None else None,
-            imatrix=str(self.imatrix or ""),
-            extra={"rank_allocation": config.get("allocation", "uniform"), "groups": ",".join(config["groups"]),
-                   "covariance": str(self.covariance or "")} | (extra or {}),
-        )
+        chosen, pricing, ranks, budget = self.plan(config)
+        factors = thetas(chosen, pricing, ranks)
+        meta = theta_meta(self.model, self.reference, factors, pricing, rank=config["rank"], gamma=gamma,
+                          source=config["source"], structure=config["structure"], imatrix=self.imatrix,
+                          covariance=self.covariance, budget=budget,
+                          extra={NkatKeys.Extra.GROUPS: ",".join(config["groups"])} | (extra or {}))
         return write_nkat(path, self.model.architecture, factors, meta)
-
 
 
 # -- scoring: reference and baseline once, candidates per trial ---------------------------------
@@ -182,7 +182,7 @@ class TrialRunner:
             return self.scorer.figures(self.scorer.baseline, 0) | {"overhead_pct": 0.0, "no_theta": True,
                                                                       "tensors": 0, "model_loads": 0}
         key = (config["source"], config["structure"], config["rank"], tuple(config["groups"]),
-               config.get("allocation", "uniform"))
+               config.get("allocation", Allocation.UNIFORM))
         loads = 0
         if key != self._key:
             self._close_runtime()

@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKENDS = ("lora", "shim")
+# The fewest tokens a chunk may hold, for scoring (positions [n_ctx/2, n_ctx-2] are scored: below
+# this a chunk scores almost nothing) and for calibration alike.
+MIN_CTX = 8
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ structures:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
@@ -34,13 +35,24 @@ class StatisticsError(UserError):
     """Activation statistics that cannot be used (empty, not finite, wrong size)."""
 
 
+class StatisticsKind(str, Enum):
+    """What a source weights the residual with, beside nothing (str-valued: JSON spells the value;
+    a StrEnum of util.enums, written out because the math imports nothing of ours but errors)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    DIAGONAL = "diagonal"  # imatrix: sum of x_i^2 per input column
+    COVARIANCE = "covariance"  # sum of x x^T per distinct input
+
+
 @dataclass(frozen=True)
 class Source:
     """What one theta source needs and how strongly it is applied by default."""
 
     name: str
     needs_reference: bool
-    statistics: str | None  # None, "diagonal" (imatrix: sum of x_i^2) or "covariance" (sum of x x^T)
+    statistics: StatisticsKind | None
     default_gamma: float
     gamma_range: tuple[float, float]  # what nkat optimize searches
     summary: str
@@ -51,9 +63,9 @@ class Source:
 SOURCE_TABLE = {s.name: s for s in (
     Source("weight", False, None, 0.05, (-0.2, 0.2), "SVD of W itself (the seed's method)"),
     Source("residual", True, None, 2.0, (0.0, 2.5), "SVD of W_ref - W"),
-    Source("residual-act", True, "diagonal", 2.0, (0.0, 2.5),
+    Source("residual-act", True, StatisticsKind.DIAGONAL, 2.0, (0.0, 2.5),
            "SVD of W_ref - W weighted by the input RMS (imatrix)"),
-    Source("residual-cov", True, "covariance", 2.0, (0.0, 2.5),
+    Source("residual-cov", True, StatisticsKind.COVARIANCE, 2.0, (0.0, 2.5),
            "SVD of W_ref - W whitened by the input covariance (exact output error)"),
 )}
 SOURCES = tuple(SOURCE_TABLE)

@@ -4,15 +4,16 @@ and the interactive menu that offers the same choices."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 from ...errors import BadSetting, UserError
 from ...util.report import human_bytes, print_json, print_table
-from .workflow import Context, build_context, launch, register, status
+from .workflow import Context, KoboldOptions, build_context, launch, register, status
 
 
-def run(args) -> int:
+def run(args: KoboldOptions) -> int:
     if args.smoke_only:
-        args.launch = True
+        args = replace(args, launch=True)
     interactive = args.menu or (not (args.register or args.launch or args.json)
                                 and sys.stdin.isatty() and sys.stdout.isatty())
     if interactive:
@@ -66,8 +67,8 @@ MENU = [
 ]
 
 
-def menu(args) -> int:
-    args.menu = False
+def menu(args: KoboldOptions) -> int:
+    args = replace(args, menu=False)
     while True:
         print()
         for key, text in MENU:
@@ -83,16 +84,16 @@ def menu(args) -> int:
                 ctx = build_context(args)
                 show(ctx, status(ctx), False)
             elif choice == "2":
-                args.admindir = args.admindir or input("admin directory: ").strip()
+                args = replace(args, admindir=args.admindir or input("admin directory: ").strip())
                 ctx = build_context(args)
                 show(ctx, {**status(ctx), "registered": [str(p) for p in register(ctx, args)]}, False)
             elif choice in ("3", "4"):
-                args.launch, args.smoke_only = True, choice == "3"
+                args = replace(args, launch=True, smoke_only=choice == "3")
                 ctx = build_context(args)
                 show(ctx, {**status(ctx), "launch": launch(ctx, args)}, False)
             else:
                 print(f"no choice {choice!r}")
         except UserError as exc:
             if isinstance(exc, BadSetting):  # named by the flag that set it (cli.dispatch)
-                exc = exc.worded(getattr(args, "setting_flags", {}))
+                exc = exc.worded(args.setting_flags)
             print(f"nkat kobold: error: {exc}", file=sys.stderr)

@@ -19,7 +19,6 @@ from ...errors import UserError
 from ...formats.nkat_format import NkatMeta, find_base_model, is_nkat_path, read_meta
 
 KOBOLDCPP_ENV = "KOBOLDCPP"
-MODELS_DIR_ENV = "NKAT_MODELS_DIR"
 ADMIN_PASSWORD_ENV = "NKAT_KOBOLD_ADMIN_PASSWORD"
 LAUNCHER_NAMES = ("koboldcpp.py", "koboldcpp")
 KOBOLD_BACKENDS = ("cuda", "vulkan", "clblast", "cpu")
@@ -340,10 +339,6 @@ class NkatModel:
         return {"name": self.name, "theta": str(self.theta), "base": str(self.base),
                 "rank": self.meta.theta_rank, "gamma": self.meta.theta_gamma,
                 "theta_bytes": self.meta.theta_bytes}
-
-
-def default_models_dir() -> Path:
-    return Path(os.environ.get(MODELS_DIR_ENV) or Path.cwd() / "models")
 
 
 def nkat_files(models_dir: Path | None, thetas: list[str] | None) -> list[Path]:

@@ -1,5 +1,5 @@
 """The steps of `nkat kobold`: find models, launcher and GPU, choose a backend, register .kcpps
-configs, start a server, wait for it and generate once. `args` is the command's argparse namespace."""
+configs, start a server, wait for it and generate once, as KoboldOptions ask."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import getpass
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import UserError
+from ...formats.defaults import default_models_dir
 from ...util.output_paths import check_output_path
 from ...util.report import say
 from . import config as kobold_config
@@ -18,6 +19,37 @@ from . import discovery as kobold
 from . import server as kobold_server
 
 DEFAULT_TIMEOUT_S = 180.0
+SMOKE_MAX_TOKENS = 16
+
+
+@dataclass
+class KoboldOptions:
+    """What `nkat kobold` was asked: what to serve, what to do, and how the server runs."""
+
+    models_dir: str | None = None  # None: formats.defaults.default_models_dir()
+    theta: list[str] | None = None  # .nkat files (replace the models directory scan)
+    model: str | None = None  # base model for the .nkat files
+    koboldcpp: str | None = None
+    backend: str | None = None  # None: chosen from the launcher and the GPU
+    register: bool = False
+    admindir: str | None = None
+    launch: bool = False
+    smoke_only: bool = False
+    menu: bool = False
+    host: str = "127.0.0.1"
+    port: int = kobold.DEFAULT_PORT
+    context_size: int = kobold.DEFAULT_CONTEXT
+    threads: int = kobold_config.RunSettings.threads
+    gpu_layers: int | None = None
+    lora_mult: float = 1.0
+    timeout: float = DEFAULT_TIMEOUT_S
+    log: str | None = None
+    prompt: str = kobold_server.SMOKE_PROMPT
+    max_tokens: int = SMOKE_MAX_TOKENS
+    admin_password_env: str = kobold.ADMIN_PASSWORD_ENV
+    json: bool = False
+    quiet: bool = False
+    setting_flags: dict = field(default_factory=dict)  # how the command words a BadSetting
 
 
 @dataclass
@@ -28,10 +60,10 @@ class Context:
     backend: kobold.Backend
     settings: kobold_config.RunSettings
 
-def build_context(args) -> Context:
+def build_context(args: KoboldOptions) -> Context:
     if args.register and not args.admindir:
         raise UserError("--register needs --admindir DIR (KoboldCpp's admin-mode config directory)")
-    models_dir = Path(args.models_dir) if args.models_dir else kobold.default_models_dir()
+    models_dir = Path(args.models_dir) if args.models_dir else default_models_dir()
     if args.models_dir and not models_dir.is_dir():
         raise UserError(f"--models-dir {models_dir}: no such directory")
     models = kobold.find_models(models_dir, args.theta, args.model)
@@ -53,7 +85,7 @@ def status(ctx: Context) -> dict:
     }
 
 
-def register(ctx: Context, args) -> list[Path]:
+def register(ctx: Context, args: KoboldOptions) -> list[Path]:
     if ctx.launcher is None or ctx.backend.name == "llama-cpp-python":
         raise UserError("--register writes KoboldCpp configs: KoboldCpp not found "
                         f"(pass --koboldcpp PATH or set ${kobold.KOBOLDCPP_ENV}; it is on no package registry)")
@@ -66,7 +98,7 @@ def register(ctx: Context, args) -> list[Path]:
     return paths
 
 
-def pick_model(ctx: Context, args):
+def pick_model(ctx: Context, args: KoboldOptions):
     if not ctx.models:
         raise UserError("no NKAT model to launch: no .nkat in the models directory "
                         "(make one with nkat convert, or pass --theta FILE)")
@@ -76,7 +108,7 @@ def pick_model(ctx: Context, args):
     return ctx.models[0]
 
 
-def admin_password(args) -> str | None:
+def admin_password(args: KoboldOptions) -> str | None:
     password = os.environ.get(args.admin_password_env)
     if password is None and sys.stdin.isatty():
         password = getpass.getpass("KoboldCpp admin password (empty for none): ") or None
@@ -85,7 +117,7 @@ def admin_password(args) -> str | None:
     return password
 
 
-def launch_config(ctx: Context, model, args, directory: Path) -> Path:
+def launch_config(ctx: Context, model, args: KoboldOptions, directory: Path) -> Path:
     """The start-up .kcpps in a private directory (it may hold the admin password)."""
     config = kobold_config.kcpps_config(model, ctx.launcher, ctx.backend, ctx.settings)
     if args.admindir and ctx.launcher.has_admin:
@@ -100,7 +132,7 @@ def launch_config(ctx: Context, model, args, directory: Path) -> Path:
     return path
 
 
-def server_log(args, inputs) -> tuple[Path, bool]:
+def server_log(args: KoboldOptions, inputs) -> tuple[Path, bool]:
     """(log path, keep it afterwards): --log, or a new file in the system temp dir that outlives
     the run's private directory, so a failed start-up's message can point at it."""
     if args.log:
@@ -114,7 +146,7 @@ def server_log(args, inputs) -> tuple[Path, bool]:
     return Path(path), False
 
 
-def start_server(ctx: Context, model, args, directory: Path, log: Path) -> kobold_server.RunningServer:
+def start_server(ctx: Context, model, args: KoboldOptions, directory: Path, log: Path) -> kobold_server.RunningServer:
     if ctx.backend.name == "llama-cpp-python":
         gpu_layers = ctx.settings.gpu_layers if ctx.settings.gpu_layers is not None else 0
         return kobold_server.start_llama_server(model.base, model.theta, args.host, args.port, log,
@@ -125,14 +157,14 @@ def start_server(ctx: Context, model, args, directory: Path, log: Path) -> kobol
                                          cleanup=[config])
 
 
-def generate_text(server, args) -> str:
+def generate_text(server, args: KoboldOptions) -> str:
     try:
         return kobold_server.generate(server, args.prompt, args.max_tokens, timeout=args.timeout)
     except (OSError, ValueError, KeyError, IndexError) as exc:
         raise UserError(f"{server.kind} answered on {server.url} but the test generation failed: {exc}") from None
 
 
-def launch(ctx: Context, args) -> dict:
+def launch(ctx: Context, args: KoboldOptions) -> dict:
     model = pick_model(ctx, args)
     quiet = args.quiet or args.json
     log, keep_log = server_log(args, [model.base, model.theta])
@@ -148,7 +180,7 @@ def launch(ctx: Context, args) -> dict:
     return result
 
 
-def _serve(ctx: Context, model, args, tmp: Path, log: Path, quiet: bool) -> dict:
+def _serve(ctx: Context, model, args: KoboldOptions, tmp: Path, log: Path, quiet: bool) -> dict:
     server = start_server(ctx, model, args, tmp, log)
     say(f"starting {server.kind} ({ctx.backend.name}) for {model.name} on {server.url} ...", quiet)
     try:

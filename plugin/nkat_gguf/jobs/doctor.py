@@ -13,10 +13,11 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .integrations.kobold import discovery as kobold
-from .integrations.kobold import server as kobold_server
-from .errors import UserError
-from .util.report import human_bytes
+from ..integrations.kobold import discovery as kobold
+from ..integrations.kobold import server as kobold_server
+from ..errors import UserError
+from ..formats.defaults import MODELS_DIR_ENV, default_models_dir
+from ..util.report import human_bytes
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 MIN_PYTHON = (3, 10)
@@ -82,7 +83,7 @@ def _error_figure(result: dict) -> str:
 
 def check_native() -> Check:
     try:
-        from .runtime import native
+        from ..runtime import native
         result = native.self_test()
     except ImportError:
         return Check("native shim", FAIL, "native shim not built", REBUILD_FIX)
@@ -145,7 +146,7 @@ def check_models_dir(models_dir: Path) -> Check:
     anchor = _existing_ancestor(models_dir)
     if not os.access(anchor, os.W_OK | os.X_OK):
         return Check("models directory", FAIL, f"{anchor} is not writable",
-                     f"pass --models-dir DIR or set ${kobold.MODELS_DIR_ENV} to a writable directory")
+                     f"pass --models-dir DIR or set ${MODELS_DIR_ENV} to a writable directory")
     state = "writable" if anchor == models_dir.absolute() else "can be created"
     return Check("models directory", PASS, f"{models_dir} ({state})")
 
@@ -161,7 +162,7 @@ def check_disk(models_dir: Path) -> Check:
 
 
 def check_default_model() -> Check:
-    from .formats.defaults import default_model_path
+    from ..formats.defaults import default_model_path
 
     try:
         path = default_model_path()
@@ -171,7 +172,7 @@ def check_default_model() -> Check:
 
 
 def run_checks(koboldcpp=None, models_dir: Path | None = None) -> list[Check]:
-    models_dir = Path(models_dir) if models_dir else kobold.default_models_dir()
+    models_dir = Path(models_dir) if models_dir else default_models_dir()
     return [
         check_python(),
         check_llama_cpp(),

@@ -11,15 +11,15 @@ import os
 import time
 from pathlib import Path
 
-from .theta.convert import ConvertOptions, convert
-from .formats.defaults import default_model_path, find_calibration_text
-from .errors import UserError
-from .measure.ppl import PplRequest, read_text, run_ppl
-from .util.output_paths import check_output_dir
-from .runtime.quantize import quantize_model
-from .runtime.settings import RuntimeSettings
-from .util.report import say, to_json
-from .util.atomic import write_text_atomic
+from ..theta.convert import ConvertOptions, convert
+from ..formats.defaults import default_model_path, find_calibration_text
+from ..errors import UserError
+from ..measure.ppl import PplRequest, read_text, run_ppl
+from ..util.output_paths import check_output_dir
+from ..runtime.quantize import quantize_model
+from ..runtime.settings import RuntimeSettings
+from ..util.report import say, to_json
+from ..util.atomic import write_text_atomic
 
 
 def default_work_dir() -> Path:
@@ -40,9 +40,8 @@ def calibrate_if_possible(reference: str, work: Path, runtime: RuntimeSettings, 
     when the native library fails its self-test (then the run goes on with the lora backend only:
     nothing native is trusted)."""
     try:
-        from .formats.imatrix import write_imatrix
-        from .runtime.activation_stats import collect
-        from .runtime.native import self_test
+        from ..runtime.calibrate import calibrate
+        from ..runtime.native import self_test
 
         check = self_test()
     except (ImportError, OSError) as exc:
@@ -57,10 +56,8 @@ def calibrate_if_possible(reference: str, work: Path, runtime: RuntimeSettings, 
     except UserError as exc:
         say(f"activation-scaled theta skipped: {exc}", quiet)
         return None
-    stats, facts = collect(reference, read_text(text), chunks, runtime.ctx, runtime.threads, runtime.flash_attn, quiet)
     out = work / "reference.imatrix"
-    write_imatrix(out, stats, dataset=str(text), chunks=facts["chunks"], chunk_size=runtime.ctx,
-                  architecture=facts["architecture"])
+    calibrate(reference, read_text(text), str(text), out, chunks, runtime, quiet)
     return str(out)
 
 
@@ -83,7 +80,7 @@ def quickstart(text: str, work_dir: Path, rank: int = 32, chunks: int = 8, base_
     for source, imx in sources:
         out = str(work_dir / f"theta-{source}-r{rank}.nkat")
         conversions.append(convert(base, out, ConvertOptions(rank=rank, source=source, reference=reference,
-                                                             imatrix=imx, quiet=quiet)))
+                                                             imatrix=imx, quiet=quiet)).to_dict())
         thetas.append(out)
 
     say(f"[4/4] perplexity: {chunks} chunks x {runtime.ctx} tokens of {text}", quiet)
