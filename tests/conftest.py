@@ -33,7 +33,7 @@ def eval_text() -> Path:
 
 @pytest.fixture(scope="session")
 def calib_text() -> Path:
-    path = SHARED_DATA / "wikitext-2" / "wiki.valid.tokens"
+    path = Path(os.environ.get("NKAT_CALIB_TEXT", SHARED_DATA / "wikitext-2" / "wiki.valid.tokens"))
     if not path.is_file():
         pytest.skip(f"calibration text not found at {path}")
     return path
