@@ -38,14 +38,9 @@ def snapshot(directory: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def imatrix(work, base_model, calib_text):
-    """Activation statistics of the base on 2 chunks of WikiText-2 valid (never the test text)."""
-    out = work / "base.imatrix"
-    if not out.exists():
-        rc = main(["calibrate", "--model", str(base_model), "--text", str(calib_text), "--chunks", "2",
-                   "--ctx", "256", "--threads", "1", "--output", str(out), "--quiet", "--json"])
-        assert rc == 0
-    return out
+def imatrix(base_imatrix):
+    """Activation statistics of the base on WikiText-2 valid (never the test text): the session's."""
+    return base_imatrix
 
 
 @pytest.fixture(scope="module")
