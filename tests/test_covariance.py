@@ -134,7 +134,7 @@ def test_residual_cov_falls_back_to_the_diagonal_with_a_notice(calibrated, base_
     out = tmp_path / "fallback.nkat"
     rc = main(["convert", "--model", str(base_model), "--reference", str(reference_model), "--source",
                "residual-cov", "--imatrix", str(imatrix), "--selective-layers", "blk.3.*", "--theta-rank", "4",
-               "--output", str(out), "--json", "--check-chunks", "0"])  # the keep-or-refuse check: test_faults
+               "--output", str(out), "--json", "--check-chunks", "0"])  # the keep-or-refuse check: test_guide_workflow
     captured = capsys.readouterr()
     assert rc == 0 and json.loads(captured.out)["diagonal_fallback"] == 7
     assert captured.err.count("\n") == 1 and "only diagonal statistics" in captured.err
