@@ -1,6 +1,6 @@
-"""Rerun the README figures that one short run on the embedded model can measure; write them as markdown.
+"""Rerun the docs/RESULTS.md figures that one short run on the embedded model can measure; write them as markdown.
 
-    python benchmarks/results.py [--output benchmarks/results.md] [--update-readme] [--chunks 8] [--work DIR]
+    python benchmarks/results.py [--output benchmarks/results.md] [--update-docs] [--chunks 8] [--work DIR]
 
 Measures, on this machine, in one run:
   backends   the Q4_0 copy of the embedded SmolLM2-135M with residual thetas of rank 8 and 32, scored
@@ -9,7 +9,7 @@ Measures, on this machine, in one run:
   evaluator  benchmarks/bench_evaluator.py: the perplexity evaluator vs plain llama_decode;
   kernel     benchmarks/bench_kernel.py: the INT8 kernel's GB/s vs this core's read bandwidth.
 Every table is stamped with the date, CPU, kernel ISA, llama-cpp-python and nkat-gguf versions and
-the load average. --update-readme replaces the README block between <!-- results:begin --> and
+the load average. --update-docs replaces the block of docs/RESULTS.md between <!-- results:begin --> and
 <!-- results:end -->.
 """
 
@@ -34,6 +34,7 @@ from nkat_gguf.util.atomic import write_text_atomic  # noqa: E402
 from nkat_gguf.util.report import cpu_name  # noqa: E402
 
 RESULTS_BEGIN, RESULTS_END = "<!-- results:begin -->", "<!-- results:end -->"
+RESULTS_DOC = REPO / "docs" / "RESULTS.md"
 RANKS = (8, 32)
 CTX = 512
 
@@ -140,12 +141,12 @@ def render(env: dict, backends: str | None, speed: str | None) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def replace_block(readme: str, block: str) -> str:
-    """readme with the text between the results markers replaced by block."""
-    start, end = readme.find(RESULTS_BEGIN), readme.find(RESULTS_END)
+def replace_block(doc: str, block: str) -> str:
+    """doc with the text between the results markers replaced by block."""
+    start, end = doc.find(RESULTS_BEGIN), doc.find(RESULTS_END)
     if start < 0 or end < start:
-        raise SystemExit(f"results.py: the README has no {RESULTS_BEGIN} ... {RESULTS_END} block")
-    return readme[: start + len(RESULTS_BEGIN)] + "\n" + block + readme[end:]
+        raise SystemExit(f"results.py: {RESULTS_DOC.name} has no {RESULTS_BEGIN} ... {RESULTS_END} block")
+    return doc[: start + len(RESULTS_BEGIN)] + "\n" + block + doc[end:]
 
 
 # ------------------------------------------------------------------ command -------------
@@ -153,7 +154,7 @@ def replace_block(readme: str, block: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", type=Path, default=HERE / "results.md", help="markdown file (default benchmarks/results.md)")
-    ap.add_argument("--update-readme", action="store_true", help="also replace the README's results block")
+    ap.add_argument("--update-docs", action="store_true", help="also replace the results block of docs/RESULTS.md")
     ap.add_argument("--chunks", type=int, default=8, help="chunks of the evaluation text for the backend table (default 8)")
     ap.add_argument("--text", help="evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)")
     ap.add_argument("--work", type=Path, help="keep the generated models here (default: a temporary directory)")
@@ -173,10 +174,9 @@ def main(argv=None) -> int:
     block = render(env, backends, speed)
     write_text_atomic(args.output, block)
     print(block)
-    if args.update_readme:
-        readme = REPO / "README.md"
-        write_text_atomic(readme, replace_block(readme.read_text(), block))
-        print("README.md: results block replaced", file=sys.stderr)
+    if args.update_docs:
+        write_text_atomic(RESULTS_DOC, replace_block(RESULTS_DOC.read_text(), block))
+        print(f"{RESULTS_DOC.relative_to(REPO)}: results block replaced", file=sys.stderr)
     return 0
 
 

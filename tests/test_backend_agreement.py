@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from nkat_gguf.runtime import native
-from nkat_gguf.theta.convert import ConvertOptions, convert
 from nkat_gguf.measure.evaluate import log_softmax
 from nkat_gguf.formats.gguf_io import ModelFile
 from nkat_gguf.formats.merge import write_merged
@@ -35,14 +34,11 @@ EFFECT_SHARE = 0.2   # ... and by at most this share of theta's own effect
 
 
 @pytest.fixture(scope="module")
-def thetas(work, base_model, reference_model, theta_r8):
-    """rank -> .nkat: the session's rank 8 (F16 lora_b) and a rank 32 one (Q8_0 throughout)."""
-    r32 = work / "residual-r32.nkat"
-    if not r32.exists():
-        convert(str(base_model), str(r32), ConvertOptions(rank=32, source="residual", reference=str(reference_model), quiet=True))
-    types = {rank: set(read_nkat(path).tensor_types.values()) for rank, path in ((8, theta_r8), (32, r32))}
+def thetas(theta_r8, theta_r32):
+    """rank -> .nkat: the session's rank 8 (F16 lora_b) and rank 32 (Q8_0 throughout)."""
+    types = {rank: set(read_nkat(path).tensor_types.values()) for rank, path in ((8, theta_r8), (32, theta_r32))}
     assert types[8] == {("Q8_0", "F16")} and types[32] == {("Q8_0", "Q8_0")}, types
-    return {8: theta_r8, 32: r32}
+    return {8: theta_r8, 32: theta_r32}
 
 
 @pytest.fixture(scope="module")

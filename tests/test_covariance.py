@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import CALIB_CHUNKS, CALIB_CTX
 from test_calibrate import first_layer_inputs
 
 from nkat_gguf.runtime import native
@@ -71,14 +72,9 @@ def test_hook_covariance_matches_numpy_on_captured_tokens(base_model, calib_text
 
 
 @pytest.fixture(scope="module")
-def calibrated(base_model, calib_text, tmp_path_factory, capsys_module=None):
-    """A covariance file (several passes: a small --max-memory) and an imatrix on the same text."""
-    work = tmp_path_factory.mktemp("cov")
-    cov, imatrix = work / "demo.cov", work / "demo.imatrix"
-    common = ["--model", str(base_model), "--text", str(calib_text), "--chunks", "2", "--ctx", "128", "--threads", "2"]
-    assert main(["calibrate", "--covariance", "--max-memory", "300M", "--output", str(cov), "--quiet"] + common) == 0
-    assert main(["calibrate", "--output", str(imatrix), "--quiet"] + common) == 0
-    return cov, imatrix
+def calibrated(base_covariance, base_imatrix):
+    """The session's covariance file (several passes: a small --max-memory) and imatrix, on the same text."""
+    return base_covariance, base_imatrix
 
 
 @pytest.mark.slow
@@ -89,7 +85,7 @@ def test_covariance_diagonal_equals_imatrix(calibrated):
     assert len(set(cov.users.values())) == 120  # 30 blocks x (qkv, o, gate/up, down)
     for name, (sum_sq, count) in stats.items():
         diag, cov_count = cov.diagonal(name)
-        assert cov_count == count == 256
+        assert cov_count == count == CALIB_CHUNKS * CALIB_CTX
         np.testing.assert_allclose(diag, sum_sq, rtol=1e-4, atol=1e-6 * sum_sq.max())
 
 
@@ -138,7 +134,7 @@ def test_residual_cov_falls_back_to_the_diagonal_with_a_notice(calibrated, base_
     out = tmp_path / "fallback.nkat"
     rc = main(["convert", "--model", str(base_model), "--reference", str(reference_model), "--source",
                "residual-cov", "--imatrix", str(imatrix), "--selective-layers", "blk.3.*", "--theta-rank", "4",
-               "--output", str(out), "--json"])
+               "--output", str(out), "--json", "--check-chunks", "0"])  # the keep-or-refuse check: test_guide_workflow
     captured = capsys.readouterr()
     assert rc == 0 and json.loads(captured.out)["diagonal_fallback"] == 7
     assert captured.err.count("\n") == 1 and "only diagonal statistics" in captured.err

@@ -12,12 +12,13 @@ from nkat_gguf.measure.ppl import PplRequest, run_ppl
 from nkat_gguf.runtime.settings import RuntimeSettings
 from nkat_gguf.runtime.engine import Runtime
 
-CTX = 256
+CTX = 256        # the quality comparison (theta against the base) needs this many positions
+EXACT_CTX = 64   # the identities (numpy vs the evaluator, a model against itself, gamma 0) hold at any length
 
 
 @pytest.fixture(scope="module")
 def tokens_and_runtime(reference_model, short_text):
-    rt = Runtime(reference_model, n_ctx=CTX)
+    rt = Runtime(reference_model, n_ctx=EXACT_CTX)
     tokens = rt.tokenize(short_text.read_bytes())
     yield tokens, rt
     rt.close()
@@ -26,26 +27,26 @@ def tokens_and_runtime(reference_model, short_text):
 def test_ppl_equals_numpy_over_full_logits(tokens_and_runtime):
     """The evaluator requests only scored positions' logits; numpy recomputes from all logits."""
     tokens, rt = tokens_and_runtime
-    res = evaluate({"m": rt}, tokens, CTX, chunks=2, quiet=True)["m"]
+    res = evaluate({"m": rt}, tokens, EXACT_CTX, chunks=2, quiet=True)["m"]
     nll = []
     for c in range(2):
-        window = tokens[c * CTX:(c + 1) * CTX]
+        window = tokens[c * EXACT_CTX:(c + 1) * EXACT_CTX]
         rt.clear()
         logits = np.array(rt.decode(window, 0, logits_from=0), dtype=np.float64)  # every position
-        first = CTX // 2
-        logp = scipy_log_softmax(logits[first:CTX - 1], axis=1)
-        nll.extend(-logp[np.arange(CTX - 1 - first), window[first + 1:]])
+        first = EXACT_CTX // 2
+        logp = scipy_log_softmax(logits[first:EXACT_CTX - 1], axis=1)
+        nll.extend(-logp[np.arange(EXACT_CTX - 1 - first), window[first + 1:]])
     expected = math.exp(np.mean(nll))
-    assert res["tokens"] == 2 * (CTX - 1 - CTX // 2)
+    assert res["tokens"] == 2 * (EXACT_CTX - 1 - EXACT_CTX // 2)
     assert res["ppl"] == pytest.approx(expected, rel=1e-4)
     assert 5 < res["ppl"] < 200
 
 
 def test_kld_of_a_model_against_itself_is_zero(tokens_and_runtime, reference_model):
     tokens, rt = tokens_and_runtime
-    twin = Runtime(reference_model, n_ctx=CTX)
+    twin = Runtime(reference_model, n_ctx=EXACT_CTX)
     try:
-        res = evaluate({"m": rt}, tokens, CTX, chunks=2, reference=twin, quiet=True)
+        res = evaluate({"m": rt}, tokens, EXACT_CTX, chunks=2, reference=twin, quiet=True)
     finally:
         twin.close()
     assert res["m"]["kld_mean"] == pytest.approx(0.0, abs=1e-6)
@@ -65,11 +66,11 @@ def test_too_short_text_is_a_user_error():
 
 
 def test_gamma_zero_is_bit_identical_and_recovers_nothing(base_model, theta_r8, reference_model, short_text):
-    base = Runtime(base_model, n_ctx=CTX)
-    off = Runtime(base_model, theta_r8, gamma=0.0, n_ctx=CTX)
-    on = Runtime(base_model, theta_r8, n_ctx=CTX)
+    base = Runtime(base_model, n_ctx=EXACT_CTX)
+    off = Runtime(base_model, theta_r8, gamma=0.0, n_ctx=EXACT_CTX)
+    on = Runtime(base_model, theta_r8, n_ctx=EXACT_CTX)
     try:
-        tokens = base.tokenize(short_text.read_bytes())[:CTX]
+        tokens = base.tokenize(short_text.read_bytes())[:EXACT_CTX]
         a = np.array(base.decode(tokens, 0, logits_from=0))
         b = np.array(off.decode(tokens, 0, logits_from=0))
         c = np.array(on.decode(tokens, 0, logits_from=0))
@@ -79,7 +80,7 @@ def test_gamma_zero_is_bit_identical_and_recovers_nothing(base_model, theta_r8, 
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3  # theta at its gamma does change the logits
     res = run_ppl(PplRequest(models=[str(base_model)], text=str(short_text), thetas=[str(theta_r8)], gamma=0.0,
-                             reference=str(reference_model), runtime=RuntimeSettings(ctx=CTX), chunks=2, quiet=True))
+                             reference=str(reference_model), runtime=RuntimeSettings(ctx=EXACT_CTX), chunks=2, quiet=True))
     assert res["gap_recovered"] == 0.0
     assert res["ppl"] == res["ppl_base"]
 

@@ -1,4 +1,4 @@
-"""benchmarks/results.py: its tables from a small real measurement, and the README block it rewrites."""
+"""benchmarks/results.py: its tables from a small real measurement, and the docs/RESULTS.md block it rewrites."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_help_names_its_options():
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "results.py"), "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    for flag in ("--output", "--update-readme", "--chunks"):
+    for flag in ("--output", "--update-docs", "--chunks"):
         assert flag in done.stdout
 
 
@@ -50,11 +50,13 @@ def test_backend_table_shows_the_difference_from_the_merge(results):
     assert "| residual rank 8 (lora_b F16) | 28.6730 | 28.8166 (+0.50 %) | 28.7976 (+0.43 %) |" in text
 
 
-def test_readme_block_is_replaced_and_nothing_else(results):
-    readme = (REPO / "README.md").read_text()
-    assert readme.count(results.RESULTS_BEGIN) == 1 and readme.count(results.RESULTS_END) == 1
-    new = results.replace_block(readme, "NEW TABLES\n")
-    before, after = readme.split(results.RESULTS_BEGIN)[0], readme.split(results.RESULTS_END)[1]
+def test_results_block_is_replaced_and_nothing_else(results):
+    assert results.RESULTS_DOC == REPO / "docs" / "RESULTS.md"
+    doc = results.RESULTS_DOC.read_text()
+    assert doc.count(results.RESULTS_BEGIN) == 1 and doc.count(results.RESULTS_END) == 1
+    assert results.RESULTS_BEGIN not in (REPO / "README.md").read_text()  # one home for the regenerated tables
+    new = results.replace_block(doc, "NEW TABLES\n")
+    before, after = doc.split(results.RESULTS_BEGIN)[0], doc.split(results.RESULTS_END)[1]
     assert new == before + results.RESULTS_BEGIN + "\nNEW TABLES\n" + results.RESULTS_END + after
     assert results.replace_block(new, "NEW TABLES\n") == new
     with pytest.raises(SystemExit, match="no <!-- results:begin -->"):
