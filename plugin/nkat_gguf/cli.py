@@ -35,8 +35,16 @@ COMMANDS = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other user error (its default prints the
+    whole usage first: 24 lines for nkat vit train). Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nkat",
         description="Measure and repair what quantization cost a GGUF model with low-rank INT8 "
         "corrections (theta) stored as standard GGUF LoRA adapters (.nkat).",
@@ -65,7 +73,7 @@ class _OneCommand:
         self.parser: argparse.ArgumentParser | None = None
 
     def add_parser(self, name, help=None, aliases=(), **kwargs):
-        self.parser = argparse.ArgumentParser(prog=self.prog, **kwargs)
+        self.parser = Parser(prog=self.prog, **kwargs)
         return self.parser
 
 

@@ -180,8 +180,17 @@ def _gate(text: str | None, datasets: list[str]) -> tuple[str, float] | None:
     return name, bar
 
 
+def _check_limits(args) -> None:
+    for flag, value in (("--train-limit", getattr(args, "train_limit", None)), ("--test-limit", args.test_limit)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag} must be a positive number of images, not {value}")
+
+
 def run(args) -> int:
     from nkat_gguf.util.report import print_json, print_table
+
+    if args.vit_command in ("train", "eval", "optimize"):
+        _check_limits(args)
 
     if args.vit_command == "train":
         from nkat_gguf.util.atomic import write_text_atomic

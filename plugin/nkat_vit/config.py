@@ -49,6 +49,11 @@ class ViTConfig:
             raise UserError(f"top_k must be >= 0, not {self.top_k}")
         if self.nkat_rank < 0:
             raise UserError(f"nkat_rank must be >= 0, not {self.nkat_rank}")
+        if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
+            raise UserError(f"mlp_ratio must be a positive number, not {self.mlp_ratio}")
+        for name in ("attn_dropout", "emb_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"{name} must be in [0, 1), not {getattr(self, name)}")
         check_strength(self.nkat_strength, self.nkat_decay)
 
     def to_dict(self) -> dict:
@@ -84,14 +89,25 @@ class TrainConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.epochs <= 0 or self.batch_size <= 0:
-            raise UserError("epochs and batch size must be positive")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name.replace('_', ' ')} must be positive, not {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise UserError(f"lr must be > 0 and min lr in [0, lr], not {self.lr} / {self.min_lr}")
         if not 0 <= self.ema < 1:
             raise UserError(f"ema must be in [0, 1), not {self.ema}")
         if self.cutmix < 0 or self.mixup < 0 or self.cutmix + self.mixup > 1:
             raise UserError(f"cutmix and mixup are per-batch probabilities summing to <= 1, not {self.cutmix} + {self.mixup}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"label smoothing must be in [0, 1), not {self.label_smoothing}")
+        for name in ("weight_decay", "warmup_epochs", "clip", "cutout", "randaugment_n"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"{name.replace('_', ' ')} must be 0 or more, not {value}")
+        if self.crop_pad < -1:
+            raise UserError(f"crop pad must be -1 (image size / 8), 0 (off) or more, not {self.crop_pad}")
+        if not 0 <= self.randaugment_m <= 30:
+            raise UserError(f"randaugment magnitude must be in [0, 30], not {self.randaugment_m}")
 
     def to_dict(self) -> dict:
         return asdict(self)

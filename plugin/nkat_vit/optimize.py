@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nkat_gguf.util.atomic import write_text_atomic
+from nkat_gguf.util.output_paths import check_output_dir
+from nkat_gguf.util.work_dir import work_dir
 from nkat_gguf.errors import UserError
-from nkat_gguf.optimize.study import default_storage_url, open_storage, redact
+from nkat_gguf.optimize.study import default_storage_url, open_storage, quiet_interrupted_trial, redact
 from nkat_gguf.optimize.outputs import write_plot
 from nkat_gguf.util.report import progress, say, to_json
 
@@ -113,8 +115,11 @@ class VitOptimizer:
             raise UserError("--trials and --epochs must be positive")
         self.opts = opts
         self.out = Path(opts.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        check_output_dir(self.out)
         self.storage_url = opts.storage or default_storage_url(self.out)
+        # A given storage is checked before any data is loaded (the default one lives in --output-dir,
+        # which run_optimize creates).
+        self.storage = open_storage(opts.storage) if opts.storage else None
         self.data: dict[str, ImageData] = {}
         for name in opts.datasets:
             self.data[name] = subset(load_dataset(name, opts.data_dir), opts.train_limit, opts.test_limit)
@@ -139,7 +144,7 @@ class VitOptimizer:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = open_storage(self.storage_url)
+        storage = self.storage or open_storage(self.storage_url)
         setup = json.loads(json.dumps(self.setup()))
         sampler = optuna.samplers.TPESampler(n_startup_trials=min(10, max(3, self.opts.trials // 3)),
                                              seed=self.opts.seed)
@@ -182,13 +187,15 @@ class VitOptimizer:
         from optuna.trial import TrialState
 
         study = self.open_study()
+        say(f"nkat vit optimize: {self.opts.trials} trials on {', '.join(self.opts.datasets)}", self.opts.quiet)
         done = lambda: sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))  # noqa: E731
         bar = progress(total=self.opts.trials, desc="trials", quiet=self.opts.quiet, unit="trial")
         bar.update(min(done(), self.opts.trials))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             while done() < self.opts.trials:
-                study.optimize(self.objective, n_trials=1, gc_after_trial=True)
+                with quiet_interrupted_trial():
+                    study.optimize(self.objective, n_trials=1, gc_after_trial=True)
                 bar.update(1)
                 self.write_history()
         bar.close()
@@ -263,5 +270,6 @@ class VitOptimizer:
 
 
 def run_optimize(opts: VitOptimizeOptions) -> dict:
-    say(f"nkat vit optimize: {opts.trials} trials on {', '.join(opts.datasets)}", opts.quiet)
-    return VitOptimizer(opts).run()
+    optimizer = VitOptimizer(opts)
+    with work_dir(opts.output_dir, "--output-dir"):  # removed again if the run fails before writing into it
+        return optimizer.run()

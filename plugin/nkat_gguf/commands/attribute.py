@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..measure.attribute import AttributeOptions, run_attribution
 from ..formats.defaults import find_eval_text
 from ..measure.frontier_report import attribution_markdown, attribution_plot
+from ..util.work_dir import work_dir
 from .common import add_model_flag, add_output_flags, add_runtime_flags, add_text_flag, positive_int, runtime_settings
 from .frontier import csv, reference_path, show_outputs
 
@@ -38,4 +39,5 @@ def run(args) -> int:
     opts = AttributeOptions(base=args.base, reference=reference_path(args.reference), text=str(find_eval_text(args.text)),
                             work_dir=args.work_dir, groups=args.groups, block_parts=args.block_parts, chunks=args.chunks,
                             runtime=runtime_settings(args), quiet=quiet)
-    return show_outputs(args, run_attribution(opts), "attribution", attribution_markdown, attribution_plot)
+    with work_dir(args.work_dir):
+        return show_outputs(args, run_attribution(opts), "attribution", attribution_markdown, attribution_plot)

@@ -9,6 +9,7 @@ from ..formats.defaults import find_eval_text
 from ..measure.frontier import DEFAULT_BASES, DEFAULT_BUDGETS, DEFAULT_LADDER, FrontierOptions, run_frontier
 from ..measure.frontier_report import frontier_markdown, frontier_plot, write_outputs
 from ..util.report import print_json, say
+from ..util.work_dir import work_dir
 from ..theta.lowrank import SOURCES
 from .common import add_output_flags, add_runtime_flags, add_text_flag, byte_size, positive_int, runtime_settings
 
@@ -76,7 +77,8 @@ def run(args) -> int:
         name=args.name, ladder=args.ladder, ladder_imatrix=args.ladder_imatrix, bases=args.bases,
         budgets=args.budgets, source=args.source, theta_rank=args.theta_rank, controls=args.controls,
         chunks=args.chunks, runtime=runtime_settings(args), quiet=quiet)
-    return show_outputs(args, run_frontier(opts), "frontier", frontier_markdown, frontier_plot)
+    with work_dir(args.work_dir), work_dir(args.quant_dir or args.work_dir, "--quant-dir"):
+        return show_outputs(args, run_frontier(opts), "frontier", frontier_markdown, frontier_plot)
 
 
 def show_outputs(args, result: dict, stem: str, markdown, plot) -> int:

@@ -93,11 +93,32 @@ def text_key(path) -> str:
 
 
 class ScoreCache:
-    """Results keyed by (model, theta, settings) fingerprints, saved after every model."""
+    """Results keyed by (model, theta, settings) fingerprints, saved after every model.
+
+    A file that is not such a mapping (truncated, edited, another file) is checked when opened,
+    set aside as NAME.damaged with a one-line notice, and its scores are measured again."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
+        self.data = self._load()
+
+    def _load(self) -> dict:
+        import os
+        import sys
+
+        if not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            data = None
+        if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
+            return data
+        aside = self.path.with_name(self.path.name + ".damaged")
+        os.replace(self.path, aside)
+        print(f"note: {self.path} is damaged (not a JSON mapping of scores): set aside as {aside.name}; "
+              "its scores are measured again", file=sys.stderr)
+        return {}
 
     @staticmethod
     def key(parts: dict) -> str:

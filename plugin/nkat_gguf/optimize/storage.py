@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import UserError
-from ..util.redaction import redact_url, scrub
+from ..util.redaction import ambiguous_userinfo, redact_url, scrub
 
 DB_NAME = "optuna_study.db"
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
@@ -56,6 +56,9 @@ def _driver_url(url: str) -> str:
 
 def open_storage(url: str):
     """An Optuna RDB storage with heartbeats; one-line errors for unreachable URLs."""
+    if ambiguous_userinfo(url) is not None:  # before any driver sees it: it would quote the pieces
+        raise UserError(f"--storage {redact(url)}: the user name or password holds an unescaped '@'; "
+                        "percent-encode it (@ as %40, : as %3A, / as %2F)")
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 

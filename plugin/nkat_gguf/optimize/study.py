@@ -12,6 +12,7 @@ storage.py, the files in outputs.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -48,6 +49,32 @@ def file_digest(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def quiet_interrupted_trial():
+    """Optuna logs a trial that Ctrl-C or SIGTERM interrupted as failed, with the traceback, before
+    it re-raises; the command then prints one line for it (cli.dispatch). Within the block, Optuna's
+    log records from that one on are dropped."""
+    import logging
+
+    class DropFromInterrupt(logging.Filter):
+        interrupted = False
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+                self.interrupted = True
+            return not self.interrupted
+
+    handlers = logging.getLogger("optuna").handlers
+    drop = DropFromInterrupt()
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)
 
 
 # -- the study ------------------------------------------------------------------------------------
@@ -303,7 +330,7 @@ class Optimizer:
                         warnings.simplefilter("ignore")
                         optuna.storages.fail_stale_trials(self.study)
                     continue
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), quiet_interrupted_trial():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     self.study.optimize(self._objective, n_trials=1, gc_after_trial=False)
                 ran += 1

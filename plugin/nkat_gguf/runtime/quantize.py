@@ -5,12 +5,14 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import signal
 
 import numpy as np
 
 from ..util.atomic import atomic_path
 from ..errors import BadSetting, Setting, UserError
 from ..formats.gguf_io import open_gguf, quant_type_by_name
+from ..util.child import run_in_child
 from ..util.output_paths import check_output_path
 
 
@@ -54,7 +56,10 @@ def quantize_model(input_path: str, output_path: str, qtype: str = "q4_0", threa
                    imatrix: str | None = None, overrides: dict[str, str] | None = None) -> dict:
     """Quantize with llama_model_quantize; `imatrix` weights the rounding by activation statistics
     (importance-weighted quants, as community quants are made), `overrides` maps a tensor-name regex
-    to a GGML type name."""
+    to a GGML type name.
+
+    Everything is checked here; llama.cpp's call runs in a child process (util.child), so Ctrl-C or
+    SIGTERM stops a quantization of minutes at once, and the partial output is removed."""
     import llama_cpp
 
     open_gguf(input_path)  # a clear error for missing / non-GGUF input
@@ -62,30 +67,21 @@ def quantize_model(input_path: str, output_path: str, qtype: str = "q4_0", threa
     names = ftype_names(llama_cpp)
     if qtype.lower() not in names:
         raise BadSetting(Setting.QUANT_TYPE, f"{qtype!r} is not a llama.cpp quant type; one of: {', '.join(sorted(names))}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = names[qtype.lower()]
-    params.allow_requantize = True
-    params.nthread = threads or (os.cpu_count() or 1)
-    keep = []
     if imatrix:
-        entries, buffers = imatrix_array(llama_cpp, imatrix)
-        keep += [entries, buffers]
-        params.imatrix = ctypes.cast(entries, type(params.imatrix))
+        imatrix_array(llama_cpp, imatrix)  # a bad imatrix file is a one-line error here, not in the child
     if overrides:
-        entries = overrides_array(llama_cpp, overrides)
-        keep.append(entries)
-        params.tt_overrides = ctypes.cast(entries, type(params.tt_overrides))
-    from llama_cpp._utils import suppress_stdout_stderr
-
-    from .engine import LLAMA_VERBOSE
-
+        overrides_array(llama_cpp, overrides)
+    job = {"input": str(input_path), "ftype": names[qtype.lower()], "threads": threads or (os.cpu_count() or 1),
+           "imatrix": imatrix, "overrides": dict(overrides or {})}
     with atomic_path(output_path) as tmp:
-        # llama.cpp logs ~300 lines per quantization on stderr.
-        with suppress_stdout_stderr(disable=LLAMA_VERBOSE):
-            rc = llama_cpp.llama_model_quantize(str(input_path).encode(), str(tmp).encode(), params)
-        if rc != 0:
-            raise UserError(f"llama.cpp could not quantize {input_path} to {qtype} (status {rc})")
-    del keep
+        status = run_in_child(__name__, "quantize_job", job | {"output": str(tmp)})
+        if status == QUANTIZE_FAILED:
+            raise UserError(f"llama.cpp could not quantize {input_path} to {qtype}")
+        if status < 0:
+            raise UserError(f"the quantizer process was killed by {signal.Signals(-status).name} "
+                            f"while quantizing {input_path} (out of memory?)")
+        if status != 0:
+            raise RuntimeError(f"the quantizer process failed with status {status}")
     reader = open_gguf(output_path)
     types = {}
     for t in reader.tensors:
@@ -93,3 +89,32 @@ def quantize_model(input_path: str, output_path: str, qtype: str = "q4_0", threa
     return {"input": str(input_path), "output": str(output_path), "type": qtype, "imatrix": imatrix,
             "overrides": dict(overrides or {}),
             "bytes": os.path.getsize(output_path), "tensor_types": types}
+
+
+QUANTIZE_FAILED = 3  # quantize_job's status when llama.cpp refused (a Python error exits with 1)
+
+
+def quantize_job(job: dict) -> int:
+    """In the child process: one llama_model_quantize call, inputs already checked by quantize_model."""
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    from .engine import LLAMA_VERBOSE
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = job["ftype"]
+    params.allow_requantize = True
+    params.nthread = job["threads"]
+    keep = []
+    if job["imatrix"]:
+        entries, buffers = imatrix_array(llama_cpp, job["imatrix"])
+        keep += [entries, buffers]
+        params.imatrix = ctypes.cast(entries, type(params.imatrix))
+    if job["overrides"]:
+        entries = overrides_array(llama_cpp, job["overrides"])
+        keep.append(entries)
+        params.tt_overrides = ctypes.cast(entries, type(params.tt_overrides))
+    # llama.cpp logs ~300 lines per quantization on stderr.
+    with suppress_stdout_stderr(disable=LLAMA_VERBOSE):
+        rc = llama_cpp.llama_model_quantize(job["input"].encode(), job["output"].encode(), params)
+    return 0 if rc == 0 else QUANTIZE_FAILED

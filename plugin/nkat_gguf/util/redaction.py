@@ -2,7 +2,10 @@
 
 SQLAlchemy parses the URL (a password may hold '/', ':' or '#', or stand without a user);
 `password=` in the query string (libpq's way) is hidden too. A URL that does not parse is
-shown only up to its scheme.
+shown only up to its scheme. A URL with more than one '@' before its query is ambiguous (an
+unescaped '@' in the user name or password: SQLAlchemy splits at the first, so part of the
+password would pass for the host): everything between '://' and the last '@' is hidden, and
+storage.open_storage refuses it.
 """
 
 from __future__ import annotations
@@ -23,8 +26,23 @@ def _parse(url: str):
         return None
 
 
+def ambiguous_userinfo(url: str) -> str | None:
+    """What stands between '://' and the last '@' when it holds another '@' (an unescaped '@' in the
+    user name or password), else None. SQLite URLs are file paths and never ambiguous."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower().startswith("sqlite"):
+        return None
+    head = rest.split("?", 1)[0]
+    userinfo = head.rpartition("@")[0]
+    return userinfo if "@" in userinfo else None
+
+
 def redact_url(url: str) -> str:
     """`url` with every password replaced by ***."""
+    userinfo = ambiguous_userinfo(url)
+    if userinfo is not None:  # nothing of it may show: the password's pieces are in there
+        scheme, _, rest = url.partition("://")
+        return redact_url(f"{scheme}://{rest[len(userinfo) + 1:]}").replace("://", f"://{HIDDEN}@", 1)
     parsed = _parse(url)
     if parsed is None:
         scheme = url.split("://", 1)[0] if "://" in url else ""
@@ -38,6 +56,10 @@ def secrets_of(url: str) -> list[str]:
     """The password strings in `url` (raw and decoded), to scrub from driver error messages."""
     parsed = _parse(url)
     found = []
+    userinfo = ambiguous_userinfo(url)
+    if userinfo is not None:  # the password and its pieces (a parser may take one for the host)
+        password = userinfo.partition(":")[2]
+        found += [userinfo, password, *(p for p in password.split("@") if len(p) > 1)]
     if parsed is not None:
         if parsed.password:
             found.append(str(parsed.password))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import UserError
+from ...util.child import die_with_parent
 from ...formats.nkat_format import NkatMeta, find_base_model, is_nkat_path, read_meta
 
 KOBOLDCPP_ENV = "KOBOLDCPP"
@@ -125,7 +126,8 @@ def launcher_command(path: Path) -> list[str]:
 def run_help(command: list[str], timeout: float = HELP_TIMEOUT_S) -> str:
     try:
         done = subprocess.run(command + ["--help"], capture_output=True, text=True,
-                              errors="replace", timeout=timeout, stdin=subprocess.DEVNULL)
+                              errors="replace", timeout=timeout, stdin=subprocess.DEVNULL,
+                              preexec_fn=die_with_parent())
     except subprocess.TimeoutExpired:
         raise UserError(f"{command[-1]}: --help did not finish within {timeout:.0f} s") from None
     except OSError as exc:

@@ -2,7 +2,8 @@
 embedded fallback, llama-cpp-python's OpenAI-compatible server serving base + theta.
 
 Processes are started from argument lists in their own session, bound to 127.0.0.1 unless the
-caller says otherwise, waited for with a deadline, and stopped by their own process id.
+caller says otherwise, waited for with a deadline, and stopped by their own process id; on Linux
+they die with nkat even when it is killed with SIGKILL (util.child.die_with_parent).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import UserError
+from ...util.child import die_with_parent
 
 SERVER_EXTRAS = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
 SERVER_EXTRAS_PIP = "pip install fastapi uvicorn sse-starlette starlette-context pydantic-settings"
@@ -115,7 +117,7 @@ def _spawn(kind: str, argv: list[str], host: str, port: int, log_path: Path, cle
     log = open(log_path, "ab")
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=die_with_parent())
     except OSError as exc:
         raise UserError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
     finally:

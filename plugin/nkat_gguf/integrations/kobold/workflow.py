@@ -60,7 +60,21 @@ class Context:
     backend: kobold.Backend
     settings: kobold_config.RunSettings
 
+def check_numbers(args: KoboldOptions) -> None:
+    """Numbers that would start a server only to fail (or wait forever): refused before anything starts."""
+    if not args.timeout > 0:  # also NaN
+        raise UserError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    if args.timeout == float("inf"):
+        raise UserError("--timeout must be a finite number of seconds, not inf")
+    for flag, value in (("--context-size", args.context_size), ("--max-tokens", args.max_tokens)):
+        if value <= 0:
+            raise UserError(f"{flag} must be positive, not {value}")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: not a TCP port")
+
+
 def build_context(args: KoboldOptions) -> Context:
+    check_numbers(args)
     if args.register and not args.admindir:
         raise UserError("--register needs --admindir DIR (KoboldCpp's admin-mode config directory)")
     models_dir = Path(args.models_dir) if args.models_dir else default_models_dir()
