@@ -48,8 +48,6 @@ from nkat_gguf.formats.defaults import default_model_path  # noqa: E402
 from nkat_gguf.util.report import cpu_name  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
-VALID = SHARED / "wikitext-2" / "wiki.valid.tokens"
-TEST = SHARED / "wikitext-2-raw" / "wiki.test.raw"
 GOALS = {"q4_0": 0.85, "q2_k": 0.8, "q3_k_s": 0.8}
 
 
@@ -79,8 +77,8 @@ def nkat(lock: str | None, *args: str) -> dict:
     return out
 
 
-def split_valid(work: Path) -> tuple[Path, Path]:
-    lines = VALID.read_text(encoding="utf-8").splitlines(keepends=True)
+def split_valid(valid: Path, work: Path) -> tuple[Path, Path]:
+    lines = valid.read_text(encoding="utf-8").splitlines(keepends=True)
     a, b = work / "valid_a.txt", work / "valid_b.txt"
     a.write_text("".join(lines[: len(lines) // 2]), encoding="utf-8")
     b.write_text("".join(lines[len(lines) // 2:]), encoding="utf-8")
@@ -182,6 +180,9 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/nkat-bench-gptq")
     ap.add_argument("--chunks", type=int, default=8, help="evaluation chunks of ctx 512 per text (default 8)")
     ap.add_argument("--calib-chunks", type=int, default=32, help="chunks of ctx 512 per calibration half (default 32)")
+    ap.add_argument("--calib-text", default=str(SHARED / "wikitext-2" / "wiki.valid.tokens"),
+                    help="WikiText-2 valid (split into the calibration and the held-out halves)")
+    ap.add_argument("--eval-text", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"), help="WikiText-2 test")
     ap.add_argument("--second-text", help="second evaluation text (default: CPython's standard-library sources)")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--lock", help="run each heavy step under an exclusive flock on this file")
@@ -193,12 +194,12 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     lock, t = args.lock, ["--threads", args.threads]
     steps: dict[str, dict] = {}
-    valid_a, valid_b = split_valid(work)
+    valid_a, valid_b = split_valid(Path(args.calib_text), work)
     if args.second_text:
         second, second_name = Path(args.second_text), str(Path(args.second_text).resolve())
     else:
         second, second_name = stdlib_text(work)
-    texts = {"wikitext2-test": TEST, "second": second}
+    texts = {"wikitext2-test": Path(args.eval_text), "second": second}
 
     imatrix, cov_a, cov_b = work / "valid_a.imatrix", work / "valid_a.cov", work / "valid_b.cov"
     c = ["--model", args.reference, "--chunks", str(args.calib_chunks), *t]

@@ -158,3 +158,11 @@ def test_negative_damping_is_a_user_error(tmp_path, capsys, demo_cov):
                "--output", str(tmp_path / "x.gguf")])
     assert rc == 2 and "--damp" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_lower_inverse_by_halves_equals_numpy():
+    from nkat_gguf.runtime.gptq import lower_inverse
+
+    _, R = correlated(600, 1, seed=4)
+    L = np.linalg.cholesky(R + 0.01 * np.eye(600))
+    assert np.allclose(lower_inverse(L), np.linalg.inv(L), rtol=1e-9, atol=1e-9 * np.abs(np.linalg.inv(L)).max())

@@ -42,18 +42,6 @@ _DAMP_GROWTH = 10.0
 _DAMP_RETRIES = 6
 
 
-def damped(R: np.ndarray, damp: float) -> tuple[np.ndarray, float]:
-    """(H = R + lambda*I in float64, lambda) with lambda = damp * mean(diag R)."""
-    if damp < 0:
-        raise UserError(f"damping must be non-negative, not {damp}")
-    H = np.array(R, dtype=np.float64, copy=True)
-    if H.ndim != 2 or H.shape[0] != H.shape[1]:
-        raise ValueError(f"the Hessian must be square, not {H.shape}")
-    lam = float(damp) * float(np.mean(np.diag(H)))
-    H[np.diag_indices_from(H)] += lam
-    return H, lam
-
-
 def block_order(diag: np.ndarray, block: int, by_importance: bool = True) -> np.ndarray:
     """Block indices in processing order: largest summed diagonal first (stable), or left to right."""
     n_blocks = diag.size // block
@@ -62,22 +50,49 @@ def block_order(diag: np.ndarray, block: int, by_importance: bool = True) -> np.
     return np.argsort(-diag.reshape(n_blocks, block).sum(axis=1), kind="stable")
 
 
+def lower_inverse(L: np.ndarray) -> np.ndarray:
+    """The inverse of a lower-triangular matrix by halves, [[A, 0], [C, D]]^-1 =
+    [[A^-1, 0], [-D^-1 C A^-1, D^-1]]: matrix products only, a sixth of a general inverse's work."""
+    n = L.shape[0]
+    if n <= 256:
+        return np.linalg.inv(L)
+    h = n // 2
+    out = np.zeros_like(L)
+    A_inv = out[:h, :h] = lower_inverse(L[:h, :h])
+    D_inv = out[h:, h:] = lower_inverse(L[h:, h:])
+    out[h:, :h] = -(D_inv @ (L[h:, :h] @ A_inv))
+    return out
+
+
 def upper_cholesky_of_inverse(H: np.ndarray) -> np.ndarray:
-    """U upper triangular with H^-1 = U^T U (float64). Raises LinAlgError when H is not positive definite."""
-    L = np.linalg.cholesky(H)                      # H = L L^T
-    L_inv = np.linalg.solve(L, np.eye(H.shape[0]))  # H^-1 = L^-T L^-1
-    H_inv = L_inv.T @ L_inv
-    del L, L_inv
-    return np.linalg.cholesky(H_inv).T             # H^-1 = (C C^T) = U^T U with U = C^T
+    """U upper triangular with H^-1 = U^T U (float64), without forming H^-1.
+
+    With J the reversal of the index order, J H J = M M^T (M lower), so H = V V^T with V = J M J
+    upper, and H^-1 = (V^-1)^T V^-1: U = V^-1 = J M^-1 J. Raises LinAlgError when H is not
+    positive definite. Peak memory: about three n x n float64 arrays."""
+    M = np.linalg.cholesky(np.ascontiguousarray(H[::-1, ::-1]))
+    M_inv = lower_inverse(M)
+    del M
+    U = np.ascontiguousarray(M_inv[::-1, ::-1])
+    del M_inv
+    for i in range(1, U.shape[0]):  # inv() of a triangle may leave round-off below the diagonal
+        U[i, :i] = 0.0
+    return U
 
 
 def _factor(R: np.ndarray, damp: float, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """(H, U of H permuted by perm, lambda used), growing the damping until H is positive definite."""
+    """(diagonal of H in processing order, U of H in processing order, lambda used), growing the
+    damping until H is positive definite."""
+    Rp = np.asarray(R, dtype=np.float64)[np.ix_(perm, perm)]
+    base = Rp.diagonal().copy()
     damps = [damp] + [max(damp, 1e-6) * _DAMP_GROWTH ** k for k in range(1, _DAMP_RETRIES + 1)]
     for d in damps:
-        H, lam = damped(R, d)
+        if d < 0:
+            raise UserError(f"damping must be non-negative, not {d}")
+        lam = float(d) * float(np.mean(base))
+        Rp[np.diag_indices_from(Rp)] = base + lam
         try:
-            return H, upper_cholesky_of_inverse(H[np.ix_(perm, perm)]), lam
+            return Rp.diagonal().copy(), upper_cholesky_of_inverse(Rp), lam
         except np.linalg.LinAlgError:
             continue
     raise UserError("the input covariance is not positive definite even with strong damping")
@@ -124,9 +139,8 @@ def gptq_quantize_matrix(W: np.ndarray, R: np.ndarray, qtype, damp: float = DEFA
     diag_R = np.diag(np.asarray(R, dtype=np.float64))
     order = block_order(diag_R, bs, by_importance)
     perm = (order[:, None] * bs + np.arange(bs)[None, :]).reshape(-1)
-    H, U, lam = _factor(R, damp, perm)
-    importance = np.diag(H)[perm].astype(np.float32)
-    del H
+    h_diag, U, lam = _factor(R, damp, perm)
+    importance = h_diag.astype(np.float32)
     if info is not None:
         info.update({"lambda": lam, "order": order.tolist()})
 
