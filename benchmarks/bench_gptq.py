@@ -5,7 +5,7 @@ identical types and bytes.
         [--calib-chunks 32] [--damps 0.001,0.01,0.03,0.1,0.3] [--second-text FILE] [--lock FILE] [--json]
 
 Texts: WikiText-2 *valid* is the calibration text, split at its middle line into halves A and B.
-  A: the imatrix and the covariance the files are quantized with;
+  A: the covariance the files are quantized with, and the imatrix (its diagonal) llama.cpp's are;
   B: held out, only for choosing the damping (never the test text).
 Evaluation: WikiText-2 test (first text), and a second text nobody here wrote and never used for
 calibration: by default the concatenation, in sorted file-name order, of the .py files directly
@@ -93,6 +93,16 @@ def stdlib_text(work: Path) -> tuple[Path, str]:
     return out, f"the {len(files)} .py files directly under {root}, concatenated in sorted name order"
 
 
+def imatrix_from_covariance(cov: Path, out: Path) -> None:
+    """The imatrix of the same calibration: the covariance's diagonal is what llama-imatrix stores
+    (tests/test_covariance.py checks it), so no second decoding pass is needed."""
+    from nkat_gguf.formats.covariance import CovarianceFile
+    from nkat_gguf.formats.imatrix import write_imatrix
+
+    c = CovarianceFile(cov)
+    write_imatrix(out, {name: c.diagonal(name) for name in c.users}, chunks=c.chunk_count, chunk_size=c.chunk_size)
+
+
 def layer_sweep(reference: str, cov_a: str, cov_b: str, types: list[str], damps: list[float], every: int,
                 lock: str | None) -> dict:
     """Layer-level output error ratios under the held-out covariance (see the module doc)."""
@@ -158,7 +168,8 @@ def model_level(reference: str, qtype: str, imatrix: Path, cov: Path, damp: floa
         ppl = nkat(lock, "ppl", "--model", str(plain), "--model", str(gptq), "--reference", reference, "--text",
                    str(text), "--chunks", str(chunks), "--ctx", "512", *t)
         steps[f"ppl {qtype} {label}"] = ppl
-        rows = ppl["rows"]
+        by_label = {r["label"]: r for r in ppl["rows"]}
+        rows = [by_label[plain.name], by_label[gptq.name]]
         kld = [rows[0]["kld_mean"], rows[1]["kld_mean"]]
         out["texts"][label] = {"kld_llama": kld[0], "kld_gptq": kld[1], "kld_ratio": kld[1] / kld[0],
                                "ppl_llama": rows[0]["ppl"], "ppl_gptq": rows[1]["ppl"],
@@ -209,8 +220,8 @@ def main() -> int:
             return
         steps[label] = nkat(lock, "calibrate", *extra, *c, "--output", str(out))
 
-    calibrate("calibrate imatrix A", imatrix, "--text", str(valid_a))
     calibrate("calibrate covariance A", cov_a, "--covariance", "--text", str(valid_a))
+    imatrix_from_covariance(cov_a, imatrix)
     damps = [float(x) for x in args.damps.split(",") if x]
     sweep = {}
     if damps:
