@@ -112,11 +112,11 @@ def layer_sweep(reference: str, cov_a: str, cov_b: str, types: list[str], damps:
     model, A, B = ModelFile(reference), CovarianceFile(cov_a), CovarianceFile(cov_b)
     names = [n for n in A.users if n in B and block_of(n) % every == 0]
     table: dict[str, dict] = {}
-    for qtype in types:  # one locked step per type (a few minutes on the demo model)
-        with locked(lock):
+    with locked(lock):  # one locked step (a few minutes on the demo model)
+        for qtype in types:
             table_row = _sweep_type(model, A, B, names, qtype, damps)
-        if table_row:
-            table[qtype] = table_row
+            if table_row:
+                table[qtype] = table_row
     return table
 
 
@@ -233,8 +233,11 @@ def main() -> int:
     first = next((v for k, v in sweep.items() if not k.startswith("_")), None)
     damp = args.damp if args.damp is not None else (first["best_damp"] if first else 0.01)
 
-    models = {q: model_level(args.reference, q, imatrix, cov_a, damp, texts, work, args.chunks, args.threads, lock, steps)
-              for q in args.types.split(",") if q}
+    models = {}
+    for q in (q for q in args.types.split(",") if q):  # one locked step per type: quantize twice, score twice
+        with locked(lock):
+            models[q] = model_level(args.reference, q, imatrix, cov_a, damp, texts, work, args.chunks, args.threads,
+                                    None, steps)
     result = {
         "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "reference": args.reference,
         "calibration": f"WikiText-2 valid, first half ({args.calib_chunks} chunks of 512)",
