@@ -26,6 +26,8 @@ class Setting:
     REFERENCE = SettingName("reference model")
     IMATRIX = SettingName("imatrix")
     COVARIANCE = SettingName("covariance file")
+    GPTQ_DAMP = SettingName("GPTQ damping")
+    QUANT_METHOD = SettingName("quantization method")
     BUDGET_MB = SettingName("budget in MiB")
     BUDGET_PCT = SettingName("budget in percent of the base")
     MAX_MATRICES = SettingName("matrix limit")

@@ -21,7 +21,8 @@ SETTING_FLAGS = {
     Setting.MODEL: "--model", Setting.THETA: "--theta", Setting.MODELS_DIR: "--models-dir",
     Setting.EVAL_TEXT: "--text", Setting.CTX: "--ctx", Setting.CHUNKS: "--chunks", Setting.GAMMA: "--gamma",
     Setting.BACKEND: "--backend", Setting.QUANT_TYPE: "--type", Setting.TENSOR_TYPE: "--tensor-type",
-    Setting.OUTPUT: "--output", Setting.OUTPUT_DIR: "--output-dir",
+    Setting.OUTPUT: "--output", Setting.OUTPUT_DIR: "--output-dir", Setting.GPTQ_DAMP: "--damp",
+    Setting.QUANT_METHOD: "--method",
 }
 
 EVAL_TEXT_HELP = "evaluation text (default: $NKAT_EVAL_TEXT or WikiText-2 test beside a checkout)"

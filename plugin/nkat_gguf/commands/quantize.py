@@ -1,8 +1,11 @@
-"""nkat quantize: a lower-bit copy with llama.cpp's own quantizer, to make a base/reference pair."""
+"""nkat quantize: a lower-bit copy with llama.cpp's own quantizer, to make a base/reference pair;
+with --method gptq, the same file with its covariance-covered matrices rounded by GPTQ propagation."""
 
 from __future__ import annotations
 
-from ..errors import UserError
+from ..errors import BadSetting, Setting, UserError
+from ..runtime.gptq import DEFAULT_DAMP
+from ..runtime.gptq_file import gptq_quantize_model
 from ..runtime.quantize import quantize_model
 from ..util.report import human_bytes, print_json, print_table
 from .common import add_output_flags, add_threads_flag, model_path
@@ -21,6 +24,14 @@ def add_parser(subparsers) -> None:
                    "(nkat calibrate on the input model), as community quants are made")
     p.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
                    help="per-tensor type override, e.g. 'attn_v=q6_k' (repeatable; as llama-quantize)")
+    p.add_argument("--method", choices=("llama", "gptq"), default="llama",
+                   help="llama: llama.cpp's quantizer (default); gptq: the same file, with every weight matrix "
+                   "that has a --covariance quantized to the same type by GPTQ error propagation (ggml's own "
+                   "routine per block, rounding errors pushed into the columns not yet quantized)")
+    p.add_argument("--covariance", metavar="COV", help="with --method gptq: the input covariance of the input "
+                   "model (nkat calibrate --covariance, on other text than you evaluate on)")
+    p.add_argument("--damp", type=float, default=DEFAULT_DAMP, metavar="F",
+                   help=f"with --method gptq: H = R + F * mean(diag R) * I (default {DEFAULT_DAMP})")
     add_threads_flag(p)
     add_output_flags(p)
     p.set_defaults(func=run)
@@ -33,11 +44,22 @@ def run(args) -> int:
         if not sep or not pattern:
             raise UserError(f"--tensor-type {item!r}: expected REGEX=TYPE, e.g. attn_v=q6_k")
         overrides[pattern] = type_name
-    result = quantize_model(model_path(args.input), args.output, args.type, args.threads,
-                            imatrix=args.imatrix, overrides=overrides)
+    if args.method == "gptq":
+        if not args.covariance:
+            raise BadSetting(Setting.QUANT_METHOD, "gptq needs", Setting.COVARIANCE, "(nkat calibrate --covariance)")
+        if overrides:
+            raise BadSetting(Setting.TENSOR_TYPE, "is not supported with", Setting.QUANT_METHOD, "gptq")
+        result = gptq_quantize_model(model_path(args.input), args.output, args.type, args.covariance,
+                                     imatrix=args.imatrix, damp=args.damp, threads=args.threads, quiet=args.quiet)
+    else:
+        if args.covariance:
+            raise BadSetting(Setting.COVARIANCE, "is only read by", Setting.QUANT_METHOD, "gptq")
+        result = quantize_model(model_path(args.input), args.output, args.type, args.threads,
+                                imatrix=args.imatrix, overrides=overrides)
     if args.json:
         print_json(result)
     else:
         print_table(f"wrote {result['output']}", ["type", "tensors"], sorted(result["tensor_types"].items()),
-                    note=f"{human_bytes(result['bytes'])}")
+                    note=f"{human_bytes(result['bytes'])}" + (
+                        f"; {len(result['gptq_tensors'])} matrices by GPTQ" if "gptq_tensors" in result else ""))
     return 0

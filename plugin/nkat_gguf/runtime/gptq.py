@@ -1,0 +1,162 @@
+"""Error-propagating (GPTQ-style) quantization of one weight matrix into a llama.cpp type.
+
+GPTQ (Frantar et al., 2022) treats the input autocorrelation R = E[x x^T] of a linear layer as
+the Hessian of its squared output error: a row w quantized to q costs (w-q) H (w-q)^T with
+H = R + lambda*I. Columns are quantized in order, and each one's rounding error is pushed into the
+columns not yet quantized, where it can still be compensated.
+
+Here the unit is a block of the type's length (32 for Q4_0/Q5_0/Q8_0, 256 for k- and i-quants),
+quantized for all rows at once by ggml's own routine (ggml_quants.quantize_rows, the block's
+diagonal of H as importance), so the bytes are a valid file of that type. Blocks are independent
+in every format, so they are processed in order of importance (largest summed diagonal of H
+first) and each block's bytes go back to its own place in the row.
+
+The block rule. Let H^-1 = U^T U with U upper triangular (columns in processing order). With the
+columns before block B fixed, the free columns S = B + R have the Hessian H_SS, and
+(H_SS)^-1 = U_SS^T U_SS (the trailing part of U is the Cholesky factor of the trailing inverse).
+Fixing block B at Q_B (error E = W_B - Q_B) and minimising the loss over R gives
+    W_R <- W_R - E (H_SS^-1)_BB^-1 (H_SS^-1)_BR = W_R - E U_BB^-1 U_BR,
+since (H_SS^-1)_BB = U_BB^T U_BB and (H_SS^-1)_BR = U_BB^T U_BR. U is computed once; no
+refactorisation per block.
+
+Damping: H = R + damp * mean(diag R) * I. The default was chosen on held-out text (WikiText-2
+valid split in two halves; benchmarks/bench_gptq.py --damp-sweep).
+
+Q4_0/Q4_1/Q5_x with importance weights use a statistic of the whole row (its mean square), so a
+block quantized as a slice can differ from the same block of the whole row: still a valid block of
+the type, only not byte-identical to what ggml writes for the whole row. K- and i-quants are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UserError
+from .ggml_quants import block_size, dequantize_rows, ggml_type, quantize_rows, row_bytes
+
+# lambda = DEFAULT_DAMP * mean(diag R); see the module doc and benchmarks/bench_gptq.py.
+DEFAULT_DAMP = 0.01
+# When H + lambda*I is still not positive definite (a nearly singular R), lambda grows by this
+# factor, at most _DAMP_RETRIES times.
+_DAMP_GROWTH = 10.0
+_DAMP_RETRIES = 6
+
+
+def block_order(diag: np.ndarray, block: int, by_importance: bool = True) -> np.ndarray:
+    """Block indices in processing order: largest summed diagonal first (stable), or left to right."""
+    n_blocks = diag.size // block
+    if not by_importance:
+        return np.arange(n_blocks)
+    return np.argsort(-diag.reshape(n_blocks, block).sum(axis=1), kind="stable")
+
+
+def lower_inverse(L: np.ndarray) -> np.ndarray:
+    """The inverse of a lower-triangular matrix by halves, [[A, 0], [C, D]]^-1 =
+    [[A^-1, 0], [-D^-1 C A^-1, D^-1]]: matrix products only, a sixth of a general inverse's work."""
+    n = L.shape[0]
+    if n <= 256:
+        return np.linalg.inv(L)
+    h = n // 2
+    out = np.zeros_like(L)
+    A_inv = out[:h, :h] = lower_inverse(L[:h, :h])
+    D_inv = out[h:, h:] = lower_inverse(L[h:, h:])
+    out[h:, :h] = -(D_inv @ (L[h:, :h] @ A_inv))
+    return out
+
+
+def upper_cholesky_of_inverse(H: np.ndarray) -> np.ndarray:
+    """U upper triangular with H^-1 = U^T U (float64), without forming H^-1.
+
+    With J the reversal of the index order, J H J = M M^T (M lower), so H = V V^T with V = J M J
+    upper, and H^-1 = (V^-1)^T V^-1: U = V^-1 = J M^-1 J. Raises LinAlgError when H is not
+    positive definite. Peak memory: about three n x n float64 arrays."""
+    M = np.linalg.cholesky(np.ascontiguousarray(H[::-1, ::-1]))
+    M_inv = lower_inverse(M)
+    del M
+    U = np.ascontiguousarray(M_inv[::-1, ::-1])
+    del M_inv
+    for i in range(1, U.shape[0]):  # inv() of a triangle may leave round-off below the diagonal
+        U[i, :i] = 0.0
+    return U
+
+
+def _factor(R: np.ndarray, damp: float, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(diagonal of H in processing order, U of H in processing order, lambda used), growing the
+    damping until H is positive definite."""
+    Rp = np.asarray(R, dtype=np.float64)[np.ix_(perm, perm)]
+    base = Rp.diagonal().copy()
+    damps = [damp] + [max(damp, 1e-6) * _DAMP_GROWTH ** k for k in range(1, _DAMP_RETRIES + 1)]
+    for d in damps:
+        if d < 0:
+            raise UserError(f"damping must be non-negative, not {d}")
+        lam = float(d) * float(np.mean(base))
+        Rp[np.diag_indices_from(Rp)] = base + lam
+        try:
+            return Rp.diagonal().copy(), upper_cholesky_of_inverse(Rp), lam
+        except np.linalg.LinAlgError:
+            continue
+    raise UserError("the input covariance is not positive definite even with strong damping")
+
+
+def propagate(W: np.ndarray, U: np.ndarray, block: int, quantize) -> np.ndarray:
+    """The GPTQ block loop on W (n_out, n) float64, columns already in processing order.
+
+    quantize(i, values) -> the dequantized block i (same shape as values). Each block's error is
+    pushed into the columns after it through U (H^-1 = U^T U). W is updated in place and returned:
+    column block i holds, at the end, the values block i was quantized from."""
+    n = W.shape[1]
+    for i in range(n // block):
+        cols = slice(i * block, (i + 1) * block)
+        E = W[:, cols] - np.asarray(quantize(i, W[:, cols]), dtype=np.float64)
+        if (i + 1) * block < n:
+            rest = slice((i + 1) * block, None)
+            W[:, rest] -= E @ np.linalg.solve(U[cols, cols], U[cols, rest])
+    return W
+
+
+def gptq_quantize_matrix(W: np.ndarray, R: np.ndarray, qtype, damp: float = DEFAULT_DAMP,
+                         by_importance: bool = True, use_importance: bool = True,
+                         threads: int | None = None, info: dict | None = None) -> np.ndarray:
+    """W (n_out, n_in) quantized to qtype with GPTQ block propagation under H = R + lambda*I.
+
+    R: the input autocorrelation E[x x^T] (n_in, n_in). Returns (n_out, row_bytes) uint8: the rows
+    exactly as ggml lays them out, readable by dequantize_rows and llama.cpp.
+    use_importance: pass the block's diagonal of H to ggml as importance (else ggml's plain rounding).
+    info: if given, receives 'lambda' and 'order' (the block order used)."""
+    t = ggml_type(qtype)
+    W = np.asarray(W)
+    n_out, n_in = W.shape
+    if R.shape != (n_in, n_in):
+        raise ValueError(f"covariance is {R.shape}, the matrix has {n_in} input columns")
+    bs = block_size(t)
+    if n_in % bs:
+        raise UserError(f"{t.name} needs rows that are a multiple of {bs} elements, not {n_in}")
+    n_blocks = n_in // bs
+    block_bytes = row_bytes(t, bs)
+    if block_bytes * n_blocks != row_bytes(t, n_in):
+        raise ValueError(f"{t.name}: a row is not a sequence of whole blocks")
+
+    diag_R = np.diag(np.asarray(R, dtype=np.float64))
+    order = block_order(diag_R, bs, by_importance)
+    perm = (order[:, None] * bs + np.arange(bs)[None, :]).reshape(-1)
+    h_diag, U, lam = _factor(R, damp, perm)
+    importance = h_diag.astype(np.float32)
+    if info is not None:
+        info.update({"lambda": lam, "order": order.tolist()})
+
+    out = np.empty((n_out, n_blocks * block_bytes), dtype=np.uint8)
+
+    def quantize(i: int, values: np.ndarray) -> np.ndarray:
+        b = order[i]
+        q = quantize_rows(t, values.astype(np.float32), importance[i * bs:(i + 1) * bs] if use_importance else None, threads)
+        out[:, b * block_bytes:(b + 1) * block_bytes] = q
+        return dequantize_rows(t, q, bs)
+
+    propagate(np.asarray(W, dtype=np.float64)[:, perm].copy(), U, bs, quantize)
+    return out
+
+
+def output_error(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
+    """tr((W-Q) H (W-Q)^T): the summed squared output error of the layer under inputs with E[x x^T] = H."""
+    E = np.asarray(W, dtype=np.float64) - np.asarray(Q, dtype=np.float64)
+    return float(np.einsum("ij,ij->", E @ np.asarray(H, dtype=np.float64), E))

@@ -1,0 +1,167 @@
+"""GPTQ block propagation into llama.cpp's types (runtime/gptq, runtime/gptq_file) against
+independent computations: the conditional least-squares optimum computed from H directly, ggml's
+own quantization of the same tensor, ggml's imatrix rounding, llama.cpp's quantizer and loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nkat_gguf.cli import main
+from nkat_gguf.formats.gguf_io import open_gguf
+from nkat_gguf.runtime import ggml_quants as gq
+from nkat_gguf.runtime.gptq import gptq_quantize_matrix, output_error, propagate, upper_cholesky_of_inverse
+
+TYPES = ["Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
+         "IQ3_S", "IQ4_XS", "IQ4_NL", "IQ1_S", "IQ1_M"]
+
+
+def correlated(n_in: int, n_out: int, seed: int = 0):
+    """A weight matrix, and the autocorrelation of inputs with strong shared directions and
+    unequal column scales (like a transformer's normed activations)."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((4 * n_in, 16)) @ rng.standard_normal((16, n_in)) + 0.3 * rng.standard_normal((4 * n_in, n_in))
+    X *= np.exp(rng.normal(0, 0.7, n_in))
+    W = (0.05 * rng.standard_normal((n_out, n_in))).astype(np.float32)
+    return W, X.T @ X / X.shape[0]
+
+
+def test_upper_factor_is_the_cholesky_factor_of_the_inverse():
+    _, R = correlated(64, 1)
+    H = R + 0.01 * np.eye(64)
+    U = upper_cholesky_of_inverse(H)
+    assert np.allclose(U, np.triu(U))
+    assert np.allclose(U.T @ U, np.linalg.inv(H), rtol=1e-8, atol=1e-8 * np.abs(np.linalg.inv(H)).max())
+
+
+def test_block_rule_equals_the_conditional_optimum():
+    """After each block is fixed, the columns left equal argmin over them of the loss with the
+    fixed ones held, computed from H directly: X_R = W0_R + (W0_F - Q_F) H_FR H_RR^-1."""
+    W0, R = correlated(96, 7, seed=1)
+    W0 = W0.astype(np.float64)
+    H = R + 0.05 * np.mean(np.diag(R)) * np.eye(96)
+    bs, seen = 16, []
+
+    def rounding(i, values):
+        seen.append(values.copy())
+        return np.round(values * 20) / 20
+
+    propagate(W0.copy(), upper_cholesky_of_inverse(H), bs, rounding)
+    Q = np.concatenate([np.round(v * 20) / 20 for v in seen], axis=1)
+    for i, values in enumerate(seen):
+        F, Rr = slice(0, i * bs), slice(i * bs, None)
+        expected = W0[:, Rr] + (W0[:, F] - Q[:, F]) @ H[F, Rr] @ np.linalg.inv(H[Rr, Rr])
+        assert np.allclose(values, expected[:, :bs], atol=1e-9), f"block {i}"
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q2_K", "Q4_K", "Q6_K", "IQ3_XXS", "IQ4_XS"])
+def test_uncorrelated_inputs_give_ggml_own_bytes(qtype):
+    """H = I: nothing propagates, so every block is ggml's quantization of the same tensor."""
+    W, _ = correlated(512, 40, seed=2)
+    I = np.eye(512)
+    ones = np.ones(512, dtype=np.float32)
+    got = gptq_quantize_matrix(W, I, qtype, damp=0.0)
+    if qtype == "Q4_0":  # its weighted path uses a whole-row statistic: compare block by block
+        want = np.concatenate([gq.quantize_rows(qtype, W[:, c:c + 32], ones[:32]) for c in range(0, 512, 32)], axis=1)
+        assert np.array_equal(gptq_quantize_matrix(W, I, qtype, damp=0.0, use_importance=False),
+                              gq.quantize_rows(qtype, W))
+    else:
+        want = gq.quantize_rows(qtype, W, ones)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_correlated_inputs_beat_ggml_imatrix_rounding(qtype):
+    """Output error tr((W-Q) H (W-Q)^T) below ggml's imatrix rounding (importance = diag H) at the
+    same type and bytes, with and without the order of importance."""
+    W, R = correlated(512, 24, seed=3)
+    baseline = output_error(W, gq.roundtrip(qtype, W, np.diag(R).astype(np.float32)), R)
+    for by_importance in (True, False):
+        data = gptq_quantize_matrix(W, R, qtype, by_importance=by_importance)
+        assert data.shape == (24, gq.row_bytes(qtype, 512))
+        assert output_error(W, gq.dequantize_rows(qtype, data, 512), R) < 0.9 * baseline
+
+
+def test_block_order_puts_the_largest_diagonal_first():
+    from nkat_gguf.runtime.gptq import block_order
+
+    diag = np.array([1.0] * 4 + [5.0] * 4 + [3.0] * 4)
+    assert block_order(diag, 4).tolist() == [1, 2, 0]
+    assert block_order(diag, 4, by_importance=False).tolist() == [0, 1, 2]
+
+
+def test_nearly_singular_covariance_is_damped():
+    W, _ = correlated(64, 8)
+    v = np.random.default_rng(0).standard_normal((64, 2))
+    R = v @ v.T  # rank 2
+    info = {}
+    data = gptq_quantize_matrix(W, R, "Q8_0", damp=0.0, info=info)
+    assert info["lambda"] > 0 and np.isfinite(gq.dequantize_rows("Q8_0", data, 64)).all()
+
+
+# ------------------------------------------------------------------ the file ------------
+
+@pytest.fixture(scope="module")
+def demo_cov(reference_model, calib_text, tmp_path_factory):
+    cov = tmp_path_factory.mktemp("gptq") / "demo.cov"
+    assert main(["calibrate", "--covariance", "--model", str(reference_model), "--text", str(calib_text),
+                 "--chunks", "2", "--ctx", "128", "--threads", "2", "--output", str(cov), "--quiet"]) == 0
+    return cov
+
+
+@pytest.mark.slow
+def test_gptq_file_has_llama_cpp_layout_and_scores(demo_cov, reference_model, short_text, tmp_path):
+    """Same type as llama.cpp: every tensor's type, shape and offset equal, the non-covered ones
+    byte-equal, the covered ones different; stock llama-cpp-python loads and scores it close to
+    llama.cpp's own file."""
+    from nkat_gguf.formats.covariance import CovarianceFile
+    from nkat_gguf.runtime.gptq_file import gptq_quantize_model
+    from nkat_gguf.runtime.quantize import quantize_model
+
+    plain, gptq = tmp_path / "llama.gguf", tmp_path / "gptq.gguf"
+    quantize_model(str(reference_model), str(plain), "q4_0")
+    result = gptq_quantize_model(str(reference_model), str(gptq), "q4_0", str(demo_cov), quiet=True)
+    a, b = open_gguf(plain), open_gguf(gptq)
+    assert plain.stat().st_size == gptq.stat().st_size
+    with open(plain, "rb") as f, open(gptq, "rb") as g:
+        start = min(t.data_offset for t in a.tensors)
+        assert f.read(start) == g.read(start)  # header, metadata and tensor index identical
+    cov = CovarianceFile(demo_cov)
+    covered = [t.name for t in a.tensors if t.name in cov and len(t.shape) == 2]
+    assert sorted(result["gptq_tensors"]) == sorted(covered) and len(covered) == 30 * 7
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert (ta.name, ta.tensor_type, ta.data_offset, ta.n_bytes) == (tb.name, tb.tensor_type, tb.data_offset, tb.n_bytes)
+        same = np.array_equal(np.asarray(ta.data), np.asarray(tb.data))
+        assert same == (ta.name not in covered), ta.name
+    assert {"token_embd.weight"} <= set(result["kept_tensors"])
+
+    from nkat_gguf.measure.ppl import PplRequest, run_ppl
+    from nkat_gguf.runtime.settings import RuntimeSettings
+
+    scores = run_ppl(PplRequest(models=[str(plain), str(gptq)], text=str(short_text), reference=str(reference_model),
+                                chunks=2, runtime=RuntimeSettings(ctx=256, threads=2), quiet=True))
+    rows = {r["label"]: r for r in scores["rows"]}
+    llama_row, gptq_row = rows[plain.name], rows[gptq.name]
+    assert np.isfinite(gptq_row["ppl"]) and abs(gptq_row["ppl"] / llama_row["ppl"] - 1) < 0.15
+    assert 0 < gptq_row["kld_mean"] < 2 * llama_row["kld_mean"]
+
+
+def test_gptq_without_covariance_is_a_user_error(tmp_path, capsys):
+    rc = main(["quantize", "--method", "gptq", "--output", str(tmp_path / "x.gguf")])
+    assert rc == 2 and "--covariance" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_negative_damping_is_a_user_error(tmp_path, capsys, demo_cov):
+    rc = main(["quantize", "--method", "gptq", "--covariance", str(demo_cov), "--damp", "-1",
+               "--output", str(tmp_path / "x.gguf")])
+    assert rc == 2 and "--damp" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_lower_inverse_by_halves_equals_numpy():
+    from nkat_gguf.runtime.gptq import lower_inverse
+
+    _, R = correlated(600, 1, seed=4)
+    L = np.linalg.cholesky(R + 0.01 * np.eye(600))
+    assert np.allclose(lower_inverse(L), np.linalg.inv(L), rtol=1e-9, atol=1e-9 * np.abs(np.linalg.inv(L)).max())
