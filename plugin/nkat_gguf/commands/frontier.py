@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..errors import Setting
 from ..formats.defaults import find_eval_text
 from ..measure.frontier import DEFAULT_BASES, DEFAULT_BUDGETS, DEFAULT_LADDER, FrontierOptions, run_frontier
-from ..measure.frontier_report import frontier_markdown, frontier_plot, write_outputs
-from ..util.report import print_json, say
+from ..measure.frontier_report import frontier_markdown, frontier_plot
 from ..theta.lowrank import SOURCES
-from .common import add_output_flags, add_runtime_flags, add_text_flag, byte_size, positive_int, runtime_settings
-
-
-def csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+from .common import (add_output_flags, add_runtime_flags, add_text_flag, byte_size, csv, positive_int, reference_path,
+                     runtime_settings, show_outputs)
 
 
 def add_parser(subparsers) -> None:
@@ -59,14 +53,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run, setting_flags={Setting.CALIB_TEXT: "--calib-text", Setting.QUANT_TYPE: "--ladder"})
 
 
-def reference_path(value) -> str:
-    if value:
-        return str(value)
-    from ..formats.defaults import qwen_model_path
-
-    return str(qwen_model_path())
-
-
 def run(args) -> int:
     quiet = args.quiet or args.json
     opts = FrontierOptions(
@@ -77,14 +63,3 @@ def run(args) -> int:
         budgets=args.budgets, source=args.source, theta_rank=args.theta_rank, controls=args.controls,
         chunks=args.chunks, runtime=runtime_settings(args), quiet=quiet)
     return show_outputs(args, run_frontier(opts), "frontier", frontier_markdown, frontier_plot)
-
-
-def show_outputs(args, result: dict, stem: str, markdown, plot) -> int:
-    """Write JSON, markdown and PNG into --work-dir; print the JSON or the markdown table."""
-    paths = write_outputs(result, Path(args.work_dir), stem, markdown, plot)
-    if args.json:
-        print_json(result)
-        return 0
-    print(markdown(result))
-    say(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}", args.quiet)
-    return 0
