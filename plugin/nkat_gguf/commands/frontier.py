@@ -16,8 +16,8 @@ def add_parser(subparsers) -> None:
         "frontier", help="quality per byte: quant ladder vs mixed-precision controls vs theta, one run",
         description="Quantize the reference to each --ladder type (importance-weighted with an imatrix of the "
         "reference on the calibration text), make theta for each --bases type at each --budgets size, build "
-        "a mixed-precision control per theta point (the base with its most damaged tensors taken from the "
-        "next larger quantization until the bytes match), and score everything against the reference on the "
+        "a mixed-precision control per theta point (nkat mix's per-tensor llama.cpp types at the theta point's "
+        "bytes), and score everything against the reference on the "
         "same chunks: PPL ± error, KLD mean ± error and p99, top-1, bytes. Writes JSON, a markdown table and "
         "a PNG with the Pareto frontier; prints one verdict per theta point. Every step is cached in --work-dir: "
         "rerun the same command to resume.")

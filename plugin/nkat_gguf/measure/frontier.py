@@ -6,9 +6,8 @@ Steps (each cached in the work directory, so an interrupted run resumes where it
 2. the ladder: llama.cpp quantizations of the reference, importance-weighted with that imatrix;
 3. theta points: for each base on the ladder, theta (nkat convert --optimize-rank) at each budget,
    all budgets of a base cut from one set of SVDs;
-4. a mixed-precision control per theta point: the base with its most damaged tensors (activation-
-   weighted error energy per extra byte, the statistic theta's source uses) taken from the next
-   larger quantization, until the bytes reach the theta point's (byte_control.BYTE_TOLERANCE);
+4. a mixed-precision control per theta point: the recipe allocator's mix of the reference at the
+   point's bytes (per-tensor llama.cpp types, recipe/), written by llama.cpp's quantizer;
 5. the reference decoded once, its log-probs stored on disk; then every model scored one at a
    time against them (PPL ± error, KLD mean/p99, top-1), results cached per file fingerprint and
    settings;
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from .byte_control import BYTE_TOLERANCE, best_control, verdict_line
 from ..errors import UserError
-from ..formats.keys import NkatKeys
+from ..recipe.layout import tensor_types
 from ..util.report import say
 from .scoring import pareto, score_rows, settings_record
 from ..runtime.settings import RuntimeSettings
@@ -207,51 +206,26 @@ class Frontier:
         return points
 
     # -- 4. mixed-precision controls ---------------------------------------------------------
-    def controls(self, ladder: list[dict], points: list[dict], imatrix: str) -> list[dict]:
-        from ..formats.imatrix import column_scales, read_imatrix
-        from ..formats.assemble import assembled_size, tensor_bytes, write_mixed
-        from .sensitivity import residual_energy
+    def controls(self, points: list[dict], imatrix: str) -> list[dict]:
+        """Per theta point, the recipe allocator's mix of the reference at the point's bytes (model +
+        theta): per-tensor llama.cpp types written by llama.cpp's quantizer with the same imatrix."""
+        from ..recipe.build import MixBuilder
 
-        stats = read_imatrix(imatrix)
+        if not points:
+            return []
+        builder = MixBuilder(self.o.reference, imatrix, self.work / "mix", threads=self.o.runtime.threads,
+                             quiet=self.o.quiet)
+        targets = [Path(p["model"]).stat().st_size + Path(p["theta"]).stat().st_size for p in points]
         out = []
-        energies = {}
-        sizes = sorted(ladder, key=lambda r: Path(r["model"]).stat().st_size)
-        for point in points:
-            path = self.work / (Path(point["theta"]).stem.replace("-theta-", "-mixed-") + ".gguf")
-            target = Path(point["model"]).stat().st_size + Path(point["theta"]).stat().st_size
-            row = {"label": f"{point['base']} mixed {point['budget']}", "kind": "control", "type": point["type"],
-                   "base": point["base"], "for": point["label"], "model": str(path), "theta": None}
-            if path.is_file():
-                out.append(row)
+        for point, alloc in zip(points, builder.allocate(targets)):
+            if alloc is None:
+                say(f"[frontier] {point['label']}: no mix of the reference fits its bytes, no control", self.o.quiet)
                 continue
-            base_path = point["model"]
-            base_t = tensor_bytes(base_path)
-            names = [n for n in base_t if n in stats]
-            if base_path not in energies:
-                say(f"[frontier] sensitivity of {point['base']} ({len(names)} tensors)", self.o.quiet)
-                scales = {n: column_scales(*stats[n]) for n in names}
-                energies[base_path] = residual_energy(base_path, self.o.reference, names, scales)
-            # upgrade donor per tensor: the smallest larger file storing that tensor in more bytes
-            donors = [r["model"] for r in sizes if Path(r["model"]).stat().st_size > Path(base_path).stat().st_size]
-            donor_t = {d: tensor_bytes(d) for d in donors}
-            options = []
-            for n in names:
-                for d in donors:
-                    extra = donor_t[d][n][1] - base_t[n][1]
-                    if extra > 0:
-                        options.append((energies[base_path][n] / extra, n, d, extra))
-                        break
-            options.sort(reverse=True)
-            chosen, size = {}, Path(base_path).stat().st_size
-            for _, n, d, extra in options:
-                if size + extra <= target:
-                    chosen[n] = d
-                    size += extra
-            while chosen and assembled_size(base_path, chosen) > target * (1 + BYTE_TOLERANCE):
-                chosen.popitem()
-            write_mixed(base_path, chosen, path, {NkatKeys.Assembled.CONTROL_FOR: Path(point["theta"]).name})
-            row["upgraded"] = len(chosen)
-            out.append(row)
+            recipe = builder.recipe(alloc)
+            base_types = tensor_types(point["model"])
+            out.append({"label": f"{point['base']} mixed {point['budget']}", "kind": "control", "type": point["type"],
+                        "base": point["base"], "for": point["label"], "model": str(builder.write(recipe)),
+                        "theta": None, "upgraded": sum(base_types.get(n) != t for n, t in recipe.items())})
         return out
 
     # -- 6. verdicts -------------------------------------------------------------------------
@@ -277,7 +251,7 @@ class Frontier:
         imatrix = self.imatrix()
         ladder = self.ladder(imatrix)
         points = self.theta_points(ladder, imatrix, self.covariance())
-        controls = self.controls(ladder, points, imatrix) if self.o.controls else []
+        controls = self.controls(points, imatrix) if self.o.controls else []
         # Scored in order of interest (each result is cached as it completes): the ladder, then each
         # theta point beside its control, the largest budget first.
         paired = []

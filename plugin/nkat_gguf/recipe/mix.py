@@ -12,8 +12,6 @@ rerun of the same command resumes and the same inputs give the same bytes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import resource
 import shutil
@@ -30,21 +28,12 @@ from ..runtime.settings import RuntimeSettings
 from ..util.atomic import atomic_path
 from ..util.output_paths import check_output_path
 from ..util.report import say
-from .allocate import Curve, smallest_bytes, sweep, tie
 from .budgets import MiB, Budget, budget_bytes, parse_budget
+from .build import MixBuilder
 from .candidates import CANDIDATE_TYPES
-from .costs import DEFAULT_ROWS, Statistics, TensorCost, model_costs
-from .layout import Layout, read_layout, tensor_types
-from .recipe_file import exact_pattern, write_recipe
-
-# The llama.cpp file type named in a mix's metadata: that of its most common tensor type.
-FTYPE_OF = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1", "Q8_0": "q8_0", "F16": "f16",
-            "Q2_K": "q2_k", "Q3_K": "q3_k_m", "Q4_K": "q4_k_m", "Q5_K": "q5_k_m", "Q6_K": "q6_k",
-            "IQ3_S": "iq3_s", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs"}
-
-
-class RecipeMismatch(UserError):
-    """llama.cpp wrote a tensor in another type than the recipe asked for."""
+from .costs import DEFAULT_ROWS, TensorCost
+from .layout import tensor_types
+from .recipe_file import write_recipe
 
 
 @dataclass
@@ -73,17 +62,6 @@ def stock_type_names() -> dict[str, int]:
     from ..runtime.quantize import ftype_names
 
     return ftype_names(llama_cpp)
-
-
-def curves_from_costs(costs: dict[str, TensorCost], layout: Layout, tie_gate_up: bool) -> list[Curve]:
-    """One unit per tensor (padded bytes, relative damage); ffn_gate and ffn_up of a block tied."""
-    curves = [Curve(n, list(c.options), [layout.padded(b) for b, _ in c.options.values()],
-                    [c.relative(t) for t in c.options]) for n, c in costs.items()]
-    if not tie_gate_up:
-        return curves
-    groups = [[n, n.replace("ffn_gate", "ffn_up")] for n in costs
-              if ".ffn_gate.weight" in n and n.replace("ffn_gate", "ffn_up") in costs]
-    return tie(curves, groups)
 
 
 def predicted_damage(costs: dict[str, TensorCost], types: dict[str, str]) -> float | None:
@@ -169,24 +147,6 @@ class Mix:
             self.timings[f"stock {qtype.upper()}"] = time.perf_counter() - t0
         return path
 
-    # -- one mix -------------------------------------------------------------------------------
-    def write_mix(self, recipe: dict[str, str], imatrix: str) -> Path:
-        """The mix for a recipe in the work dir (cached by content), its tensor types checked."""
-        from ..runtime.quantize import quantize_model
-
-        key = hashlib.sha256(json.dumps([self.ref_key, fingerprint_file(imatrix), sorted(recipe.items())])
-                             .encode()).hexdigest()[:16]
-        path = self.work / f"mix-{self.ref_key}-{key}.gguf"
-        if not path.is_file():
-            counts = Counter(recipe.values())
-            ftype = next((FTYPE_OF[t] for t, _ in counts.most_common() if t in FTYPE_OF), "q8_0")
-            t0 = time.perf_counter()
-            quantize_model(self.o.reference, str(path), ftype, self.o.runtime.threads, imatrix=imatrix,
-                           overrides={exact_pattern(n): t for n, t in recipe.items()})
-            self.timings[f"quantize {path.name}"] = time.perf_counter() - t0
-        check_types(path, recipe)
-        return path
-
     def run(self) -> dict:
         started = time.perf_counter()
         o = self.o
@@ -201,32 +161,30 @@ class Mix:
             if t.lower() not in stock_names:
                 raise UserError(f"--compare {t!r} is not a llama.cpp type; one of: {', '.join(sorted(stock_names))}")
         self.work.mkdir(parents=True, exist_ok=True)
-        layout = read_layout(o.reference)
         imatrix = self.imatrix()
-        stats = Statistics(imatrix, o.covariance)
-
         t0 = time.perf_counter()
-        say(f"[mix] cost curves of {len(layout.allocated)} tensors ({o.rows} sampled rows each)", o.quiet)
-        costs = model_costs(o.reference, stats, self.work, o.rows, o.types, o.runtime.threads, o.quiet)
+        builder = MixBuilder(o.reference, imatrix, self.work, covariance=o.covariance, rows=o.rows, types=o.types,
+                             tie_gate_up=o.tie_gate_up, threads=o.runtime.threads, quiet=o.quiet)
+        layout, costs = builder.layout, builder.costs
         self.timings["costs"] = time.perf_counter() - t0
-        curves = curves_from_costs(costs, layout, o.tie_gate_up)
 
         stock_paths = {t.upper(): self.stock(t, imatrix) for t in
                        dict.fromkeys([b.value for b in budgets if b.kind == "like"] + [c.upper() for c in o.compare])}
         targets = [budget_bytes(b, layout.n_weights, lambda t: stock_paths[t].stat().st_size) for b in budgets]
-        smallest = smallest_bytes(curves, layout.fixed)
+        smallest = builder.smallest
         for b, target in zip(budgets, targets):
             if target < smallest:
                 raise UserError(f"budget {b.text} ({target / MiB:.2f} MiB) is below the smallest file this reference "
                                 f"allows ({smallest / MiB:.2f} MiB)")
-        allocations = sweep(curves, layout.fixed, targets)
+        allocations = builder.allocate(targets)
 
         outputs = self.output_paths(budgets)
         mixes = []
         for b, target, alloc, out in zip(budgets, targets, allocations, outputs):
-            recipe = {m: alloc.choice[c.name] for c in curves for m in c.members}
-            recipe = {n: recipe[n] for n in layout.allocated}  # the file's tensor order
-            path = self.write_mix(recipe, imatrix)
+            recipe = builder.recipe(alloc)
+            t0 = time.perf_counter()
+            path = builder.write(recipe)
+            self.timings[f"quantize {b.tag}"] = time.perf_counter() - t0
             size = path.stat().st_size
             if size > target:
                 raise UserError(f"budget {b.text}: llama.cpp wrote {size} bytes, the allocation predicted {alloc.bytes} "
@@ -296,15 +254,6 @@ class Mix:
                          "spearman_predicted_vs_measured": spearman(x, y) if len(fit) else None}
         result["chunks_scored"] = n_chunks
         result["runtime"] = runtime_settings
-
-
-def check_types(path, recipe: dict[str, str]) -> None:
-    """The written file's tensor types equal the recipe; else an error naming the first tensor."""
-    written = tensor_types(path)
-    for name, want in recipe.items():
-        got = written.get(name)
-        if got != want:
-            raise RecipeMismatch(f"{path}: llama.cpp wrote {name} as {got}, the recipe says {want}")
 
 
 def run_mix(opts: MixOptions) -> dict:
