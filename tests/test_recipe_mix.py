@@ -13,7 +13,7 @@ import pytest
 from gguf.quants import dequantize
 
 from nkat_gguf.formats.gguf_io import open_gguf
-from nkat_gguf.recipe.costs import Statistics, output_error, tensor_cost
+from nkat_gguf.recipe.costs import Statistics, input_weights, output_error, tensor_cost
 from nkat_gguf.recipe.mix import MixOptions, run_mix
 from nkat_gguf.recipe.recipe_file import read_recipe
 
@@ -83,7 +83,7 @@ def test_costs_are_what_llamacpp_writes_and_sampling_is_close(mixed, reference_m
         shape = (int(ref[name].shape[1]), int(ref[name].shape[0]))
         w_ref = dequantize(ref[name].data, ref[name].tensor_type).reshape(shape)
         w_out = dequantize(out[name].data, out[name].tensor_type).reshape(shape)
-        numpy_damage = output_error(w_ref - w_out, name, stats, stats.importance(name))
+        numpy_damage = output_error(w_ref - w_out, input_weights(name, stats, stats.importance(name)))
         assert full.options[qtype][1] == pytest.approx(numpy_damage, rel=1e-4)
         rel = abs(sampled.options[qtype][1] - full.options[qtype][1]) / full.options[qtype][1]
         errors.append((name, qtype, rel))

@@ -82,14 +82,21 @@ class Statistics:
                 "covariance": fingerprint_file(self.covariance_path) if self.covariance_path else None}
 
 
-def output_error(rows: np.ndarray, name: str, stats: Statistics, importance: np.ndarray | None) -> float:
-    """sum over rows of r R r^T (R full, diagonal, or identity)."""
-    rows = rows.astype(np.float64, copy=False)
+def input_weights(name: str, stats: Statistics, importance: np.ndarray | None):
+    """R for a tensor: the full covariance (n_in, n_in), its diagonal (n_in,), or None (identity)."""
     if stats.cov is not None and name in stats.cov:
-        return float(np.einsum("ij,ij->", rows @ stats.cov.autocorrelation(name), rows))
-    if importance is not None:
-        return float(np.einsum("ij,j,ij->", rows, importance.astype(np.float64), rows))
-    return float(np.einsum("ij,ij->", rows, rows))
+        return stats.cov.autocorrelation(name)
+    return None if importance is None else importance.astype(np.float64)
+
+
+def output_error(rows: np.ndarray, r) -> float:
+    """sum over rows of row R row^T, R full (2-D), diagonal (1-D) or the identity (None)."""
+    rows = rows.astype(np.float64, copy=False)
+    if r is None:
+        return float(np.einsum("ij,ij->", rows, rows))
+    if r.ndim == 1:
+        return float(np.einsum("ij,j,ij->", rows, r, rows))
+    return float(np.einsum("ij,ij->", rows @ r, rows))
 
 
 def tensor_cost(tensor, stats: Statistics, n_rows: int | None, types=CANDIDATE_TYPES,
@@ -101,11 +108,12 @@ def tensor_cost(tensor, stats: Statistics, n_rows: int | None, types=CANDIDATE_T
     rows = sample_rows(shape.n_out, n_rows)
     w = reference_rows(tensor, rows)
     scale = shape.n_out / len(rows)
-    energy = output_error(w, name, stats, importance) * scale
+    r = input_weights(name, stats, importance)
+    energy = output_error(w, r) * scale
     options = {}
     for t in candidate_types(shape, importance is not None, types):
         w_t = ggml_quants.roundtrip(t, w, importance, threads)
-        damage = output_error(w - w_t, name, stats, importance) * scale
+        damage = output_error(w - w_t, r) * scale
         options[t] = (shape.n_out * ggml_quants.row_bytes(t, shape.n_in), damage)
     return TensorCost(name, shape.n_out, shape.n_in, tensor.tensor_type.name, energy, options)
 
