@@ -96,3 +96,18 @@ def test_recipe_file_round_trip(tmp_path):
     assert lines[1] == r"^blk\.0\.attn_q\.weight$=IQ4_NL"  # llama-quantize: pattern=type tokens, no comments
     import re
     assert re.search(exact_pattern("blk.1.ffn_down.weight"), "blk.10.ffn_down.weight") is None
+
+
+def test_budgets_parse_to_bytes():
+    from nkat_gguf.errors import UserError
+    from nkat_gguf.recipe.budgets import budget_bytes, parse_budget
+
+    stock = {"q3_k_s": 11, "q4_0": 2}
+    assert budget_bytes(parse_budget("300", stock), 10, None) == 300 << 20
+    assert budget_bytes(parse_budget("1.5MiB", stock), 10, None) == int(1.5 * (1 << 20))
+    assert budget_bytes(parse_budget("4bpw", stock), 1000, None) == 500
+    like = parse_budget("q3_k_s", stock)
+    assert like.tag == "like-Q3_K_S" and budget_bytes(like, 10, {"Q3_K_S": 1234}.get) == 1234
+    for bad in ("abc", "0", "-3", "Q9_K"):
+        with pytest.raises(UserError):
+            parse_budget(bad, stock)

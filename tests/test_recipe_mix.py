@@ -21,13 +21,14 @@ TYPES = ["IQ2_XXS", "Q2_K", "IQ3_S", "Q3_K", "IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "
 
 
 @pytest.fixture(scope="module")
-def imatrix(tmp_path_factory, reference_model, calib_text):
+def imatrix(tmp_path_factory, reference_model):
     """A real imatrix of the reference: 2 chunks x 128 tokens of WikiText-2 valid."""
+    from nkat_gguf.formats.defaults import find_calibration_text
     from nkat_gguf.formats.imatrix import write_imatrix
     from nkat_gguf.measure.ppl import read_text
     from nkat_gguf.runtime.activation_stats import collect
 
-    stats, facts = collect(str(reference_model), read_text(calib_text), 2, 128, None, False, True)
+    stats, facts = collect(str(reference_model), read_text(find_calibration_text()), 2, 128, None, False, True)
     return str(write_imatrix(tmp_path_factory.mktemp("imat") / "ref.imatrix", stats, chunks=facts["chunks"],
                              chunk_size=128))
 
