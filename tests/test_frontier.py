@@ -84,7 +84,8 @@ def test_frontier_rows_controls_and_outputs(frontier_run):
         assert p["theta_bytes"] > 0 and p["model_bytes"] == base["bytes"]
         assert p["kld_mean"] < base["kld_mean"]  # activation-scaled theta moves towards the reference
         control = rows[next(c["label"] for c in result["rows"] if c.get("for") == p["label"])]
-        assert base["bytes"] < control["bytes"] <= p["bytes"] * (1 + BYTE_TOLERANCE)
+        assert control["bytes"] <= p["bytes"]  # the recipe allocator's mix never exceeds the point's bytes
+        assert control["kld_mean"] < base["kld_mean"]
         assert p["verdict"].startswith(p["label"]) and p["control"] is not None
         if p["budget"] == "next":
             assert p["bytes"] <= upper["bytes"]

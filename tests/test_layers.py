@@ -11,11 +11,11 @@ PKG = Path(nkat_gguf.__file__).parent
 # Lower numbers sit lower. A module may import from its own layer or any lower one.
 LAYERS = {
     "__init__": 0, "errors": 0, "util": 0, "_nkat_native": 1,
-    "formats": 1, "theta": 2, "runtime": 3, "measure": 4, "optimize": 5, "integrations": 5,
+    "formats": 1, "theta": 2, "runtime": 3, "measure": 4, "recipe": 4, "optimize": 5, "integrations": 5,
     "jobs": 6, "commands": 7, "cli": 8,
 }
 # The math imports nothing of ours but the errors (ARCHITECTURE: numpy in, numpy out).
-PURE_MATH = {"nkat_gguf.theta.lowrank"}
+PURE_MATH = {"nkat_gguf.theta.lowrank", "nkat_gguf.recipe.allocate"}
 
 
 def module_name(path: Path) -> str:

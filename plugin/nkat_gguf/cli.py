@@ -25,6 +25,7 @@ COMMANDS = [
     "models",
     "frontier",
     "attribute",
+    "mix",
     "ppl",
     "bench",
     "calibrate",

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 from ..measure.attribute import AttributeOptions, run_attribution
 from ..formats.defaults import find_eval_text
 from ..measure.frontier_report import attribution_markdown, attribution_plot
 from ..util.work_dir import work_dir
-from .common import add_model_flag, add_output_flags, add_runtime_flags, add_text_flag, positive_int, runtime_settings
-from .frontier import csv, reference_path, show_outputs
+from .common import (add_model_flag, add_output_flags, add_runtime_flags, add_text_flag, csv, positive_int,
+                     reference_path, runtime_settings, show_outputs)
 
 
 def add_parser(subparsers) -> None:

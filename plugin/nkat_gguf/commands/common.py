@@ -127,3 +127,31 @@ def byte_size(text: str) -> int:
     if not m or float(m.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"must be a size such as 8G or 3000M, not {text!r}")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def csv(text: str) -> list[str]:
+    """A comma-separated flag value as a list (empty items dropped)."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def reference_path(value) -> str:
+    """--reference, or the qwen model of the [qwen] extra when it is not given."""
+    if value:
+        return str(value)
+    from ..formats.defaults import qwen_model_path
+
+    return str(qwen_model_path())
+
+
+def show_outputs(args, result: dict, stem: str, markdown, plot) -> int:
+    """Write JSON, markdown and PNG into --work-dir; print the JSON or the markdown table."""
+    from ..measure.frontier_report import write_outputs
+    from ..util.report import print_json, say
+
+    paths = write_outputs(result, Path(args.work_dir), stem, markdown, plot)
+    if args.json:
+        print_json(result)
+        return 0
+    print(markdown(result))
+    say(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}", args.quiet)
+    return 0

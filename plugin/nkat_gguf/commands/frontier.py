@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..errors import Setting
 from ..formats.defaults import find_eval_text
 from ..measure.frontier import DEFAULT_BASES, DEFAULT_BUDGETS, DEFAULT_LADDER, FrontierOptions, run_frontier
-from ..measure.frontier_report import frontier_markdown, frontier_plot, write_outputs
-from ..util.report import print_json, say
+from ..measure.frontier_report import frontier_markdown, frontier_plot
 from ..util.work_dir import work_dir
 from ..theta.lowrank import SOURCES
-from .common import add_output_flags, add_runtime_flags, add_text_flag, byte_size, positive_int, runtime_settings
-
-
-def csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+from .common import (add_output_flags, add_runtime_flags, add_text_flag, byte_size, csv, positive_int, reference_path,
+                     runtime_settings, show_outputs)
 
 
 def add_parser(subparsers) -> None:
@@ -23,8 +17,8 @@ def add_parser(subparsers) -> None:
         "frontier", help="quality per byte: quant ladder vs mixed-precision controls vs theta, one run",
         description="Quantize the reference to each --ladder type (importance-weighted with an imatrix of the "
         "reference on the calibration text), make theta for each --bases type at each --budgets size, build "
-        "a mixed-precision control per theta point (the base with its most damaged tensors taken from the "
-        "next larger quantization until the bytes match), and score everything against the reference on the "
+        "a mixed-precision control per theta point (nkat mix's per-tensor llama.cpp types at the theta point's "
+        "bytes), and score everything against the reference on the "
         "same chunks: PPL ± error, KLD mean ± error and p99, top-1, bytes. Writes JSON, a markdown table and "
         "a PNG with the Pareto frontier; prints one verdict per theta point. Every step is cached in --work-dir: "
         "rerun the same command to resume.")
@@ -60,14 +54,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run, setting_flags={Setting.CALIB_TEXT: "--calib-text", Setting.QUANT_TYPE: "--ladder"})
 
 
-def reference_path(value) -> str:
-    if value:
-        return str(value)
-    from ..formats.defaults import qwen_model_path
-
-    return str(qwen_model_path())
-
-
 def run(args) -> int:
     quiet = args.quiet or args.json
     opts = FrontierOptions(
@@ -79,14 +65,3 @@ def run(args) -> int:
         chunks=args.chunks, runtime=runtime_settings(args), quiet=quiet)
     with work_dir(args.work_dir), work_dir(args.quant_dir or args.work_dir, "--quant-dir"):
         return show_outputs(args, run_frontier(opts), "frontier", frontier_markdown, frontier_plot)
-
-
-def show_outputs(args, result: dict, stem: str, markdown, plot) -> int:
-    """Write JSON, markdown and PNG into --work-dir; print the JSON or the markdown table."""
-    paths = write_outputs(result, Path(args.work_dir), stem, markdown, plot)
-    if args.json:
-        print_json(result)
-        return 0
-    print(markdown(result))
-    say(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}", args.quiet)
-    return 0

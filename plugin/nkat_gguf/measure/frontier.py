@@ -6,9 +6,8 @@ Steps (each cached in the work directory, so an interrupted run resumes where it
 2. the ladder: llama.cpp quantizations of the reference, importance-weighted with that imatrix;
 3. theta points: for each base on the ladder, theta (nkat convert --optimize-rank) at each budget,
    all budgets of a base cut from one set of SVDs;
-4. a mixed-precision control per theta point: the base with its most damaged tensors (activation-
-   weighted error energy per extra byte, the statistic theta's source uses) taken from the next
-   larger quantization, until the bytes reach the theta point's (byte_control.BYTE_TOLERANCE);
+4. a mixed-precision control per theta point: the recipe allocator's mix of the reference at the
+   point's bytes (per-tensor llama.cpp types, recipe/), written by llama.cpp's quantizer;
 5. the reference decoded once, its log-probs stored on disk; then every model scored one at a
    time against them (PPL ± error, KLD mean/p99, top-1), results cached per file fingerprint and
    settings;
@@ -17,19 +16,16 @@ Steps (each cached in the work directory, so an interrupted run resumes where it
 
 from __future__ import annotations
 
-import hashlib
-import json
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..util.atomic import write_text_atomic
 from .byte_control import BYTE_TOLERANCE, best_control, verdict_line
 from ..errors import UserError
-from ..formats.gguf_io import fingerprint_file
-from ..formats.keys import NkatKeys
-from ..util.report import say, to_json
+from ..recipe.layout import tensor_types
+from ..util.report import say
+from .scoring import pareto, score_rows, settings_record
 from ..runtime.settings import RuntimeSettings
 
 DEFAULT_LADDER = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0")
@@ -65,11 +61,6 @@ class FrontierOptions:
     quiet: bool = False
 
 
-def settings_record(opts) -> dict:
-    """An options dataclass as one flat dict for the JSON output, its runtime settings beside the rest."""
-    return {k: v for k, v in asdict(opts).items() if k != "runtime"} | asdict(opts.runtime)
-
-
 def parse_budget(text: str) -> str:
     """'5%' / '5' (percent of the base's bytes) or 'next' (up to the next larger rung)."""
     value = text.strip().lower()
@@ -82,65 +73,6 @@ def parse_budget(text: str) -> str:
     if not 0 < pct <= 100:
         raise UserError(f"budget {text!r}: the percentage must be in (0, 100]")
     return f"{pct:g}%"
-
-
-def file_key(path) -> str:
-    return fingerprint_file(path) if path else "-"
-
-
-def text_key(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-class ScoreCache:
-    """Results keyed by (model, theta, settings) fingerprints, saved after every model.
-
-    A file that is not such a mapping (truncated, edited, another file) is checked when opened,
-    set aside as NAME.damaged with a one-line notice, and its scores are measured again."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = self._load()
-
-    def _load(self) -> dict:
-        import os
-        import sys
-
-        if not self.path.is_file():
-            return {}
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            data = None
-        if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
-            return data
-        aside = self.path.with_name(self.path.name + ".damaged")
-        os.replace(self.path, aside)
-        print(f"note: {self.path} is damaged (not a JSON mapping of scores): set aside as {aside.name}; "
-              "its scores are measured again", file=sys.stderr)
-        return {}
-
-    @staticmethod
-    def key(parts: dict) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-
-    def get(self, key: str):
-        return self.data.get(key)
-
-    def put(self, key: str, value: dict) -> None:
-        self.data[key] = value
-        write_text_atomic(self.path, to_json(self.data))
-
-
-def pareto(rows: list[dict], metric: str) -> set[str]:
-    """Labels of the rows no other row beats on both bytes (<=) and `metric` (<, lower is better)."""
-    best = float("inf")
-    front = set()
-    for r in sorted(rows, key=lambda r: (r["bytes"], r[metric])):
-        if r[metric] < best:
-            front.add(r["label"])
-            best = r[metric]
-    return front
 
 
 class Frontier:
@@ -270,51 +202,26 @@ class Frontier:
         return points
 
     # -- 4. mixed-precision controls ---------------------------------------------------------
-    def controls(self, ladder: list[dict], points: list[dict], imatrix: str) -> list[dict]:
-        from ..formats.imatrix import column_scales, read_imatrix
-        from ..formats.assemble import assembled_size, tensor_bytes, write_mixed
-        from .sensitivity import residual_energy
+    def controls(self, points: list[dict], imatrix: str) -> list[dict]:
+        """Per theta point, the recipe allocator's mix of the reference at the point's bytes (model +
+        theta): per-tensor llama.cpp types written by llama.cpp's quantizer with the same imatrix."""
+        from ..recipe.build import MixBuilder
 
-        stats = read_imatrix(imatrix)
+        if not points:
+            return []
+        builder = MixBuilder(self.o.reference, imatrix, self.work / "mix", threads=self.o.runtime.threads,
+                             quiet=self.o.quiet)
+        targets = [Path(p["model"]).stat().st_size + Path(p["theta"]).stat().st_size for p in points]
         out = []
-        energies = {}
-        sizes = sorted(ladder, key=lambda r: Path(r["model"]).stat().st_size)
-        for point in points:
-            path = self.work / (Path(point["theta"]).stem.replace("-theta-", "-mixed-") + ".gguf")
-            target = Path(point["model"]).stat().st_size + Path(point["theta"]).stat().st_size
-            row = {"label": f"{point['base']} mixed {point['budget']}", "kind": "control", "type": point["type"],
-                   "base": point["base"], "for": point["label"], "model": str(path), "theta": None}
-            if path.is_file():
-                out.append(row)
+        for point, alloc in zip(points, builder.allocate(targets)):
+            if alloc is None:
+                say(f"[frontier] {point['label']}: no mix of the reference fits its bytes, no control", self.o.quiet)
                 continue
-            base_path = point["model"]
-            base_t = tensor_bytes(base_path)
-            names = [n for n in base_t if n in stats]
-            if base_path not in energies:
-                say(f"[frontier] sensitivity of {point['base']} ({len(names)} tensors)", self.o.quiet)
-                scales = {n: column_scales(*stats[n]) for n in names}
-                energies[base_path] = residual_energy(base_path, self.o.reference, names, scales)
-            # upgrade donor per tensor: the smallest larger file storing that tensor in more bytes
-            donors = [r["model"] for r in sizes if Path(r["model"]).stat().st_size > Path(base_path).stat().st_size]
-            donor_t = {d: tensor_bytes(d) for d in donors}
-            options = []
-            for n in names:
-                for d in donors:
-                    extra = donor_t[d][n][1] - base_t[n][1]
-                    if extra > 0:
-                        options.append((energies[base_path][n] / extra, n, d, extra))
-                        break
-            options.sort(reverse=True)
-            chosen, size = {}, Path(base_path).stat().st_size
-            for _, n, d, extra in options:
-                if size + extra <= target:
-                    chosen[n] = d
-                    size += extra
-            while chosen and assembled_size(base_path, chosen) > target * (1 + BYTE_TOLERANCE):
-                chosen.popitem()
-            write_mixed(base_path, chosen, path, {NkatKeys.Assembled.CONTROL_FOR: Path(point["theta"]).name})
-            row["upgraded"] = len(chosen)
-            out.append(row)
+            recipe = builder.recipe(alloc)
+            base_types = tensor_types(point["model"])
+            out.append({"label": f"{point['base']} mixed {point['budget']}", "kind": "control", "type": point["type"],
+                        "base": point["base"], "for": point["label"], "model": str(builder.write(recipe)),
+                        "theta": None, "upgraded": sum(base_types.get(n) != t for n, t in recipe.items())})
         return out
 
     # -- 6. verdicts -------------------------------------------------------------------------
@@ -340,7 +247,7 @@ class Frontier:
         imatrix = self.imatrix()
         ladder = self.ladder(imatrix)
         points = self.theta_points(ladder, imatrix, self.covariance())
-        controls = self.controls(ladder, points, imatrix) if self.o.controls else []
+        controls = self.controls(points, imatrix) if self.o.controls else []
         # Scored in order of interest (each result is cached as it completes): the ladder, then each
         # theta point beside its control, the largest budget first.
         paired = []
@@ -374,55 +281,6 @@ class Frontier:
             "wall_seconds": time.perf_counter() - started,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-
-
-def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, runtime: RuntimeSettings, chunks: int,
-               quiet: bool) -> tuple[int, dict]:
-    """Score each row ({"model", "theta", "kind", "label"}) against the reference, in place.
-
-    The reference is decoded once and its log-probs kept on disk; then one model at a time is
-    loaded, scored and closed. Results are cached per file fingerprints and settings.
-    """
-    from .evaluate import LogprobStore, chunk_count, fill_store, score_model
-    from .ppl import read_text
-    from ..runtime.engine import Runtime
-
-    ctx = runtime.ctx
-    data = read_text(text)
-    ref_fp = file_key(reference)
-    settings = {"ctx": ctx, "flash_attn": runtime.flash_attn, "text": text_key(text), "reference": ref_fp}
-    store = LogprobStore(Path(work) / "reference-logprobs" / ScoreCache.key(settings))
-    cache = ScoreCache(Path(work) / "scores.json")
-    ref_rt = Runtime.from_settings(reference, None, runtime)
-    try:
-        tokens = ref_rt.tokenize(data)
-        n_chunks = chunk_count(len(tokens), ctx, chunks)
-        ref_key = ScoreCache.key(settings | {"chunks": n_chunks, "model": ref_fp, "what": "reference"})
-        ref_result = cache.get(ref_key)
-        if ref_result is None or not all(store.has(c) for c in range(n_chunks)):
-            say(f"[score] reference: {n_chunks} chunks x {ctx} tokens", quiet)
-            ref_result = fill_store(ref_rt, tokens, ctx, n_chunks, store, quiet)
-            cache.put(ref_key, ref_result)
-        runtime_settings = {k: v for k, v in ref_rt.settings().items() if k in ("n_batch", "threads", "n_gpu_layers")}
-    finally:
-        ref_rt.close()
-    for row in rows:
-        if row["kind"] == "reference":
-            row.update(ref_result, kld_mean=0.0, kld_err=0.0, kld_p99=0.0, top1_agreement=1.0)
-            continue
-        key = ScoreCache.key(settings | {"chunks": n_chunks, "model": file_key(row["model"]),
-                                         "theta": file_key(row["theta"]), "backend": runtime.backend})
-        result = cache.get(key)
-        if result is None:
-            say(f"[score] {row['label']}", quiet)
-            rt = Runtime.from_settings(row["model"], row["theta"], runtime)
-            try:
-                result = score_model(rt, tokens, ctx, n_chunks, store, quiet, row["label"])
-            finally:
-                rt.close()
-            cache.put(key, result)
-        row.update(result)
-    return n_chunks, runtime_settings
 
 
 def goals(rows: list[dict]) -> list[dict]:

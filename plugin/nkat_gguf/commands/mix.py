@@ -1,0 +1,91 @@
+"""nkat mix: the best GGUF for the memory you have, loadable by every llama.cpp tool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from ..formats.defaults import find_eval_text
+from ..recipe.candidates import CANDIDATE_TYPES, check_types
+from ..recipe.costs import DEFAULT_ROWS
+from ..recipe.mix import MixOptions, run_mix
+from ..recipe.report import mix_markdown
+from ..util.atomic import write_text_atomic
+from ..util.report import print_json, say, to_json
+from .common import (add_output_flags, add_runtime_flags, add_text_flag, csv, positive_int, reference_path,
+                     runtime_settings)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "mix", help="per-tensor llama.cpp types for a byte budget: one standard GGUF",
+        description="Measure, for every weight tensor of REFERENCE and every type llama.cpp can write for it, "
+        "the bytes and the output error E||(W_ref - W_t) x||^2 (ggml's own quantizer with the imatrix, on "
+        "sampled rows), allocate the budget over tensors (convex hulls, one Lagrangian sweep), and write the "
+        "GGUF with llama.cpp's quantizer and one exact --tensor-type override per tensor. The written tensor "
+        "types are read back and checked against the recipe, which is saved beside the output in "
+        "llama-quantize --tensor-type-file syntax. With --text the mixes and --compare stock types are scored "
+        "against the reference (KLD, PPL, top-1). Everything is cached in --work-dir: rerun to resume.")
+    p.add_argument("--reference", help="the model to quantize from (default: qwen from the [qwen] extra)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--budget-mb", type=float, metavar="MIB", help="file size in MiB")
+    size.add_argument("--bpw", type=float, metavar="B", help="bits per weight (file bytes x 8 / weights)")
+    size.add_argument("--like", metavar="TYPE", help="the bytes of llama.cpp's stock TYPE of this reference, e.g. Q3_K_S")
+    size.add_argument("--budgets", type=csv, metavar="B,B,...",
+                      help="several budgets in one run: 300 or 300MiB, 4.5bpw, or a type name; one file each "
+                      "(OUT-<budget>.gguf)")
+    stats = p.add_mutually_exclusive_group()
+    stats.add_argument("--imatrix", metavar="FILE", help="the reference's imatrix (default: calibrate in --work-dir)")
+    stats.add_argument("--covariance", metavar="FILE",
+                       help="the reference's input covariances (nkat calibrate --covariance): full-covariance errors")
+    p.add_argument("--calib-text", help="calibration text when calibrating (default: WikiText-2 valid)")
+    p.add_argument("--calib-chunks", type=positive_int, default=8, metavar="N", help="calibration chunks (default 8)")
+    p.add_argument("--work-dir", metavar="DIR", help="caches (costs, stock files, scores); default: OUT's folder")
+    p.add_argument("--output", "-o", required=True, metavar="OUT.gguf", help="the GGUF to write")
+    p.add_argument("--rows", type=positive_int, default=DEFAULT_ROWS, metavar="N",
+                   help=f"rows sampled per tensor for the error estimate (default {DEFAULT_ROWS})")
+    p.add_argument("--types", type=csv, default=list(CANDIDATE_TYPES), metavar="T,T,...",
+                   help="candidate GGML types (default: all llama.cpp writes)")
+    p.add_argument("--no-tie", dest="tie_gate_up", action="store_false",
+                   help="let ffn_gate and ffn_up of a block take different types")
+    p.add_argument("--compare", type=csv, default=[], metavar="T,T,...",
+                   help="stock llama.cpp types (made with the same imatrix) scored beside the mixes")
+    p.add_argument("--score", action="store_true", help="score the mixes against the reference on --text")
+    add_text_flag(p)
+    p.add_argument("--chunks", type=positive_int, default=8, metavar="N", help="evaluation chunks (default 8)")
+    add_runtime_flags(p)
+    add_output_flags(p)
+    p.set_defaults(func=run)
+
+
+def budgets_of(args) -> list[str]:
+    if args.budgets is not None:
+        if not args.budgets:
+            raise UserError("--budgets: give at least one budget")
+        return args.budgets
+    if args.budget_mb is not None:
+        return [f"{args.budget_mb}MiB"]
+    if args.bpw is not None:
+        return [f"{args.bpw}bpw"]
+    return [args.like]
+
+
+def run(args) -> int:
+    quiet = args.quiet or args.json
+    out = Path(args.output)
+    work = Path(args.work_dir) if args.work_dir else out.parent / f"{out.stem}-work"
+    opts = MixOptions(
+        reference=reference_path(args.reference), output=str(out), work_dir=str(work), budgets=budgets_of(args),
+        imatrix=args.imatrix, covariance=args.covariance, calib_text=args.calib_text, calib_chunks=args.calib_chunks,
+        rows=args.rows, types=check_types(args.types), compare=args.compare, tie_gate_up=args.tie_gate_up,
+        text=str(find_eval_text(args.text)) if args.score else None, chunks=args.chunks,
+        runtime=runtime_settings(args), quiet=quiet)
+    result = run_mix(opts)
+    write_text_atomic(work / "mix.json", to_json(result))
+    write_text_atomic(work / "mix.md", mix_markdown(result))
+    if args.json:
+        print_json(result)
+        return 0
+    print(mix_markdown(result))
+    say(f"wrote {', '.join(m['output'] for m in result['mixes'])}; report {work / 'mix.md'}", args.quiet)
+    return 0

@@ -1,0 +1,132 @@
+"""Allocation of bytes over tensors: each tensor's lower convex hull of (bytes, damage), then one
+Lagrangian sweep that serves every budget.
+
+Pure math (numpy only). A unit is one tensor, or tensors tied to one type (gate/up); its options
+are types with exact bytes and predicted damage. Every upgrade step along every unit's hull is
+sorted by damage removed per byte; a budget takes the longest prefix of that order that fits (a
+point of the Lagrangian solution, optimal among all combinations at its bytes), then fills the
+rest with the next steps that still fit, in the same order. Budgets are solved in increasing
+order and a larger budget never keeps a worse answer than a smaller one, so predicted damage
+never rises as the budget grows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Curve:
+    """One unit's options: type names, exact bytes, predicted damage (lower is better)."""
+
+    name: str
+    options: list[str]
+    bytes: np.ndarray
+    damage: np.ndarray
+    members: list[str] = field(default_factory=list)  # the tensors it stands for (default: [name])
+
+    def __post_init__(self):
+        self.bytes = np.asarray(self.bytes, dtype=np.int64)
+        self.damage = np.asarray(self.damage, dtype=np.float64)
+        if not self.members:
+            self.members = [self.name]
+        if not (len(self.options) == len(self.bytes) == len(self.damage)) or not self.options:
+            raise ValueError(f"{self.name}: options, bytes and damage must be non-empty and of one length")
+
+
+@dataclass
+class Allocation:
+    budget: int
+    choice: dict[str, str]  # unit name -> type
+    bytes: int  # fixed bytes + every unit's bytes
+    damage: float
+
+
+def lower_hull(bytes_: np.ndarray, damage: np.ndarray) -> list[int]:
+    """Indices of the lower convex hull of the points, cheapest first, damage strictly falling."""
+    order = sorted(range(len(bytes_)), key=lambda i: (int(bytes_[i]), float(damage[i]), i))
+    front = []
+    for i in order:  # Pareto: each kept point is cheaper-or-equal and strictly better than the last
+        if front and bytes_[i] == bytes_[front[-1]]:
+            continue
+        if not front or damage[i] < damage[front[-1]]:
+            front.append(i)
+    hull: list[int] = []
+    for i in front:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            cross = (float(bytes_[b]) - bytes_[a]) * (float(damage[i]) - damage[a]) \
+                - (float(damage[b]) - damage[a]) * (float(bytes_[i]) - bytes_[a])
+            if cross <= 0:  # b lies on or above the segment a -> i
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def tie(curves: list[Curve], groups: list[list[str]]) -> list[Curve]:
+    """Units whose members share one type: each group of unit names becomes one unit over the
+    types every member offers (bytes and damage summed)."""
+    by_name = {c.name: c for c in curves}
+    grouped = {n for g in groups for n in g}
+    out = [c for c in curves if c.name not in grouped]
+    for g in groups:
+        parts = [by_name[n] for n in g]
+        common = [t for t in parts[0].options if all(t in p.options for p in parts[1:])]
+        if not common:
+            raise ValueError(f"{' + '.join(g)}: no type fits all of them")
+        idx = [[p.options.index(t) for t in common] for p in parts]
+        out.append(Curve("+".join(g), common, sum(p.bytes[i] for p, i in zip(parts, idx)),
+                         sum(p.damage[i] for p, i in zip(parts, idx)), [m for p in parts for m in p.members]))
+    return out
+
+
+def floor(curve: Curve, min_bytes: int) -> Curve:
+    """The unit without the options cheaper than min_bytes (a guardrail for token_embd/output)."""
+    keep = [i for i in range(len(curve.options)) if curve.bytes[i] >= min_bytes]
+    if not keep:
+        return curve
+    return Curve(curve.name, [curve.options[i] for i in keep], curve.bytes[keep], curve.damage[keep], curve.members)
+
+
+def smallest_bytes(curves: list[Curve], fixed_bytes: int) -> int:
+    return int(fixed_bytes + sum(int(c.bytes.min()) for c in curves))
+
+
+def sweep(curves: list[Curve], fixed_bytes: int, budgets: list[int]) -> list[Allocation | None]:
+    """The allocation for each budget (None where even the cheapest options do not fit)."""
+    hulls = [lower_hull(c.bytes, c.damage) for c in curves]
+    steps = []  # (-damage removed per byte, unit, level reached)
+    for u, (c, h) in enumerate(zip(curves, hulls)):
+        for k in range(1, len(h)):
+            db = int(c.bytes[h[k]] - c.bytes[h[k - 1]])
+            dd = float(c.damage[h[k - 1]] - c.damage[h[k]])
+            steps.append((-dd / db, u, k, db, dd))
+    steps.sort()
+    start_bytes = int(fixed_bytes + sum(int(c.bytes[h[0]]) for c, h in zip(curves, hulls)))
+    start_damage = float(sum(c.damage[h[0]] for c, h in zip(curves, hulls)))
+
+    results: dict[int, Allocation | None] = {}
+    best: Allocation | None = None
+    levels = [0] * len(curves)
+    used, damage, pos = start_bytes, start_damage, 0
+    for budget in sorted(set(int(b) for b in budgets)):
+        if budget < start_bytes:
+            results[budget] = None
+            continue
+        while pos < len(steps) and used + steps[pos][3] <= budget:  # the Lagrangian prefix
+            _, u, k, db, dd = steps[pos]
+            levels[u], used, damage, pos = k, used + db, damage - dd, pos + 1
+        fill, f_used, f_damage = list(levels), used, damage
+        for _, u, k, db, dd in steps[pos:]:  # then every later step that still fits, in order
+            if fill[u] == k - 1 and f_used + db <= budget:
+                fill[u], f_used, f_damage = k, f_used + db, f_damage - dd
+        here = Allocation(budget, {c.name: c.options[h[lv]] for c, h, lv in zip(curves, hulls, fill)},
+                          int(f_used), float(f_damage))
+        if best is None or here.damage <= best.damage:
+            best = here
+        results[budget] = Allocation(budget, best.choice, best.bytes, best.damage)
+    return [results[int(b)] for b in budgets]

@@ -1,0 +1,92 @@
+"""Mixes of one reference with one imatrix: cost curves, allocation at any budget, and the GGUF
+written by llama.cpp's quantizer with one exact override per tensor, its types checked.
+
+`nkat mix` and the frontier's mixed-precision controls both build their files here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+from ..errors import UserError
+from ..formats.gguf_io import fingerprint_file
+from ..util.report import say
+from .allocate import Allocation, Curve, smallest_bytes, sweep, tie
+from .candidates import CANDIDATE_TYPES
+from .costs import DEFAULT_ROWS, Statistics, TensorCost, model_costs
+from .layout import Layout, read_layout, tensor_types
+from .recipe_file import exact_pattern
+
+# The llama.cpp file type named in a mix's metadata: that of its most common tensor type.
+FTYPE_OF = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1", "Q8_0": "q8_0", "F16": "f16",
+            "Q2_K": "q2_k", "Q3_K": "q3_k_m", "Q4_K": "q4_k_m", "Q5_K": "q5_k_m", "Q6_K": "q6_k",
+            "IQ3_S": "iq3_s", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs"}
+
+
+class RecipeMismatch(UserError):
+    """llama.cpp wrote a tensor in another type than the recipe asked for."""
+
+
+def curves_from_costs(costs: dict[str, TensorCost], layout: Layout, tie_gate_up: bool) -> list[Curve]:
+    """One unit per tensor (padded bytes, relative damage); ffn_gate and ffn_up of a block tied."""
+    curves = [Curve(n, list(c.options), [layout.padded(b) for b, _ in c.options.values()],
+                    [c.relative(t) for t in c.options]) for n, c in costs.items()]
+    if not tie_gate_up:
+        return curves
+    groups = [[n, n.replace("ffn_gate", "ffn_up")] for n in costs
+              if ".ffn_gate.weight" in n and n.replace("ffn_gate", "ffn_up") in costs]
+    return tie(curves, groups)
+
+
+def check_types(path, recipe: dict[str, str]) -> None:
+    """The written file's tensor types equal the recipe; else an error naming the first tensor."""
+    written = tensor_types(path)
+    for name, want in recipe.items():
+        got = written.get(name)
+        if got != want:
+            raise RecipeMismatch(f"{path}: llama.cpp wrote {name} as {got}, the recipe says {want}")
+
+
+class MixBuilder:
+    def __init__(self, reference: str, imatrix: str, work_dir, *, covariance: str | None = None,
+                 rows: int | None = DEFAULT_ROWS, types=CANDIDATE_TYPES, tie_gate_up: bool = True,
+                 threads: int | None = None, quiet: bool = False):
+        self.reference, self.imatrix, self.threads, self.quiet = reference, imatrix, threads, quiet
+        self.work = Path(work_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.ref_key = fingerprint_file(reference)[:12]
+        self.layout = read_layout(reference)
+        say(f"[mix] cost curves of {len(self.layout.allocated)} tensors ({rows} sampled rows each)", quiet)
+        self.costs = model_costs(reference, Statistics(imatrix, covariance), self.work, rows, types, threads, quiet)
+        self.curves = curves_from_costs(self.costs, self.layout, tie_gate_up)
+
+    @property
+    def smallest(self) -> int:
+        return smallest_bytes(self.curves, self.layout.fixed)
+
+    def allocate(self, targets: list[int]) -> list[Allocation | None]:
+        """One sweep for every target (file bytes); None where even the cheapest file is larger."""
+        return sweep(self.curves, self.layout.fixed, targets)
+
+    def recipe(self, alloc: Allocation) -> dict[str, str]:
+        """Tensor name -> type, in the file's tensor order."""
+        by_member = {m: alloc.choice[c.name] for c in self.curves for m in c.members}
+        return {n: by_member[n] for n in self.layout.allocated}
+
+    def write(self, recipe: dict[str, str]) -> Path:
+        """The mix for a recipe in the work dir (cached by content), its tensor types checked."""
+        from ..runtime.quantize import quantize_model
+
+        key = hashlib.sha256(json.dumps([self.ref_key, fingerprint_file(self.imatrix), sorted(recipe.items())])
+                             .encode()).hexdigest()[:16]
+        path = self.work / f"mix-{self.ref_key}-{key}.gguf"
+        if not path.is_file():
+            counts = Counter(recipe.values())
+            ftype = next((FTYPE_OF[t] for t, _ in counts.most_common() if t in FTYPE_OF), "q8_0")
+            quantize_model(self.reference, str(path), ftype, self.threads, imatrix=self.imatrix,
+                           overrides={exact_pattern(n): t for n, t in recipe.items()})
+        check_types(path, recipe)
+        return path

@@ -1,0 +1,260 @@
+"""`nkat mix`: the best GGUF for a byte budget, written by llama.cpp's own quantizer.
+
+statistics (an imatrix, or a covariance file) -> candidate types per tensor -> cost curves on
+sampled rows -> allocation at every budget in one sweep -> llama.cpp's quantizer with one exact
+per-tensor override each (tt_overrides) -> the written file's tensor types read back and compared
+with the recipe, its size with the prediction -> scores against the reference (optional), beside
+llama.cpp's stock types of the same reference made with the same imatrix.
+
+Everything is cached in the work directory by content (costs, stock files, mixes, scores), so a
+rerun of the same command resumes and the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import Setting, UserError
+from ..formats.gguf_io import fingerprint_file
+from ..runtime.settings import RuntimeSettings
+from ..util.atomic import atomic_path
+from ..util.output_paths import check_output_path
+from ..util.report import say
+from .budgets import MiB, Budget, budget_bytes, parse_budget
+from .build import MixBuilder
+from .candidates import CANDIDATE_TYPES
+from .costs import DEFAULT_ROWS, TensorCost
+from .layout import tensor_types
+from .recipe_file import write_recipe
+
+
+@dataclass
+class MixOptions:
+    reference: str
+    output: str
+    work_dir: str
+    budgets: list[str]
+    imatrix: str | None = None
+    covariance: str | None = None
+    calib_text: str | None = None
+    calib_chunks: int = 8
+    rows: int = DEFAULT_ROWS
+    types: list[str] = field(default_factory=lambda: list(CANDIDATE_TYPES))
+    compare: list[str] = field(default_factory=list)  # stock types scored beside the mixes
+    tie_gate_up: bool = True
+    text: str | None = None  # evaluation text; None: no scoring
+    chunks: int = 8
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    quiet: bool = False
+
+
+def stock_type_names() -> dict[str, int]:
+    import llama_cpp
+
+    from ..runtime.quantize import ftype_names
+
+    return ftype_names(llama_cpp)
+
+
+def predicted_damage(costs: dict[str, TensorCost], types: dict[str, str]) -> float | None:
+    """Sum of relative damages of a file's tensor types (None if a type has no measured curve)."""
+    total = 0.0
+    for name, cost in costs.items():
+        t = types.get(name)
+        if t not in cost.options:
+            return None
+        total += cost.relative(t)
+    return total
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        os.unlink(tmp) if os.path.exists(tmp) else None
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def spearman(a, b) -> float | None:
+    if len(a) < 3:
+        return None
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+class Mix:
+    def __init__(self, o: MixOptions):
+        self.o = o
+        self.work = Path(o.work_dir)
+        self.timings: dict[str, float] = {}
+        self.ref_key = ""
+
+    # -- statistics ----------------------------------------------------------------------------
+    def imatrix(self) -> str:
+        """The imatrix llama.cpp quantizes with: given, the covariance file's diagonal, or calibrated."""
+        from ..formats.imatrix import write_imatrix
+
+        o = self.o
+        if o.imatrix:
+            return o.imatrix
+        if o.covariance:
+            from ..formats.covariance import CovarianceFile
+
+            cov = CovarianceFile(o.covariance)
+            path = self.work / f"{self.ref_key}-{fingerprint_file(o.covariance)[:12]}-diag.imatrix"
+            if not path.is_file():
+                write_imatrix(path, {w: cov.diagonal(w) for w in cov.users}, dataset=str(o.covariance),
+                              chunks=cov.chunk_count, chunk_size=cov.chunk_size)
+            return str(path)
+        from ..formats.defaults import find_calibration_text
+        from ..formats.gguf_io import ModelFile
+        from ..measure.ppl import read_text
+        from ..runtime.activation_stats import collect
+
+        rs = o.runtime
+        path = self.work / f"{self.ref_key}-calib{o.calib_chunks}x{rs.ctx}.imatrix"
+        if not path.is_file():
+            text = find_calibration_text(o.calib_text)
+            say(f"[mix] activation statistics of {Path(o.reference).name} on {text.name}", o.quiet)
+            t0 = time.perf_counter()
+            stats, facts = collect(o.reference, read_text(text), o.calib_chunks, rs.ctx, rs.threads, rs.flash_attn,
+                                   o.quiet)
+            write_imatrix(path, stats, dataset=str(text), chunks=facts["chunks"], chunk_size=rs.ctx,
+                          architecture=ModelFile(o.reference).architecture)
+            self.timings["calibrate"] = time.perf_counter() - t0
+        return str(path)
+
+    # -- stock files ---------------------------------------------------------------------------
+    def stock(self, qtype: str, imatrix: str) -> Path:
+        """llama.cpp's stock `qtype` of the reference with the imatrix (made once, cached)."""
+        from ..runtime.quantize import quantize_model
+
+        path = self.work / f"stock-{self.ref_key}-{qtype.upper()}-imat.gguf"
+        if not path.is_file():
+            say(f"[mix] stock {qtype.upper()} with the imatrix -> {path.name}", self.o.quiet)
+            t0 = time.perf_counter()
+            quantize_model(self.o.reference, str(path), qtype, self.o.runtime.threads, imatrix=imatrix)
+            self.timings[f"stock {qtype.upper()}"] = time.perf_counter() - t0
+        return path
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        o = self.o
+        for path in (o.reference, o.imatrix, o.covariance, o.text):
+            if path and not Path(path).is_file():
+                raise UserError(f"file not found: {path}")
+        check_output_path(o.output, [o.reference], Setting.OUTPUT)
+        self.ref_key = fingerprint_file(o.reference)[:12]
+        stock_names = stock_type_names()
+        budgets = [parse_budget(b, stock_names) for b in o.budgets]
+        for t in o.compare:
+            if t.lower() not in stock_names:
+                raise UserError(f"--compare {t!r} is not a llama.cpp type; one of: {', '.join(sorted(stock_names))}")
+        self.work.mkdir(parents=True, exist_ok=True)
+        imatrix = self.imatrix()
+        t0 = time.perf_counter()
+        builder = MixBuilder(o.reference, imatrix, self.work, covariance=o.covariance, rows=o.rows, types=o.types,
+                             tie_gate_up=o.tie_gate_up, threads=o.runtime.threads, quiet=o.quiet)
+        layout, costs = builder.layout, builder.costs
+        self.timings["costs"] = time.perf_counter() - t0
+
+        stock_paths = {t.upper(): self.stock(t, imatrix) for t in
+                       dict.fromkeys([b.value for b in budgets if b.kind == "like"] + [c.upper() for c in o.compare])}
+        targets = [budget_bytes(b, layout.n_weights, lambda t: stock_paths[t].stat().st_size) for b in budgets]
+        smallest = builder.smallest
+        for b, target in zip(budgets, targets):
+            if target < smallest:
+                raise UserError(f"budget {b.text} ({target / MiB:.2f} MiB) is below the smallest file this reference "
+                                f"allows ({smallest / MiB:.2f} MiB)")
+        allocations = builder.allocate(targets)
+
+        outputs = self.output_paths(budgets)
+        mixes = []
+        for b, target, alloc, out in zip(budgets, targets, allocations, outputs):
+            recipe = builder.recipe(alloc)
+            t0 = time.perf_counter()
+            path = builder.write(recipe)
+            self.timings[f"quantize {b.tag}"] = time.perf_counter() - t0
+            size = path.stat().st_size
+            if size > target:
+                raise UserError(f"budget {b.text}: llama.cpp wrote {size} bytes, the allocation predicted {alloc.bytes} "
+                                f"(<= {target}); the header differs from the reference's")
+            link_or_copy(path, Path(out))
+            write_recipe(Path(out).with_suffix(".recipe.txt"), recipe)
+            mixes.append({
+                "label": f"mix {b.tag}", "kind": "mix", "budget": b.text, "budget_bytes": target,
+                "model": str(path), "output": str(out), "recipe": str(Path(out).with_suffix(".recipe.txt")),
+                "theta": None, "predicted_bytes": alloc.bytes, "file_bytes": size,
+                "bpw": 8 * size / layout.n_weights, "predicted_damage": alloc.damage,
+                "type_counts": dict(Counter(recipe.values())),
+                "tensors": [{"name": n, "type": t, "bytes": costs[n].options[t][0],
+                             "relative_damage": costs[n].relative(t)} for n, t in recipe.items()],
+            })
+        stock_rows = [{"label": f"{t}-imat", "kind": "stock", "type": t, "model": str(p), "theta": None,
+                       "file_bytes": p.stat().st_size, "bpw": 8 * p.stat().st_size / layout.n_weights,
+                       "predicted_damage": predicted_damage(costs, tensor_types(p))}
+                      for t, p in stock_paths.items()]
+        result = {"mixes": mixes, "stock": stock_rows}
+        if o.text:
+            self.score(mixes, stock_rows, result)
+        ref_types = tensor_types(o.reference)
+        result["settings"] = {
+            "reference": o.reference,
+            "reference_type": Counter(ref_types[n] for n in layout.allocated).most_common(1)[0][0],
+            "imatrix": imatrix, "covariance": o.covariance, "rows": o.rows, "types": o.types,
+            "tie_gate_up": o.tie_gate_up, "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
+            "flash_attn": o.runtime.flash_attn, "threads": o.runtime.threads, "smallest_bytes": smallest,
+            "fixed_bytes": layout.fixed, "n_weights": layout.n_weights,
+        }
+        result["timings"] = self.timings
+        result["wall_seconds"] = time.perf_counter() - started
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return result
+
+    def output_paths(self, budgets: list[Budget]) -> list[str]:
+        out = Path(self.o.output)
+        if len(budgets) == 1:
+            return [str(out)]
+        return [str(out.with_name(f"{out.stem}-{b.tag}{out.suffix}")) for b in budgets]
+
+    def score(self, mixes: list[dict], stock_rows: list[dict], result: dict) -> None:
+        """Measured KLD/PPL of every mix and stock file; predicted KLD = a x predicted damage, a fitted
+        through the origin on this run's scored files, and the rank agreement of the two."""
+        from ..measure.scoring import score_rows
+
+        o = self.o
+        rows = mixes + stock_rows
+        t0 = time.perf_counter()
+        n_chunks, runtime_settings = score_rows(rows, reference=o.reference, text=o.text, work=self.work,
+                                                runtime=o.runtime, chunks=o.chunks, quiet=o.quiet)
+        self.timings["scoring"] = time.perf_counter() - t0
+        fit = [(r["predicted_damage"], r["kld_mean"]) for r in rows if r["predicted_damage"] is not None]
+        x = np.array([p for p, _ in fit])
+        y = np.array([k for _, k in fit])
+        scale = float(x @ y / (x @ x)) if len(fit) and x @ x > 0 else None
+        for r in rows:
+            r["predicted_kld"] = scale * r["predicted_damage"] if scale is not None and r["predicted_damage"] is not None \
+                else None
+        for m in mixes:
+            near = min(stock_rows, key=lambda s: abs(s["file_bytes"] - m["file_bytes"]), default=None)
+            m["nearest_stock"] = None if near is None else {
+                k: near[k] for k in ("label", "file_bytes", "kld_mean", "kld_err", "kld_p99", "ppl", "ppl_err",
+                                     "top1_agreement")}
+        result["fit"] = {"kld_per_damage": scale, "files": len(fit),
+                         "spearman_predicted_vs_measured": spearman(x, y) if len(fit) else None}
+        result["chunks_scored"] = n_chunks
+        result["runtime"] = runtime_settings
+
+
+def run_mix(opts: MixOptions) -> dict:
+    return Mix(opts).run()

@@ -1,0 +1,42 @@
+"""`nkat mix`'s markdown: per budget, the mix beside the stock type nearest in size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MiB = 1 << 20
+
+
+def _num(value, digits=4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def mix_markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"Mixes of {Path(s['reference']).name} (reference type {s['reference_type']}), imatrix "
+             f"{Path(s['imatrix']).name}{', covariance ' + Path(s['covariance']).name if s['covariance'] else ''}; "
+             f"costs on {s['rows']} sampled rows per tensor."]
+    scored = "chunks_scored" in result
+    if scored:
+        lines[0] += (f" Scored on {result['chunks_scored']} chunks x {s['ctx']} tokens of {Path(s['text']).name}, "
+                     f"flash attention {'on' if s['flash_attn'] else 'off'}.")
+    lines += ["", "| file | budget | MiB | bpw | predicted KLD | KLD mean | ± | KLD p99 | PPL | top-1 |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(result["mixes"] + result["stock"], key=lambda r: r["file_bytes"]):
+        lines.append(f"| {r['label']} | {r.get('budget', '-')} | {r['file_bytes'] / MiB:.2f} | {r['bpw']:.3f} | "
+                     f"{_num(r.get('predicted_kld'))} | {_num(r.get('kld_mean'))} | {_num(r.get('kld_err'))} | "
+                     f"{_num(r.get('kld_p99'), 3)} | {_num(r.get('ppl'), 3)} | {_num(r.get('top1_agreement'), 3)} |")
+    for m in result["mixes"]:
+        counts = ", ".join(f"{t} {n}" for t, n in sorted(m["type_counts"].items(), key=lambda kv: -kv[1]))
+        lines += ["", f"{m['label']} -> {m['output']} ({m['file_bytes']} bytes, budget {m['budget_bytes']}): {counts}."
+                  f" Recipe: {m['recipe']}."]
+        near = m.get("nearest_stock")
+        if near and near.get("kld_mean") is not None and m.get("kld_mean") is not None:
+            lines.append(f"Nearest stock type in size: {near['label']} ({near['file_bytes'] / MiB:.2f} MiB), KLD "
+                         f"{near['kld_mean']:.4f} vs the mix's {m['kld_mean']:.4f}.")
+    if result.get("fit"):
+        f = result["fit"]
+        lines += ["", f"Predicted KLD = {_num(f['kld_per_damage'])} x summed relative damage, fitted on the "
+                  f"{f['files']} scored files of this run; Spearman rank correlation of predicted and measured: "
+                  f"{_num(f['spearman_predicted_vs_measured'], 3)}."]
+    return "\n".join(lines) + "\n"

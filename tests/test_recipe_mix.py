@@ -1,0 +1,101 @@
+"""nkat mix on the demo model with real llama.cpp: the written tensor types equal the recipe, the
+file's bytes equal the prediction and stay within the budget, the same inputs give the same bytes,
+and the cost estimate on sampled rows is close to the full tensor's and exactly what llama.cpp writes."""
+
+from __future__ import annotations
+
+import filecmp
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf.quants import dequantize
+
+from nkat_gguf.formats.gguf_io import open_gguf
+from nkat_gguf.recipe.costs import Statistics, input_weights, output_error, tensor_cost
+from nkat_gguf.recipe.mix import MixOptions, run_mix
+from nkat_gguf.recipe.recipe_file import read_recipe
+
+TYPES = ["IQ2_XXS", "Q2_K", "IQ3_S", "Q3_K", "IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q6_K", "Q8_0"]
+
+
+@pytest.fixture(scope="module")
+def imatrix(tmp_path_factory, reference_model):
+    """A real imatrix of the reference: 2 chunks x 128 tokens of WikiText-2 valid."""
+    from nkat_gguf.formats.defaults import find_calibration_text
+    from nkat_gguf.formats.imatrix import write_imatrix
+    from nkat_gguf.measure.ppl import read_text
+    from nkat_gguf.runtime.activation_stats import collect
+
+    stats, facts = collect(str(reference_model), read_text(find_calibration_text()), 2, 128, None, False, True)
+    return str(write_imatrix(tmp_path_factory.mktemp("imat") / "ref.imatrix", stats, chunks=facts["chunks"],
+                             chunk_size=128))
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, reference_model, imatrix):
+    out = tmp_path_factory.mktemp("mix")
+    opts = MixOptions(reference=str(reference_model), output=str(out / "m.gguf"), work_dir=str(out / "work"),
+                      budgets=["68MiB", "4.9bpw"], imatrix=imatrix, rows=32, types=TYPES, quiet=True)
+    return opts, run_mix(opts)
+
+
+def test_written_types_bytes_and_budget(mixed):
+    _, result = mixed
+    assert len(result["mixes"]) == 2
+    for m in result["mixes"]:
+        written = {t.name: t.tensor_type.name for t in open_gguf(m["output"]).tensors}
+        recipe = read_recipe(m["recipe"])
+        assert recipe == {t["name"]: t["type"] for t in m["tensors"]}
+        assert all(written[n] == t for n, t in recipe.items())
+        assert len(set(recipe.values())) >= 2  # a real mix, not one type
+        size = open_gguf(m["output"]).data.size
+        assert size == m["file_bytes"] == m["predicted_bytes"] <= m["budget_bytes"]
+    small, large = sorted(result["mixes"], key=lambda m: m["budget_bytes"])
+    assert small["predicted_damage"] >= large["predicted_damage"]
+    for m in result["mixes"]:  # gate and up of a block share one type (the default guardrail)
+        recipe = read_recipe(m["recipe"])
+        assert all(recipe[n] == recipe[n.replace("ffn_gate", "ffn_up")] for n in recipe if "ffn_gate" in n)
+
+
+def test_same_inputs_same_bytes(mixed, tmp_path):
+    opts, result = mixed
+    again = MixOptions(**{**opts.__dict__, "output": str(tmp_path / "again.gguf"), "work_dir": str(tmp_path / "w")})
+    second = run_mix(again)
+    for a, b in zip(result["mixes"], second["mixes"]):
+        assert filecmp.cmp(a["output"], b["output"], shallow=False)
+
+
+def test_costs_are_what_llamacpp_writes_and_sampling_is_close(mixed, reference_model, imatrix):
+    """For tensors of the mix: the damage of the type llama.cpp wrote, computed by numpy from the
+    written file (gguf-py's dequantization), equals the full-tensor cost; the 128-row estimate
+    stays within 10 % of it."""
+    _, result = mixed
+    m = result["mixes"][0]
+    ref = {t.name: t for t in open_gguf(reference_model).tensors}
+    out = {t.name: t for t in open_gguf(m["output"]).tensors}
+    stats = Statistics(imatrix)
+    errors = []
+    for name in ("blk.0.ffn_down.weight", "blk.5.attn_q.weight", "blk.20.ffn_up.weight"):
+        qtype = out[name].tensor_type.name
+        full = tensor_cost(ref[name], stats, None, [qtype])
+        sampled = tensor_cost(ref[name], stats, 128, [qtype])
+        shape = (int(ref[name].shape[1]), int(ref[name].shape[0]))
+        w_ref = dequantize(ref[name].data, ref[name].tensor_type).reshape(shape)
+        w_out = dequantize(out[name].data, out[name].tensor_type).reshape(shape)
+        numpy_damage = output_error(w_ref - w_out, input_weights(name, stats, stats.importance(name)))
+        assert full.options[qtype][1] == pytest.approx(numpy_damage, rel=1e-4)
+        rel = abs(sampled.options[qtype][1] - full.options[qtype][1]) / full.options[qtype][1]
+        errors.append((name, qtype, rel))
+        assert rel < 0.10, (name, qtype, rel)
+    print("sampled-row estimate error:", errors)
+
+
+def test_cli_bad_budget_one_line(reference_model, imatrix, tmp_path):
+    cmd = [sys.executable, "-m", "nkat_gguf.cli", "mix", "--reference", str(reference_model), "--budget-mb", "1",
+           "--imatrix", imatrix, "--types", ",".join(TYPES), "--rows", "8", "-o", str(tmp_path / "x.gguf")]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "below the smallest file" in run.stderr
+    assert not (tmp_path / "x.gguf").exists()
