@@ -35,7 +35,10 @@ import numpy as np
 from ..errors import UserError
 from .ggml_quants import block_size, dequantize_rows, ggml_type, quantize_rows, row_bytes
 
-# lambda = DEFAULT_DAMP * mean(diag R); see the module doc and benchmarks/bench_gptq.py.
+# lambda = DEFAULT_DAMP * mean(diag R). On the demo model (H from 32x512 tokens of WikiText-2 valid's
+# first half, error under its second half; 12 Q4_0 and 3 Q2_K matrices), GPTQ's summed layer error
+# over ggml's imatrix rounding was, at damp 0.001 / 0.01 / 0.1: Q4_0 0.333 / 0.319 / 0.389,
+# Q2_K 0.757 / 0.723 / 0.788 (2026-12-03). benchmarks/bench_gptq.py repeats it on more matrices.
 DEFAULT_DAMP = 0.01
 # When H + lambda*I is still not positive definite (a nearly singular R), lambda grows by this
 # factor, at most _DAMP_RETRIES times.
