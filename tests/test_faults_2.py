@@ -242,7 +242,7 @@ def test_damaged_score_cache_is_set_aside_and_the_run_goes_on(tmp_path, base_mod
 
 
 def test_score_cache_that_is_not_a_mapping_is_set_aside(tmp_path, capsys):
-    from nkat_gguf.measure.frontier import ScoreCache
+    from nkat_gguf.measure.scoring import ScoreCache
 
     for text in ('{"k": {"ppl": 1.0}', "[1, 2]", '{"k": 3}', "\xff\xfe"):
         path = tmp_path / "scores.json"
