@@ -111,3 +111,24 @@ def test_budgets_parse_to_bytes():
     for bad in ("abc", "0", "-3", "Q9_K"):
         with pytest.raises(UserError):
             parse_budget(bad, stock)
+
+
+def test_output_is_never_allocated_below_its_floor():
+    """With the floor, the allocator cannot buy bytes for other tensors by crushing output.weight, even
+    where its (undervalued) damage would make that the cheapest choice."""
+    from nkat_gguf.recipe.build import curves_from_costs
+    from nkat_gguf.recipe.costs import TensorCost
+    from nkat_gguf.recipe.layout import Layout
+
+    layout = Layout(alignment=32, header=0, fixed_tensors=0, n_weights=0, allocated=["output.weight", "blk.0.ffn_down.weight"])
+    costs = {
+        "output.weight": TensorCost("output.weight", 1, 1, "Q6_K", 1.0,
+                                    {"Q2_K": (96, 1e-6), "Q5_K": (192, 0.0), "Q6_K": (224, 0.0)}),
+        "blk.0.ffn_down.weight": TensorCost("blk.0.ffn_down.weight", 1, 1, "Q4_K", 1.0,
+                                            {"Q2_K": (96, 0.5), "Q4_K": (192, 0.0)}),
+    }
+    budget = 300  # room for Q2_K output + Q4_K ffn_down, or Q5_K output + Q2_K ffn_down
+    free = sweep(curves_from_costs(costs, layout, True, None), 0, [budget])[0].choice
+    assert free == {"output.weight": "Q2_K", "blk.0.ffn_down.weight": "Q4_K"}
+    floored = sweep(curves_from_costs(costs, layout, True, "Q5_K"), 0, [budget])[0].choice
+    assert floored == {"output.weight": "Q5_K", "blk.0.ffn_down.weight": "Q2_K"}

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..formats.defaults import find_eval_text
 from ..recipe.candidates import CANDIDATE_TYPES, check_types
+from ..recipe.build import OUTPUT_FLOOR
 from ..recipe.costs import DEFAULT_ROWS
 from ..recipe.mix import MixOptions, run_mix
 from ..recipe.report import mix_markdown
@@ -48,6 +49,9 @@ def add_parser(subparsers) -> None:
                    help="candidate GGML types (default: all llama.cpp writes)")
     p.add_argument("--no-tie", dest="tie_gate_up", action="store_false",
                    help="let ffn_gate and ffn_up of a block take different types")
+    p.add_argument("--output-floor", default=OUTPUT_FLOOR, metavar="TYPE",
+                   help=f"lowest type for output.weight (default {OUTPUT_FLOOR}, the lowest llama.cpp's own "
+                   "files use; 'none' lets the allocator choose freely)")
     p.add_argument("--compare", type=csv, default=[], metavar="T,T,...",
                    help="stock llama.cpp types (made with the same imatrix) scored beside the mixes")
     p.add_argument("--score", action="store_true", help="score the mixes against the reference on --text")
@@ -77,7 +81,7 @@ def run(args) -> int:
     opts = MixOptions(
         reference=reference_path(args.reference), output=str(out), work_dir=str(work), budgets=budgets_of(args),
         imatrix=args.imatrix, covariance=args.covariance, calib_text=args.calib_text, calib_chunks=args.calib_chunks,
-        rows=args.rows, types=check_types(args.types), compare=args.compare, tie_gate_up=args.tie_gate_up,
+        rows=args.rows, types=check_types(args.types), compare=args.compare, tie_gate_up=args.tie_gate_up, output_floor=None if args.output_floor.lower() == "none" else args.output_floor.upper(),
         text=str(find_eval_text(args.text)) if args.score else None, chunks=args.chunks,
         runtime=runtime_settings(args), quiet=quiet)
     result = run_mix(opts)

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..formats.gguf_io import fingerprint_file
 from ..util.report import say
-from .allocate import Allocation, Curve, smallest_bytes, sweep, tie
+from .allocate import Allocation, Curve, floor, smallest_bytes, sweep, tie
 from .candidates import CANDIDATE_TYPES
 from .costs import DEFAULT_ROWS, Statistics, TensorCost, model_costs
 from .layout import Layout, read_layout, tensor_types
@@ -30,10 +30,22 @@ class RecipeMismatch(UserError):
     """llama.cpp wrote a tensor in another type than the recipe asked for."""
 
 
-def curves_from_costs(costs: dict[str, TensorCost], layout: Layout, tie_gate_up: bool) -> list[Curve]:
-    """One unit per tensor (padded bytes, relative damage); ffn_gate and ffn_up of a block tied."""
+# output.weight never goes below this type (None: no floor). Its sampled-row damage is weighted
+# without input statistics (the imatrix has none for it), which undervalues it: on the 1.5B the
+# allocator put it at Q2_K and the mixes lost to stock types (docs/RESULTS.md, `nkat mix`).
+# Q5_K is the lowest type llama.cpp's own k- and i-quant files give it (its IQ3_XXS).
+OUTPUT_FLOOR = "Q5_K"
+
+
+def curves_from_costs(costs: dict[str, TensorCost], layout: Layout, tie_gate_up: bool,
+                      output_floor: str | None = OUTPUT_FLOOR) -> list[Curve]:
+    """One unit per tensor (padded bytes, relative damage); ffn_gate and ffn_up of a block tied;
+    output.weight kept at output_floor's bytes or more."""
     curves = [Curve(n, list(c.options), [layout.padded(b) for b, _ in c.options.values()],
                     [c.relative(t) for t in c.options]) for n, c in costs.items()]
+    if output_floor:
+        curves = [floor(c, c.bytes[c.options.index(output_floor)])
+                  if c.name == "output.weight" and output_floor in c.options else c for c in curves]
     if not tie_gate_up:
         return curves
     groups = [[n, n.replace("ffn_gate", "ffn_up")] for n in costs
@@ -53,7 +65,7 @@ def check_types(path, recipe: dict[str, str]) -> None:
 class MixBuilder:
     def __init__(self, reference: str, imatrix: str, work_dir, *, covariance: str | None = None,
                  rows: int | None = DEFAULT_ROWS, types=CANDIDATE_TYPES, tie_gate_up: bool = True,
-                 threads: int | None = None, quiet: bool = False):
+                 output_floor: str | None = OUTPUT_FLOOR, threads: int | None = None, quiet: bool = False):
         self.reference, self.imatrix, self.threads, self.quiet = reference, imatrix, threads, quiet
         self.work = Path(work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -61,7 +73,7 @@ class MixBuilder:
         self.layout = read_layout(reference)
         say(f"[mix] cost curves of {len(self.layout.allocated)} tensors ({rows} sampled rows each)", quiet)
         self.costs = model_costs(reference, Statistics(imatrix, covariance), self.work, rows, types, threads, quiet)
-        self.curves = curves_from_costs(self.costs, self.layout, tie_gate_up)
+        self.curves = curves_from_costs(self.costs, self.layout, tie_gate_up, output_floor)
 
     @property
     def smallest(self) -> int:

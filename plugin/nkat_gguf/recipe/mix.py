@@ -29,7 +29,7 @@ from ..util.atomic import atomic_path
 from ..util.output_paths import check_output_path
 from ..util.report import say
 from .budgets import MiB, Budget, budget_bytes, parse_budget
-from .build import MixBuilder
+from .build import OUTPUT_FLOOR, MixBuilder
 from .candidates import CANDIDATE_TYPES
 from .costs import DEFAULT_ROWS, TensorCost
 from .layout import tensor_types
@@ -50,6 +50,7 @@ class MixOptions:
     types: list[str] = field(default_factory=lambda: list(CANDIDATE_TYPES))
     compare: list[str] = field(default_factory=list)  # stock types scored beside the mixes
     tie_gate_up: bool = True
+    output_floor: str | None = OUTPUT_FLOOR
     text: str | None = None  # evaluation text; None: no scoring
     chunks: int = 8
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
@@ -164,7 +165,7 @@ class Mix:
         imatrix = self.imatrix()
         t0 = time.perf_counter()
         builder = MixBuilder(o.reference, imatrix, self.work, covariance=o.covariance, rows=o.rows, types=o.types,
-                             tie_gate_up=o.tie_gate_up, threads=o.runtime.threads, quiet=o.quiet)
+                             tie_gate_up=o.tie_gate_up, output_floor=o.output_floor, threads=o.runtime.threads, quiet=o.quiet)
         layout, costs = builder.layout, builder.costs
         self.timings["costs"] = time.perf_counter() - t0
 
@@ -212,7 +213,7 @@ class Mix:
             "reference": o.reference,
             "reference_type": Counter(ref_types[n] for n in layout.allocated).most_common(1)[0][0],
             "imatrix": imatrix, "covariance": o.covariance, "rows": o.rows, "types": o.types,
-            "tie_gate_up": o.tie_gate_up, "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
+            "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
             "flash_attn": o.runtime.flash_attn, "threads": o.runtime.threads, "smallest_bytes": smallest,
             "fixed_bytes": layout.fixed, "n_weights": layout.n_weights,
         }
