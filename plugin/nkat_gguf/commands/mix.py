@@ -13,7 +13,7 @@ from ..recipe.mix import MixOptions, run_mix
 from ..recipe.report import mix_markdown
 from ..util.atomic import write_text_atomic
 from ..util.report import print_json, say, to_json
-from .common import (add_output_flags, add_runtime_flags, add_text_flag, csv, positive_int, reference_path,
+from .common import (add_output_flags, add_runtime_flags, add_text_flag, count, csv, positive_int, reference_path,
                      runtime_settings)
 
 
@@ -52,6 +52,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output-floor", default=OUTPUT_FLOOR, metavar="TYPE",
                    help=f"lowest type for output.weight (default {OUTPUT_FLOOR}, the lowest llama.cpp's own "
                    "files use; 'none' lets the allocator choose freely)")
+    p.add_argument("--fit-chunks", type=count, default=4, metavar="N",
+                   help="calibration chunks each probe file is scored on, to fit how much each role's and depth "
+                   "quarter's output error costs in KLD (default 4; 0: no probes, every tensor's relative error "
+                   "counts alike)")
     p.add_argument("--compare", type=csv, default=[], metavar="T,T,...",
                    help="stock llama.cpp types (made with the same imatrix) scored beside the mixes")
     p.add_argument("--score", action="store_true", help="score the mixes against the reference on --text")
@@ -81,7 +85,9 @@ def run(args) -> int:
     opts = MixOptions(
         reference=reference_path(args.reference), output=str(out), work_dir=str(work), budgets=budgets_of(args),
         imatrix=args.imatrix, covariance=args.covariance, calib_text=args.calib_text, calib_chunks=args.calib_chunks,
-        rows=args.rows, types=check_types(args.types), compare=args.compare, tie_gate_up=args.tie_gate_up, output_floor=None if args.output_floor.lower() == "none" else args.output_floor.upper(),
+        rows=args.rows, types=check_types(args.types), compare=args.compare, tie_gate_up=args.tie_gate_up,
+        output_floor=None if args.output_floor.lower() == "none" else args.output_floor.upper(),
+        fit_chunks=args.fit_chunks,
         text=str(find_eval_text(args.text)) if args.score else None, chunks=args.chunks,
         runtime=runtime_settings(args), quiet=quiet)
     result = run_mix(opts)

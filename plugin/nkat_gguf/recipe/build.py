@@ -38,11 +38,12 @@ OUTPUT_FLOOR = "Q5_K"
 
 
 def curves_from_costs(costs: dict[str, TensorCost], layout: Layout, tie_gate_up: bool,
-                      output_floor: str | None = OUTPUT_FLOOR) -> list[Curve]:
-    """One unit per tensor (padded bytes, relative damage); ffn_gate and ffn_up of a block tied;
-    output.weight kept at output_floor's bytes or more."""
+                      output_floor: str | None = OUTPUT_FLOOR, weight=None) -> list[Curve]:
+    """One unit per tensor (padded bytes, relative damage times weight(name), 1 without weights);
+    ffn_gate and ffn_up of a block tied; output.weight kept at output_floor's bytes or more."""
+    w = weight or (lambda name: 1.0)
     curves = [Curve(n, list(c.options), [layout.padded(b) for b, _ in c.options.values()],
-                    [c.relative(t) for t in c.options]) for n, c in costs.items()]
+                    [w(n) * c.relative(t) for t in c.options]) for n, c in costs.items()]
     if output_floor:
         curves = [floor(c, c.bytes[c.options.index(output_floor)])
                   if c.name == "output.weight" and output_floor in c.options else c for c in curves]
@@ -73,7 +74,14 @@ class MixBuilder:
         self.layout = read_layout(reference)
         say(f"[mix] cost curves of {len(self.layout.allocated)} tensors ({rows} sampled rows each)", quiet)
         self.costs = model_costs(reference, Statistics(imatrix, covariance), self.work, rows, types, threads, quiet)
+        self.tie_gate_up, self.output_floor = tie_gate_up, output_floor
+        self.weight = None
         self.curves = curves_from_costs(self.costs, self.layout, tie_gate_up, output_floor)
+
+    def set_weights(self, weight) -> None:
+        """Weigh each tensor's relative damage by weight(name) (a fitted KLD per unit of damage)."""
+        self.weight = weight
+        self.curves = curves_from_costs(self.costs, self.layout, self.tie_gate_up, self.output_floor, weight)
 
     @property
     def smallest(self) -> int:
@@ -92,7 +100,8 @@ class MixBuilder:
         """The mix for a recipe in the work dir (cached by content), its tensor types checked."""
         from ..runtime.quantize import quantize_model
 
-        key = hashlib.sha256(json.dumps([self.ref_key, fingerprint_file(self.imatrix), sorted(recipe.items())])
+        imatrix_key = fingerprint_file(self.imatrix) if self.imatrix else None
+        key = hashlib.sha256(json.dumps([self.ref_key, imatrix_key, sorted(recipe.items())])
                              .encode()).hexdigest()[:16]
         path = self.work / f"mix-{self.ref_key}-{key}.gguf"
         if not path.is_file():

@@ -32,6 +32,7 @@ from .budgets import MiB, Budget, budget_bytes, parse_budget
 from .build import OUTPUT_FLOOR, MixBuilder
 from .candidates import CANDIDATE_TYPES
 from .costs import DEFAULT_ROWS, TensorCost
+from .fit import spearman
 from .layout import tensor_types
 from .recipe_file import write_recipe
 
@@ -51,6 +52,7 @@ class MixOptions:
     compare: list[str] = field(default_factory=list)  # stock types scored beside the mixes
     tie_gate_up: bool = True
     output_floor: str | None = OUTPUT_FLOOR
+    fit_chunks: int = 0  # calibration chunks per probe for the role x depth weights; 0: no probes (the CLI: 4)
     text: str | None = None  # evaluation text; None: no scoring
     chunks: int = 8
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
@@ -65,14 +67,14 @@ def stock_type_names() -> dict[str, int]:
     return ftype_names(llama_cpp)
 
 
-def predicted_damage(costs: dict[str, TensorCost], types: dict[str, str]) -> float | None:
-    """Sum of relative damages of a file's tensor types (None if a type has no measured curve)."""
+def predicted_damage(costs: dict[str, TensorCost], types: dict[str, str], weight=None) -> float | None:
+    """Sum of (weighted) relative damages of a file's tensor types (None if a type has no measured curve)."""
     total = 0.0
     for name, cost in costs.items():
         t = types.get(name)
         if t not in cost.options:
             return None
-        total += cost.relative(t)
+        total += (weight(name) if weight else 1.0) * cost.relative(t)
     return total
 
 
@@ -83,14 +85,6 @@ def link_or_copy(src: Path, dst: Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-
-
-def spearman(a, b) -> float | None:
-    if len(a) < 3:
-        return None
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 class Mix:
@@ -168,6 +162,10 @@ class Mix:
                              tie_gate_up=o.tie_gate_up, output_floor=o.output_floor, threads=o.runtime.threads, quiet=o.quiet)
         layout, costs = builder.layout, builder.costs
         self.timings["costs"] = time.perf_counter() - t0
+        fitted = self.fit_weights(builder) if o.fit_chunks else None
+        weight = fitted.weight if fitted else None
+        if fitted:
+            builder.set_weights(weight)
 
         stock_paths = {t.upper(): self.stock(t, imatrix) for t in
                        dict.fromkeys([b.value for b in budgets if b.kind == "like"] + [c.upper() for c in o.compare])}
@@ -197,15 +195,17 @@ class Mix:
                 "model": str(path), "output": str(out), "recipe": str(Path(out).with_suffix(".recipe.txt")),
                 "theta": None, "predicted_bytes": alloc.bytes, "file_bytes": size,
                 "bpw": 8 * size / layout.n_weights, "predicted_damage": alloc.damage,
+                "predicted_kld": alloc.damage if fitted else None,
                 "type_counts": dict(Counter(recipe.values())),
                 "tensors": [{"name": n, "type": t, "bytes": costs[n].options[t][0],
                              "relative_damage": costs[n].relative(t)} for n, t in recipe.items()],
             })
         stock_rows = [{"label": f"{t}-imat", "kind": "stock", "type": t, "model": str(p), "theta": None,
                        "file_bytes": p.stat().st_size, "bpw": 8 * p.stat().st_size / layout.n_weights,
-                       "predicted_damage": predicted_damage(costs, tensor_types(p))}
+                       "predicted_damage": (d := predicted_damage(costs, tensor_types(p), weight)),
+                       "predicted_kld": d if fitted else None}
                       for t, p in stock_paths.items()]
-        result = {"mixes": mixes, "stock": stock_rows}
+        result = {"mixes": mixes, "stock": stock_rows, "fit": fitted.to_dict() if fitted else None}
         if o.text:
             self.score(mixes, stock_rows, result)
         ref_types = tensor_types(o.reference)
@@ -213,7 +213,7 @@ class Mix:
             "reference": o.reference,
             "reference_type": Counter(ref_types[n] for n in layout.allocated).most_common(1)[0][0],
             "imatrix": imatrix, "covariance": o.covariance, "rows": o.rows, "types": o.types,
-            "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
+            "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "fit_chunks": o.fit_chunks, "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
             "flash_attn": o.runtime.flash_attn, "threads": o.runtime.threads, "smallest_bytes": smallest,
             "fixed_bytes": layout.fixed, "n_weights": layout.n_weights,
         }
@@ -221,6 +221,30 @@ class Mix:
         result["wall_seconds"] = time.perf_counter() - started
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return result
+
+    def fit_weights(self, builder: MixBuilder):
+        """Probe files (one group at a probe type, the rest as stored) scored on the calibration text;
+        the role x depth weights fitted on them (recipe.fit)."""
+        from ..formats.defaults import find_calibration_text
+        from ..measure.scoring import score_rows
+        from . import fit as fitting
+
+        o = self.o
+        text = str(find_calibration_text(o.calib_text))
+        ref_types = tensor_types(o.reference)
+        plan = fitting.probes(builder.costs)
+        say(f"[mix] {len(plan)} probes for the role x depth weights ({o.fit_chunks} chunks of {Path(text).name})", o.quiet)
+        t0 = time.perf_counter()
+        rows = [{"label": f"probe {p.name}", "kind": "probe", "theta": None,
+                 "model": str(builder.write(fitting.probe_recipe(p, builder.costs, ref_types)))} for p in plan]
+        self.timings["probe files"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        score_rows(rows, reference=o.reference, text=text, work=self.work, runtime=o.runtime, chunks=o.fit_chunks,
+                   quiet=o.quiet)
+        self.timings["probe scoring"] = time.perf_counter() - t0
+        for p, r in zip(plan, rows):
+            p.kld, p.kld_err = r["kld_mean"], r["kld_err"]
+        return fitting.fit(plan, builder.costs)
 
     def output_paths(self, budgets: list[Budget]) -> list[str]:
         out = Path(self.o.output)
@@ -243,16 +267,19 @@ class Mix:
         x = np.array([p for p, _ in fit])
         y = np.array([k for _, k in fit])
         scale = float(x @ y / (x @ x)) if len(fit) and x @ x > 0 else None
-        for r in rows:
-            r["predicted_kld"] = scale * r["predicted_damage"] if scale is not None and r["predicted_damage"] is not None \
-                else None
+        fitted = result.get("fit") is not None
+        for r in rows:  # without probes: one scale fitted through the origin on these files
+            if not fitted:
+                r["predicted_kld"] = scale * r["predicted_damage"] \
+                    if scale is not None and r["predicted_damage"] is not None else None
         for m in mixes:
             near = min(stock_rows, key=lambda s: abs(s["file_bytes"] - m["file_bytes"]), default=None)
             m["nearest_stock"] = None if near is None else {
                 k: near[k] for k in ("label", "file_bytes", "kld_mean", "kld_err", "kld_p99", "ppl", "ppl_err",
                                      "top1_agreement")}
-        result["fit"] = {"kld_per_damage": scale, "files": len(fit),
-                         "spearman_predicted_vs_measured": spearman(x, y) if len(fit) else None}
+        result["prediction"] = {"kld_per_damage": None if fitted else scale, "files": len(fit),
+                                "from": "probes on the calibration text" if fitted else "these files (in sample)",
+                                "spearman_predicted_vs_measured": spearman(x, y) if len(fit) else None}
         result["chunks_scored"] = n_chunks
         result["runtime"] = runtime_settings
 

@@ -34,9 +34,19 @@ def mix_markdown(result: dict) -> str:
         if near and near.get("kld_mean") is not None and m.get("kld_mean") is not None:
             lines.append(f"Nearest stock type in size: {near['label']} ({near['file_bytes'] / MiB:.2f} MiB), KLD "
                          f"{near['kld_mean']:.4f} vs the mix's {m['kld_mean']:.4f}.")
-    if result.get("fit"):
-        f = result["fit"]
-        lines += ["", f"Predicted KLD = {_num(f['kld_per_damage'])} x summed relative damage, fitted on the "
-                  f"{f['files']} scored files of this run; Spearman rank correlation of predicted and measured: "
-                  f"{_num(f['spearman_predicted_vs_measured'], 3)}."]
+    f = result.get("fit")
+    if f:
+        roles = ", ".join(f"{r} {w:.3g}" for r, w in f["role_weight"].items())
+        depth = ", ".join(f"{w:.2f}" for w in f["depth_weight"])
+        ratios = [r for r in f["held_out_ratio"] if r == r]
+        lines += ["", f"KLD per unit of relative damage, fitted on {sum(not p['held_out'] for p in f['probes'])} "
+                  f"probe files scored on the calibration text: by role {roles}; by depth quarter x [{depth}]. "
+                  f"On {len(ratios)} held-out role x quarter probes: Spearman {_num(f['spearman_held_out'], 3)}, "
+                  f"predicted / measured {min(ratios, default=0):.2f}-{max(ratios, default=0):.2f}."]
+    p = result.get("prediction")
+    if p:
+        how = (f"{_num(p['kld_per_damage'])} x summed relative damage, one scale fitted on these {p['files']} files"
+               if p["kld_per_damage"] is not None else "from the probe fit above")
+        lines += ["", f"Predicted KLD: {how}; Spearman rank correlation of predicted and measured over the "
+                  f"{p['files']} scored files: {_num(p['spearman_predicted_vs_measured'], 3)}."]
     return "\n".join(lines) + "\n"

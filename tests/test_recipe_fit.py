@@ -1,0 +1,88 @@
+"""The role x depth fit of `nkat mix` (recipe.fit): on synthetic probes made from known weights it
+recovers them and ranks held-out probes perfectly; a real probe file is the reference with only the
+probe's tensors requantized (every other tensor copied byte for byte by llama.cpp)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nkat_gguf.recipe import fit as fitting
+from nkat_gguf.recipe.costs import TensorCost
+
+ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def synthetic_costs(n_blocks=8, seed=0) -> dict[str, TensorCost]:
+    rng = np.random.default_rng(seed)
+    costs = {}
+    for name in ["token_embd.weight"] + [f"blk.{b}.{r}.weight" for b in range(n_blocks) for r in ROLES] + \
+            ["output.weight"]:
+        energy = float(rng.uniform(1, 10))
+        rel = float(rng.uniform(0.01, 0.05))
+        costs[name] = TensorCost(name, 256, 256, "Q4_K", energy, {"Q3_K": (1000, rel * energy), "Q4_K": (1200, 0.0)})
+    return costs
+
+
+def test_fit_recovers_known_role_and_depth_weights():
+    costs = synthetic_costs()
+    true_role = {"token_embd": 0.5, "output": 3.0, "attn_q": 0.05, "attn_k": 0.08, "attn_v": 0.3,
+                 "attn_output": 0.2, fitting.GATE_UP: 0.12, "ffn_down": 0.4}
+    true_depth = np.array([1.6, 0.7, 0.5, 1.2])
+    true_depth /= true_depth.mean()
+
+    def truth(name):
+        role, q = fitting.role_and_quarter(name, 8)
+        return true_role[role] * (true_depth[q] if q is not None else 1.0)
+
+    plan = fitting.probes(costs)
+    assert sum(p.held_out for p in plan) == len(fitting.HELD_OUT)
+    assert {p.name for p in plan if not p.held_out} >= {"token_embd", "output", "role attn_v", "quarter 3"}
+    for p in plan:  # an exactly additive world: measured KLD = sum of true weight x relative damage
+        p.kld = sum(truth(n) * d for n, d in p.rel_damage.items())
+    result = fitting.fit(plan, costs)
+    for name in costs:
+        assert result.weight(name) == pytest.approx(truth(name), rel=1e-6)
+    assert result.spearman_held_out == pytest.approx(1.0)
+    assert all(r == pytest.approx(1.0, rel=1e-6) for r in result.held_out_ratio)
+
+
+def test_fit_ranks_held_out_probes_when_the_world_is_not_a_product():
+    """Weights that are not role x depth (one block's attn_v 5x): the fit cannot be exact, and the
+    held-out probe containing that block must show it."""
+    costs = synthetic_costs(seed=1)
+
+    def truth(name):
+        return 5.0 if name == "blk.4.attn_v.weight" else 1.0
+
+    plan = fitting.probes(costs)
+    for p in plan:
+        p.kld = sum(truth(n) * d for n, d in p.rel_damage.items())
+    result = fitting.fit(plan, costs)
+    held = {p.name: p for p in plan if p.held_out}
+    assert held["held attn_v q2"].predicted < held["held attn_v q2"].kld  # blk 4 is in quarter 2 of 8 blocks
+    assert min(result.held_out_ratio) < 0.9 < max(result.held_out_ratio)
+
+
+def test_probe_file_copies_every_other_tensor_as_stored(reference_model, tmp_path):
+    """llama.cpp writes the probe's members at the probe type and copies the rest byte for byte."""
+    from nkat_gguf.formats.gguf_io import open_gguf
+    from nkat_gguf.recipe.build import MixBuilder
+    from nkat_gguf.recipe.layout import tensor_types
+
+    builder = MixBuilder(str(reference_model), None, tmp_path, rows=8, types=["Q4_0", "Q4_1", "Q8_0"], quiet=True)
+    plan = fitting.probes(builder.costs)
+    probe = next(p for p in plan if p.name == "held attn_v q2")
+    recipe = fitting.probe_recipe(probe, builder.costs, tensor_types(reference_model))
+    path = builder.write(recipe)
+    ref = {t.name: t for t in open_gguf(reference_model).tensors}
+    changed = 0
+    for t in open_gguf(path).tensors:
+        same = t.tensor_type == ref[t.name].tensor_type and np.array_equal(
+            np.asarray(t.data).view(np.uint8), np.asarray(ref[t.name].data).view(np.uint8))
+        if t.name in probe.members:
+            assert t.tensor_type.name == "Q4_0" and not same
+            changed += 1
+        else:
+            assert same, t.name
+    assert changed == len(probe.members) > 0
