@@ -28,3 +28,6 @@ def block_role(name: str) -> str | None:
 def role_globs(roles: list[str]) -> list[str]:
     """Layer globs (nkat convert --selective-layers) that select these block roles."""
     return [f"blk.*.{role}.weight" for role in roles]
+
+# The two ffn input projections, which read the same input and share one type in a mix.
+GATE_UP_ROLES = tuple(TENSOR_NAMES[t].removeprefix(_BLOCK_PREFIX) for t in (MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_UP))

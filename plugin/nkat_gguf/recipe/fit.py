@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..formats.roles import GATE_UP_ROLES
 from .costs import TensorCost
 
 PROBE_TYPES = ("Q3_K", "Q4_0")  # the first a tensor can take (Q3_K needs rows of 256)
 QUARTERS = 4
-GATE_UP = "ffn_gate+ffn_up"  # tied in the allocation, probed together
+GATE_UP = "+".join(GATE_UP_ROLES)  # tied in the allocation, probed together
 _BLOCK = re.compile(r"^blk\.(\d+)\.([A-Za-z0-9_]+)\.weight$")
 # Held-out single groups: (role, quarter), spread over roles and depths.
 HELD_OUT = (("attn_q", 0), ("attn_k", 1), ("attn_v", 2), ("attn_output", 3), (GATE_UP, 0), ("ffn_down", 1),
@@ -36,7 +37,7 @@ def role_and_quarter(name: str, n_blocks: int) -> tuple[str, int | None]:
     m = _BLOCK.match(name)
     if not m:
         return name.removesuffix(".weight"), None
-    role = GATE_UP if m.group(2) in ("ffn_gate", "ffn_up") else m.group(2)
+    role = GATE_UP if m.group(2) in GATE_UP_ROLES else m.group(2)
     return role, min(QUARTERS - 1, int(m.group(1)) * QUARTERS // max(n_blocks, 1))
 
 
