@@ -202,7 +202,7 @@ def _trials(db: Path, name="nkat"):
 def test_resume_after_kill_keeps_completed_trials(work, base_model, reference_model, short_text):
     out = work / "killed-study"
     args = study_args(base_model, reference_model, short_text, out, "--mode", "custom", "--trials", "4",
-                      "--final-chunks", "0", "--seed", "5", "--quiet")
+                      "--final-chunks", "0", "--seed", "5", "--quiet", common=SHORT)  # no quality compared
     cmd = [sys.executable, "-m", "nkat_gguf.cli", *args]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     db = out / "optuna_study.db"
