@@ -221,7 +221,7 @@ def test_damaged_score_cache_is_set_aside_and_the_run_goes_on(tmp_path, base_mod
 
     work = tmp_path / "w"
     argv = ["attribute", "--base", str(base_model), "--reference", str(reference_model), "--text", str(short_text),
-            "--work-dir", str(work), "--groups", "attn_q", "--chunks", "1", "--ctx", "64", "--threads", "1",
+            "--work-dir", str(work), "--groups", "attn_q", "--chunks", "1", "--ctx", "64", "--threads", "2",
             "--json", "--quiet"]
     assert main(argv) == 0
     cache = work / "scores.json"

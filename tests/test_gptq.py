@@ -4,6 +4,8 @@ own quantization of the same tensor, ggml's imatrix rounding, llama.cpp's quanti
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -110,16 +112,15 @@ def demo_cov(reference_model, calib_text, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_gptq_file_has_llama_cpp_layout_and_scores(demo_cov, reference_model, short_text, tmp_path):
+def test_gptq_file_has_llama_cpp_layout_and_scores(demo_cov, reference_model, base_model, short_text, tmp_path):
     """Same type as llama.cpp: every tensor's type, shape and offset equal, the non-covered ones
     byte-equal, the covered ones different; stock llama-cpp-python loads and scores it close to
     llama.cpp's own file."""
     from nkat_gguf.formats.covariance import CovarianceFile
     from nkat_gguf.runtime.gptq_file import gptq_quantize_model
-    from nkat_gguf.runtime.quantize import quantize_model
 
-    plain, gptq = tmp_path / "llama.gguf", tmp_path / "gptq.gguf"
-    quantize_model(str(reference_model), str(plain), "q4_0")
+    # llama.cpp's own Q4_0 of the reference: the session's base (quantize_model(reference, "q4_0"))
+    plain, gptq = Path(base_model), tmp_path / "gptq.gguf"
     result = gptq_quantize_model(str(reference_model), str(gptq), "q4_0", str(demo_cov), quiet=True)
     a, b = open_gguf(plain), open_gguf(gptq)
     assert plain.stat().st_size == gptq.stat().st_size

@@ -56,6 +56,7 @@ def test_the_guides_workflow(tmp_path, reference_model, base_model, eval_text):
     run = lambda name, *args: script(tmp_path, eval_text, name, *args)  # noqa: E731
     small = ["--ctx", "128"]  # the checks' chunks: 2 x 128 tokens keep the test short
     written: dict[Path, str] = {}  # every theta a step wrote -> that step's stderr
+    scored: dict[Path, dict] = {}  # a theta's independent `nkat ppl` on the checks' chunks, measured once
 
     # 1. convert as in the guide (no reference): refused with the two ways forward, nothing written
     proc = run("nkat_gguf_converter.py", "--input", model, "--output", "M.nkat", "--theta-rank", "4",
@@ -98,6 +99,7 @@ def test_the_guides_workflow(tmp_path, reference_model, base_model, eval_text):
     assert json.loads(proc.stdout)["tensors"] == 4 * 30  # q, k, v, o of SmolLM2's 30 blocks
     written[tmp_path / "res.nkat"] = proc.stderr
     independent = ppl_json(eval_text, "--model", base, "--theta", tmp_path / "res.nkat", "--chunks", "2", *small)
+    scored[tmp_path / "res.nkat"] = independent
     assert check["ppl"] == pytest.approx(independent["ppl"], rel=1e-9)
     assert check["ppl_base"] == pytest.approx(independent["ppl_base"], rel=1e-9)
 
@@ -141,7 +143,7 @@ def test_the_guides_workflow(tmp_path, reference_model, base_model, eval_text):
             assert "nothing beat the baseline" in study["verdict"]
             continue
         # the final evaluation's win, measured independently (the base found from the .nkat)
-        again = ppl_json(eval_text, "--model", optimal[0], "--chunks", "2", *small)
+        again = scored[optimal[0]] = ppl_json(eval_text, "--model", optimal[0], "--chunks", "2", *small)
         assert again["tpe"] > again["tpe_base"]
         written[optimal[0]] = logs[out.name]
         # 6. the guide's next step: the optimal theta, compared against its base
@@ -154,9 +156,10 @@ def test_the_guides_workflow(tmp_path, reference_model, base_model, eval_text):
     proc = run("backend_selector.py", "--json")
     assert exits_0_or_explains(proc), proc.stderr
 
-    # No theta that makes the model worse was written without saying so.
+    # No theta that makes the model worse was written without saying so (each scored by `nkat ppl`
+    # on the checks' chunks; a theta already scored above is not scored again).
     for theta, stderr in written.items():
-        res = ppl_json(eval_text, "--model", theta, "--chunks", "2", *small)
+        res = scored.get(theta) or ppl_json(eval_text, "--model", theta, "--chunks", "2", *small)
         if res["ppl"] > res["ppl_base"]:
             assert "worse" in stderr or "10390" in stderr, (theta, stderr)
 

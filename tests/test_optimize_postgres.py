@@ -86,8 +86,9 @@ def test_two_workers_share_one_study(postgres_url, work, base_model, reference_m
         cmd = [sys.executable, "-m", "nkat_gguf.cli", "optimize", "--model", str(base_model),
                "--reference", str(reference_model), "--text", str(short_text), "--output-dir", str(out),
                "--storage", postgres_url, "--study-name", name, "--mode", "custom", "--trials", str(N_TRIALS),
-               "--ctx", "256", "--chunks", "2", "--threads", "1", "--target-rank", "8", "--final-chunks", "0",
+               "--ctx", "64", "--chunks", "1", "--threads", "1", "--target-rank", "8", "--final-chunks", "0",
                "--seed", str(10 + i), "--json"]
+        # one thread each (two workers on two cores); the shortest scoring: no quality is compared here
         workers.append((out, subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                               text=True)))
     summaries = []

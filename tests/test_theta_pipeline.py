@@ -14,12 +14,17 @@ LAYERS = ["blk.1.*", "blk.2.*"]
 RANK = 8
 
 
-@pytest.mark.parametrize("allocation, structure", [("uniform", "general"), ("budget", "auto")])
-def test_optimizer_predicts_the_bytes_nkat_convert_writes(base_model, reference_model, tmp_path, allocation,
-                                                          structure):
+@pytest.fixture(scope="module")
+def cache(base_model, reference_model):
+    """One study's factor cache for both cases, as one study serves all its trials."""
     model, ref = ModelFile(base_model), ModelFile(reference_model)
     # the study's SVDs at the rank nkat convert searches a budget at, so both cut the same factors
-    cache = FactorCache(model, ref, model.target_names(LAYERS), RANK * RANK_SEARCH_FACTOR, None, quiet=True)
+    return FactorCache(model, ref, model.target_names(LAYERS), RANK * RANK_SEARCH_FACTOR, None, quiet=True)
+
+
+@pytest.mark.parametrize("allocation, structure", [("uniform", "general"), ("budget", "auto")])
+def test_optimizer_predicts_the_bytes_nkat_convert_writes(cache, base_model, reference_model, tmp_path, allocation,
+                                                          structure):
     config = {"source": "residual", "structure": structure, "rank": RANK, "gamma": 2.0, "groups": list(GROUPS),
               "allocation": allocation}
     predicted = cache.predicted_bytes(config)
