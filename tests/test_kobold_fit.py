@@ -180,6 +180,26 @@ def test_a_second_run_reuses_the_mix_and_serves_it(fitted, reference_model, ref_
     assert not kobold_server.port_in_use("127.0.0.1", port)
 
 
+def test_a_little_more_memory_keeps_the_fitted_file(fitted, reference_model, ref_imatrix, capsys):
+    """Measured free memory moves between runs: 3 MiB more keeps the last file (no new mix); a budget
+    below the file's bytes, 6 % above the one it was made for, or other mix inputs do not."""
+    from nkat_gguf.cli import main
+    from nkat_gguf.jobs.kobold_fit import earlier_fit
+
+    argv = fit_args(reference_model, ref_imatrix, fitted["out"], fitted["memory"] + 3, "--backend", "llama-cpp-python")
+    assert main(["kobold", *map(str, argv)]) == 0
+    chosen = json.loads(capsys.readouterr().out)["fit"]
+    assert chosen["reused"] is True and "made earlier" in chosen["why"]
+    assert chosen["plan"]["budget_bytes"] > fitted["result"]["fit"]["plan"]["budget_bytes"]
+    assert fitted["out"].stat().st_mtime_ns == fitted["mtime"]
+    record = json.loads((fitted["out"].parent / "smol fit-work" / "fit.json").read_text(encoding="utf-8"))
+    assert record["file_bytes"] == chosen["file_bytes"] == fitted["out"].stat().st_size
+    work = fitted["out"].parent / "smol fit-work"
+    assert earlier_fit(work, fitted["out"], record["inputs"], record["file_bytes"] - 1) is None   # no longer fits
+    assert earlier_fit(work, fitted["out"], record["inputs"], int(record["budget_bytes"] * 1.06)) is None  # room for more
+    assert earlier_fit(work, fitted["out"], {**record["inputs"], "rows": 32}, record["budget_bytes"]) is None
+
+
 def test_a_reference_that_fits_is_served_as_it_is(reference_model, tmp_path):
     from test_bad_input import nkat
 

@@ -7,7 +7,6 @@ import argparse
 from dataclasses import fields
 
 from ..errors import Setting, UserError
-
 from ..formats.defaults import MODELS_DIR_ENV
 from ..integrations.kobold import config as kobold_config
 from ..integrations.kobold import console
@@ -71,7 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "fit the model to this machine",
         "--fit: the budget is the free memory (VRAM on a GPU backend when nvidia-smi answers, else RAM) minus "
         "the KV cache at --context-size, llama.cpp's buffers and 10% headroom. A reference that fits is served "
-        "as it is; else nkat mix writes its best file for the budget (cached: the same inputs reuse the file). "
+        "as it is; else nkat mix writes its best file for the budget (cached: the same inputs reuse the file, and the last "
+        "fitted file is kept while it fits and the budget grew by less than 5%). "
         "--register writes a .kcpps for it (no LoRA), --launch serves it.")
     fit.add_argument("--fit", action="store_true", help="choose, make or reuse the model file for this machine")
     fit.add_argument("--reference", metavar="GGUF",

@@ -3,12 +3,14 @@
 free memory of the device the model runs on (integrations.kobold.fit) -> the budget left after the
 KV cache at --context-size, llama.cpp's buffers and a headroom -> the reference as it is when it fits,
 else `nkat mix`'s file for that budget (recipe.mix: cached in its work dir by content, so a rerun with
-the same inputs reuses the file) -> a .kcpps with no LoRA (--register) and a server (--launch),
+the same inputs reuses the file; the last fit is also kept while it fits and the budget grew by less
+than REUSE_SLACK, as measured free memory moves from run to run) -> a .kcpps with no LoRA (--register) and a server (--launch),
 through the same workflow as NKAT models.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,6 +36,10 @@ from ..util.report import human_bytes, print_json, print_table, say, to_json
 
 MiB = fitting.MiB
 GPU_BACKENDS = ("cuda", "vulkan", "clblast")
+# Measured free memory moves from run to run, and a new mix of a large model takes minutes: the last
+# fitted file is kept while it fits and the budget exceeds the one it was made for by at most this share.
+REUSE_SLACK = 0.05
+FIT_RECORD = "fit.json"  # in the mix's work dir: the inputs, budget and file of the last fit
 
 
 @dataclass
@@ -83,6 +89,28 @@ def output_of(fit: FitOptions, args: KoboldOptions, reference: Path) -> Path:
     return out
 
 
+def fit_inputs(reference: Path, fit: FitOptions, types: list[str]) -> dict:
+    """What the mix is made from, as recorded beside it (a changed reference file changes its mtime)."""
+    st = reference.stat()
+    return {"reference": str(reference), "reference_bytes": st.st_size, "reference_mtime_ns": st.st_mtime_ns,
+            "imatrix": str(Path(fit.imatrix).resolve()) if fit.imatrix else None, "rows": fit.rows, "types": types,
+            "fit_chunks": fit.chunks}
+
+
+def earlier_fit(work: Path, out: Path, inputs: dict, budget: int) -> dict | None:
+    """The record of the last mix written to `out`, when it came from the same inputs, `out` is still
+    that file, it fits `budget`, and `budget` exceeds the one it was made for by REUSE_SLACK at most."""
+    try:
+        record = json.loads((work / FIT_RECORD).read_text(encoding="utf-8"))
+        st = out.stat()
+        same = (record["inputs"] == inputs and st.st_size == record["file_bytes"]
+                and st.st_mtime_ns == record["file_mtime_ns"])
+        fits = record["file_bytes"] <= budget <= record["budget_bytes"] * (1 + REUSE_SLACK)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record if same and fits else None
+
+
 def choose(ctx: Context, args: KoboldOptions, fit: FitOptions) -> dict:
     """The plan and the file it leads to: the reference when it fits, else the mix for the budget."""
     quiet = args.quiet or args.json
@@ -102,6 +130,15 @@ def choose(ctx: Context, args: KoboldOptions, fit: FitOptions) -> dict:
     mib = plan.budget_bytes // MiB
     out = output_of(fit, args, reference)
     work = out.parent / f"{out.stem}-work"
+    inputs = fit_inputs(reference, fit, types)
+    earlier = earlier_fit(work, out, inputs, plan.budget_bytes)
+    if earlier:
+        made_for = earlier["budget_bytes"] / MiB
+        return result | {
+            "file": str(out), "file_bytes": earlier["file_bytes"], "mixed": True, "reused": True,
+            "budget": earlier["budget"], "type_counts": earlier["type_counts"], "mix_report": str(work / "mix.md"),
+            "why": f"the reference ({human_bytes(ref_bytes)}) is larger than the budget: nkat mix's file made earlier "
+                   f"for {made_for:,.0f} MiB, which still fits and is within {REUSE_SLACK:.0%} of this budget"}
     say(f"[fit] {plan.reason()}; the reference ({human_bytes(ref_bytes)}) does not fit: nkat mix for {mib} MiB", quiet)
     opts = MixOptions(reference=str(reference), output=str(out), work_dir=str(work), budgets=[f"{mib}MiB"],
                       imatrix=fit.imatrix, rows=fit.rows, types=types, fit_chunks=fit.chunks,
@@ -120,6 +157,9 @@ def choose(ctx: Context, args: KoboldOptions, fit: FitOptions) -> dict:
     write_text_atomic(work / "mix.md", mix_markdown(mixed))
     mix = mixed["mixes"][0]
     reused = Path(mix["model"]).stat().st_mtime < started
+    write_text_atomic(work / FIT_RECORD, to_json({
+        "inputs": inputs, "budget": mix["budget"], "budget_bytes": mix["budget_bytes"], "file_bytes": mix["file_bytes"],
+        "file_mtime_ns": out.stat().st_mtime_ns, "type_counts": mix["type_counts"]}))
     return result | {
         "file": str(out), "file_bytes": mix["file_bytes"], "mixed": True, "reused": reused,
         "budget": mix["budget"], "type_counts": mix["type_counts"], "mix_report": str(work / "mix.md"),
