@@ -223,6 +223,9 @@ def test_too_little_memory_is_one_line_and_leaves_nothing(reference_model, ref_i
     assert_user_error(nkat("kobold", *fit_args(reference_model, ref_imatrix, out, memory, "--backend", "llama-cpp-python")),
                       "below the smallest file", "MiB for the model")
     assert list(tmp_path.iterdir()) == []
+    # an output that cannot be written is refused even when the reference would fit as it is
+    assert_user_error(nkat("kobold", "--fit", "--fit-memory", "2G", "--fit-output", tmp_path / "no dir" / "f.gguf",
+                           "--backend", "llama-cpp-python"), "--fit-output", "does not exist")
     # --fit flags without --fit
     assert_user_error(nkat("kobold", "--fit-memory", "2G", "--backend", "llama-cpp-python"), "--fit-memory needs --fit")
 

@@ -118,6 +118,8 @@ def choose(ctx: Context, args: KoboldOptions, fit: FitOptions) -> dict:
     types = check_types(fit.types) if fit.types else list(CANDIDATE_TYPES)
     if fit.imatrix and not Path(fit.imatrix).is_file():
         raise UserError(f"--imatrix {fit.imatrix}: no such file")
+    if fit.output:  # refused before anything runs, whether or not a mix turns out to be needed
+        output_of(fit, args, reference)
     memory = fitting.free_memory(on_gpu(ctx), fit.memory)
     plan = fitting.plan_fit(reference, args.context_size, memory.bytes, memory.device)
     ref_bytes = reference.stat().st_size
