@@ -6,13 +6,17 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from ..errors import Setting, UserError
 from ..formats.defaults import MODELS_DIR_ENV
 from ..integrations.kobold import config as kobold_config
 from ..integrations.kobold import console
 from ..integrations.kobold import discovery as kobold
 from ..integrations.kobold import server as kobold_server
 from ..integrations.kobold.workflow import DEFAULT_TIMEOUT_S, SMOKE_MAX_TOKENS, KoboldOptions
-from .common import add_model_flag, add_output_flags
+from ..jobs import kobold_fit
+from ..jobs.kobold_fit import FitOptions
+from ..recipe.costs import DEFAULT_ROWS
+from .common import add_model_flag, add_output_flags, byte_size, count, csv, positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -62,10 +66,44 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     srv.add_argument("--admin-password-env", metavar="VAR", default=kobold.ADMIN_PASSWORD_ENV,
                      help="environment variable holding the KoboldCpp admin password "
                      "(prompted on a terminal when unset; never printed)")
+    fit = p.add_argument_group(
+        "fit the model to this machine",
+        "--fit: the budget is the free memory (VRAM on a GPU backend when nvidia-smi answers, else RAM) minus "
+        "the KV cache at --context-size, llama.cpp's buffers and 10% headroom. A reference that fits is served "
+        "as it is; else nkat mix writes its best file for the budget (cached: the same inputs reuse the file, and the last "
+        "fitted file is kept while it fits and the budget grew by less than 5%). "
+        "--register writes a .kcpps for it (no LoRA), --launch serves it.")
+    fit.add_argument("--fit", action="store_true", help="choose, make or reuse the model file for this machine")
+    fit.add_argument("--reference", metavar="GGUF",
+                     help="the model to fit (default: --model, then the embedded SmolLM2-135M-Instruct)")
+    fit.add_argument("--fit-memory", type=byte_size, metavar="SIZE",
+                     help="free memory to plan for, e.g. 2G or 1500M (default: measured)")
+    fit.add_argument("--fit-output", metavar="OUT.gguf",
+                     help="the mix to write (default: <models dir>/<reference>-fit.gguf; caches in OUT-work/)")
+    fit.add_argument("--imatrix", metavar="FILE", help="the reference's imatrix (default: the mix calibrates one)")
+    fit.add_argument("--fit-chunks", type=count, default=FitOptions.chunks, metavar="N",
+                     help=f"the mix's --fit-chunks (default {FitOptions.chunks}; 0: no probe files)")
+    fit.add_argument("--fit-rows", type=positive_int, default=DEFAULT_ROWS, metavar="N",
+                     help=f"the mix's --rows: rows sampled per tensor (default {DEFAULT_ROWS})")
+    fit.add_argument("--fit-types", type=csv, metavar="T,T,...", help="the mix's --types (default: all)")
     add_output_flags(p, quiet_help="no status lines")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, setting_flags={Setting.OUTPUT: "--fit-output"})
     return p
 
 
+FIT_FLAGS = {"reference": "--reference", "fit_memory": "--fit-memory", "fit_output": "--fit-output",
+             "imatrix": "--imatrix", "fit_types": "--fit-types"}
+
+
 def run(args) -> int:
-    return console.run(KoboldOptions(**{f.name: getattr(args, f.name) for f in fields(KoboldOptions)}))
+    options = KoboldOptions(**{f.name: getattr(args, f.name) for f in fields(KoboldOptions)})
+    if not args.fit:
+        given = [flag for dest, flag in FIT_FLAGS.items() if getattr(args, dest) is not None]
+        if given:
+            raise UserError(f"{given[0]} needs --fit")
+        return console.run(options)
+    if args.menu or args.theta:
+        raise UserError(f"--fit serves one plain GGUF: drop {'--menu' if args.menu else '--theta'}")
+    fit = FitOptions(reference=args.reference, memory=args.fit_memory, output=args.fit_output, imatrix=args.imatrix,
+                     chunks=args.fit_chunks, rows=args.fit_rows, types=args.fit_types)
+    return kobold_fit.run(options, fit)

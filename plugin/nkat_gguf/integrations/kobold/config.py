@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ...util.atomic import write_text_atomic
 from ...errors import UserError
-from .discovery import DEFAULT_CONTEXT, DEFAULT_PORT, Backend, Launcher, NkatModel
+from .discovery import DEFAULT_CONTEXT, DEFAULT_PORT, Backend, Launcher, NkatModel, PlainModel
 
 # argparse defaults that have stayed the same from 1.76 to the current release. A .kcpps holds
 # every option the launcher lists whose default is known here, so switching configs in admin mode
@@ -41,8 +41,9 @@ class RunSettings:
     lora_mult: float = 1.0
 
 
-def kcpps_config(model: NkatModel, launcher: Launcher, backend: Backend, settings: RunSettings) -> dict:
-    """A complete .kcpps for this launcher: only options its --help lists, NKAT values on top."""
+def kcpps_config(model: NkatModel | PlainModel, launcher: Launcher, backend: Backend, settings: RunSettings) -> dict:
+    """A complete .kcpps for this launcher: only options its --help lists, NKAT values on top
+    (a PlainModel gets no LoRA)."""
     if settings.lora_mult != 1.0 and not launcher.has_loramult:
         raise UserError(f"KoboldCpp {launcher.version or '(this version)'} has no --loramult; "
                         "drop --lora-mult (theta is applied at the gamma stored in the .nkat)")
@@ -50,7 +51,7 @@ def kcpps_config(model: NkatModel, launcher: Launcher, backend: Backend, setting
     wanted = {
         "model": [str(model.base)] if _model_takes_list(launcher) else str(model.base),
         "model_param": str(model.base),
-        "lora": [str(model.theta)],
+        "lora": [str(model.theta)] if model.theta else None,  # None clears a LoRA in admin mode
         "loramult": settings.lora_mult,
         "host": settings.host,
         "port": settings.port,
@@ -98,9 +99,9 @@ def prepare_admindir(admindir: Path) -> Path:
     return admindir
 
 
-def register_models(models: list[NkatModel], launcher: Launcher, backend: Backend,
+def register_models(models: list[NkatModel | PlainModel], launcher: Launcher, backend: Backend,
                     settings: RunSettings, admindir: Path) -> list[Path]:
-    """One <name>.kcpps per NKAT model; everything is built before anything is written."""
+    """One <name>.kcpps per model; everything is built before anything is written."""
     if not models:
         raise UserError("no NKAT models to register (no .nkat in the models directory; pass --theta FILE)")
     admindir = prepare_admindir(admindir)

@@ -343,6 +343,21 @@ class NkatModel:
                 "theta_bytes": self.meta.theta_bytes}
 
 
+@dataclass
+class PlainModel:
+    """A GGUF served as it is, with no theta: what `nkat kobold --fit` registers and launches."""
+    base: Path
+    theta: None = None
+
+    @property
+    def name(self) -> str:
+        return self.base.stem
+
+    def summary(self) -> dict:
+        return {"name": self.name, "theta": None, "base": str(self.base),
+                "file_bytes": self.base.stat().st_size}
+
+
 def nkat_files(models_dir: Path | None, thetas: list[str] | None) -> list[Path]:
     if thetas:
         return [Path(t) for t in thetas]

@@ -30,24 +30,29 @@ def _arch_value(reader, arch: str, key: str, default=None):
     return field_value(reader, f"{arch}.{key}", default)
 
 
-def kv_cache_bytes(model_path: str | Path, n_ctx: int) -> int:
+def _reader(model):
+    """A path is opened; an open GGUFReader is used as it is (reading the vocabulary takes seconds)."""
+    return open_gguf(model) if isinstance(model, (str, Path)) else model
+
+
+def kv_cache_bytes(model, n_ctx: int) -> int:
     """Bytes of llama.cpp's F16 K and V caches for n_ctx tokens: per block, n_ctx x (K width + V width)."""
-    reader = open_gguf(model_path)
+    reader = _reader(model)
     arch = field_value(reader, "general.architecture")
     n_layer = _arch_value(reader, arch, "block_count")
     n_embd = _arch_value(reader, arch, "embedding_length")
     n_head = _arch_value(reader, arch, "attention.head_count")
     if not (n_layer and n_embd and n_head):
-        raise UserError(f"{model_path}: no block count, embedding width or head count for {arch}: cannot size its KV cache")
+        raise UserError(f"{reader.nkat_path}: no block count, embedding width or head count for {arch}: cannot size its KV cache")
     n_head_kv = _arch_value(reader, arch, "attention.head_count_kv", n_head)
     key_len = _arch_value(reader, arch, "attention.key_length", n_embd // n_head)
     value_len = _arch_value(reader, arch, "attention.value_length", n_embd // n_head)
     return int(n_layer) * int(n_ctx) * int(n_head_kv) * (int(key_len) + int(value_len)) * KV_BYTES_PER_VALUE
 
 
-def logits_bytes(model_path: str | Path, n_ctx: int) -> int:
+def logits_bytes(model, n_ctx: int) -> int:
     """The logits buffer: one float per vocabulary entry for each row of a batch (n_ctx at most)."""
-    reader = open_gguf(model_path)
+    reader = _reader(model)
     arch = field_value(reader, "general.architecture")
     vocab = _arch_value(reader, arch, "vocab_size") or len(field_value(reader, "tokenizer.ggml.tokens", []) or [])
     return int(vocab) * min(BATCH, int(n_ctx)) * 4
@@ -78,6 +83,26 @@ def available_vram() -> int | None:
 
 
 @dataclass
+class FreeMemory:
+    device: str            # "RAM" or "VRAM"
+    bytes: int
+    source: str            # where the figure came from
+
+
+def free_memory(on_gpu: bool, given: int | None = None) -> FreeMemory:
+    """The memory the model will live in: the GPU's free VRAM when it runs on a GPU and nvidia-smi
+    answers, else MemAvailable; `given` (--fit-memory) replaces the measurement."""
+    if given is not None:
+        return FreeMemory("VRAM" if on_gpu else "RAM", int(given), "--fit-memory")
+    if on_gpu:
+        vram = available_vram()
+        if vram is not None:
+            return FreeMemory("VRAM", vram, "nvidia-smi memory.free")
+        return FreeMemory("RAM", available_ram(), "MemAvailable (a GPU backend, but nvidia-smi did not answer)")
+    return FreeMemory("RAM", available_ram(), "MemAvailable")
+
+
+@dataclass
 class FitPlan:
     device: str            # "RAM" or "VRAM"
     free_bytes: int
@@ -97,8 +122,9 @@ class FitPlan:
 
 def plan_fit(model_path: str | Path, n_ctx: int, free_bytes: int, device: str = "RAM") -> FitPlan:
     """The model-file budget for a machine with free_bytes on the device that will hold it."""
-    kv = kv_cache_bytes(model_path, n_ctx)
-    buffers = logits_bytes(model_path, n_ctx) + COMPUTE_MARGIN
+    reader = open_gguf(model_path)
+    kv = kv_cache_bytes(reader, n_ctx)
+    buffers = logits_bytes(reader, n_ctx) + COMPUTE_MARGIN
     headroom = int(free_bytes * HEADROOM)
     budget = free_bytes - kv - buffers - headroom
     if budget <= 0:

@@ -73,14 +73,16 @@ def check_numbers(args: KoboldOptions) -> None:
         raise UserError(f"--port {args.port}: not a TCP port")
 
 
-def build_context(args: KoboldOptions) -> Context:
+def build_context(args: KoboldOptions, models: list | None = None) -> Context:
+    """Models (the .nkat files found, unless `models` is given), launcher, GPU, backend, settings."""
     check_numbers(args)
     if args.register and not args.admindir:
         raise UserError("--register needs --admindir DIR (KoboldCpp's admin-mode config directory)")
-    models_dir = Path(args.models_dir) if args.models_dir else default_models_dir()
-    if args.models_dir and not models_dir.is_dir():
-        raise UserError(f"--models-dir {models_dir}: no such directory")
-    models = kobold.find_models(models_dir, args.theta, args.model)
+    if models is None:
+        models_dir = Path(args.models_dir) if args.models_dir else default_models_dir()
+        if args.models_dir and not models_dir.is_dir():
+            raise UserError(f"--models-dir {models_dir}: no such directory")
+        models = kobold.find_models(models_dir, args.theta, args.model)
     wants_kobold = args.backend != "llama-cpp-python"
     launcher = kobold.find_launcher(args.koboldcpp) if wants_kobold or args.koboldcpp else None
     gpu = kobold.detect_gpu()
@@ -99,10 +101,14 @@ def status(ctx: Context) -> dict:
     }
 
 
-def register(ctx: Context, args: KoboldOptions) -> list[Path]:
+def check_can_register(ctx: Context) -> None:
     if ctx.launcher is None or ctx.backend.name == "llama-cpp-python":
         raise UserError("--register writes KoboldCpp configs: KoboldCpp not found "
                         f"(pass --koboldcpp PATH or set ${kobold.KOBOLDCPP_ENV}; it is on no package registry)")
+
+
+def register(ctx: Context, args: KoboldOptions) -> list[Path]:
+    check_can_register(ctx)
     paths = kobold_config.register_models(ctx.models, ctx.launcher, ctx.backend, ctx.settings, Path(args.admindir))
     for path in paths:
         say(f"registered {path}", args.quiet or args.json)
