@@ -86,3 +86,30 @@ def test_probe_file_copies_every_other_tensor_as_stored(reference_model, tmp_pat
         else:
             assert same, t.name
     assert changed == len(probe.members) > 0
+
+
+def test_mix_with_probes_fits_weights_and_leaves_no_probe_files(reference_model, tmp_path):
+    """nkat mix's probe stage on the demo model: every probe measured once (a rerun measures none),
+    no probe file left behind, positive weights, and the allocation then uses them."""
+    from nkat_gguf.recipe.mix import MixOptions, run_mix
+
+    opts = MixOptions(reference=str(reference_model), output=str(tmp_path / "m.gguf"), work_dir=str(tmp_path / "w"),
+                      budgets=["5.2bpw"], rows=16, types=["Q4_0", "Q4_1", "Q5_0", "Q8_0"], calib_chunks=1,
+                      fit_chunks=1, quiet=True)
+    result = run_mix(opts)
+    fit = result["fit"]
+    # token_embd (tied to the output: no output.weight), 6 block roles, 4 quarters; 8 held out
+    assert sum(not p["held_out"] for p in fit["probes"]) == 11
+    assert sum(p["held_out"] for p in fit["probes"]) == len(fitting.HELD_OUT)
+    assert all(p["kld"] is not None and p["kld"] >= 0 for p in fit["probes"])
+    assert all(w > 0 for w in fit["role_weight"].values()) and len(fit["depth_weight"]) == fitting.QUARTERS
+    assert fit["spearman_held_out"] is not None
+    work = tmp_path / "w"
+    mixes = {m["model"] for m in result["mixes"]}
+    assert {str(p) for p in work.glob("mix-*.gguf")} == mixes  # probe files deleted once scored
+    m = result["mixes"][0]
+    assert m["predicted_kld"] == pytest.approx(m["predicted_damage"])  # damage is in fitted KLD units
+    stored = (work / "probes.json").read_text()
+    again = run_mix(MixOptions(**{**opts.__dict__, "output": str(tmp_path / "again.gguf")}))
+    assert (work / "probes.json").read_text() == stored  # nothing measured twice
+    assert again["fit"]["role_weight"] == fit["role_weight"]

@@ -96,14 +96,16 @@ class MixBuilder:
         by_member = {m: alloc.choice[c.name] for c in self.curves for m in c.members}
         return {n: by_member[n] for n in self.layout.allocated}
 
+    def key(self, recipe: dict[str, str]) -> str:
+        """The content key of a recipe's file: reference, imatrix and every tensor's type."""
+        imatrix_key = fingerprint_file(self.imatrix) if self.imatrix else None
+        return hashlib.sha256(json.dumps([self.ref_key, imatrix_key, sorted(recipe.items())]).encode()).hexdigest()[:16]
+
     def write(self, recipe: dict[str, str]) -> Path:
         """The mix for a recipe in the work dir (cached by content), its tensor types checked."""
         from ..runtime.quantize import quantize_model
 
-        imatrix_key = fingerprint_file(self.imatrix) if self.imatrix else None
-        key = hashlib.sha256(json.dumps([self.ref_key, imatrix_key, sorted(recipe.items())])
-                             .encode()).hexdigest()[:16]
-        path = self.work / f"mix-{self.ref_key}-{key}.gguf"
+        path = self.work / f"mix-{self.ref_key}-{self.key(recipe)}.gguf"
         if not path.is_file():
             counts = Counter(recipe.values())
             ftype = next((FTYPE_OF[t] for t, _ in counts.most_common() if t in FTYPE_OF), "q8_0")

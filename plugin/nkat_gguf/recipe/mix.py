@@ -223,27 +223,41 @@ class Mix:
         return result
 
     def fit_weights(self, builder: MixBuilder):
-        """Probe files (one group at a probe type, the rest as stored) scored on the calibration text;
+        """Probe files (one group at a probe type, the rest as stored) scored on the calibration text,
+        one at a time, each deleted once scored (its scores kept in probes.json by recipe key);
         the role x depth weights fitted on them (recipe.fit)."""
+        import json
+
         from ..formats.defaults import find_calibration_text
-        from ..measure.scoring import score_rows
+        from ..measure.scoring import score_rows, text_key
+        from ..util.atomic import write_text_atomic
         from . import fit as fitting
 
         o = self.o
         text = str(find_calibration_text(o.calib_text))
         ref_types = tensor_types(o.reference)
         plan = fitting.probes(builder.costs)
-        say(f"[mix] {len(plan)} probes for the role x depth weights ({o.fit_chunks} chunks of {Path(text).name})", o.quiet)
+        store = self.work / "probes.json"
+        known = json.loads(store.read_text()) if store.is_file() else {}
+        settings = f"{text_key(text)}-{o.fit_chunks}x{o.runtime.ctx}-fa{int(o.runtime.flash_attn)}"
+        todo = sum(f"{builder.key(fitting.probe_recipe(p, builder.costs, ref_types))}-{settings}" not in known
+                   for p in plan)
+        say(f"[mix] {len(plan)} probes for the role x depth weights, {todo} to measure "
+            f"({o.fit_chunks} chunks of {Path(text).name})", o.quiet)
         t0 = time.perf_counter()
-        rows = [{"label": f"probe {p.name}", "kind": "probe", "theta": None,
-                 "model": str(builder.write(fitting.probe_recipe(p, builder.costs, ref_types)))} for p in plan]
-        self.timings["probe files"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        score_rows(rows, reference=o.reference, text=text, work=self.work, runtime=o.runtime, chunks=o.fit_chunks,
-                   quiet=o.quiet)
-        self.timings["probe scoring"] = time.perf_counter() - t0
-        for p, r in zip(plan, rows):
-            p.kld, p.kld_err = r["kld_mean"], r["kld_err"]
+        for p in plan:
+            recipe = fitting.probe_recipe(p, builder.costs, ref_types)
+            key = f"{builder.key(recipe)}-{settings}"
+            if key not in known:
+                path = builder.write(recipe)
+                row = {"label": f"probe {p.name}", "kind": "probe", "theta": None, "model": str(path)}
+                score_rows([row], reference=o.reference, text=text, work=self.work, runtime=o.runtime,
+                           chunks=o.fit_chunks, quiet=True)
+                known[key] = {"probe": p.name, "kld_mean": row["kld_mean"], "kld_err": row["kld_err"]}
+                write_text_atomic(store, json.dumps(known, indent=1))
+                path.unlink()
+            p.kld, p.kld_err = known[key]["kld_mean"], known[key]["kld_err"]
+        self.timings["probes"] = time.perf_counter() - t0
         return fitting.fit(plan, builder.costs)
 
     def output_paths(self, budgets: list[Budget]) -> list[str]:
