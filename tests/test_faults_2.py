@@ -357,6 +357,9 @@ def test_vit_train_unknown_dataset_is_one_line(vit_ready):
     (["--epochs", "-3"], ["epochs must be positive"]),
     (["--dataset", "mnist", "--data-dir", "{tmp}/no-such-dir"], ["mnist", "no-such-dir"]),
     (["--dataset", "cifar10", "--data-dir", "{tmp}/no-such-dir"], ["cifar10", "no-such-dir"]),
+    # another copy exists (Debian's package, the built-in set), but the directory named does not
+    (["--dataset", "fashion-mnist", "--data-dir", "{tmp}/no-such-dir"], ["--data-dir", "no-such-dir"]),
+    (["--dataset", "digits", "--data-dir", "{tmp}/no-such-dir"], ["--data-dir", "no-such-dir"]),
     (["--label-smoothing", "2"], ["label smoothing"]),
     (["--mlp-ratio", "0"], ["mlp_ratio"]),
     (["--train-limit", "0"], ["--train-limit"]),

@@ -185,7 +185,16 @@ def load_cifar10(data_dir: str | None) -> ImageData:
     raise UserError(f"cifar10: no data_batch_1..5 and test_batch in {where}")
 
 
+def check_data_dir(data_dir: str | None, name: str | None = None) -> None:
+    """A --data-dir that is not a directory is a mistake, even where another copy would be found
+    (Fashion-MNIST's Debian package, the built-in digits)."""
+    if data_dir and not Path(data_dir).is_dir():
+        wanted = f" (looking for {name})" if name else ""
+        raise UserError(f"--data-dir {data_dir}: no such directory{wanted}")
+
+
 def load_dataset(name: str, data_dir: str | None = None, emnist_split: str = "balanced") -> ImageData:
+    check_data_dir(data_dir, name)
     if name == "digits":
         return load_digits_set()
     if name == "cifar10":
@@ -208,6 +217,7 @@ def load_dataset(name: str, data_dir: str | None = None, emnist_split: str = "ba
 
 def available(data_dir: str | None) -> dict[str, str]:
     """The datasets present here: name -> where (or why not)."""
+    check_data_dir(data_dir)
     out = {}
     for name in DATASETS:
         try:
