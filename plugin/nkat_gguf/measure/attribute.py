@@ -79,14 +79,14 @@ def run_attribution(o: AttributeOptions) -> dict:
     from ..formats.assemble import write_mixed
 
     base_fp = fingerprint_file(o.base)[:12]
-    rows = [{"label": "base", "kind": "base", "model": o.base, "theta": None}]
+    rows = [{"label": "base", "kind": RowKind.BASE, "model": o.base, "theta": None}]
     for group in groups:
         members = group_members(names, group)
         if not members:
             raise UserError(f"group {group!r} matches no weight tensor of {o.base}")
         differing = [n for n in members if not _same_tensor(base_t[n], ref_t[n])]
         extra = sum(int(ref_t[n].n_bytes) - int(base_t[n].n_bytes) for n in members)
-        row = {"label": group, "kind": "restored", "group": group, "model": o.base, "theta": None,
+        row = {"label": group, "kind": RowKind.RESTORED, "group": group, "model": o.base, "theta": None,
                "tensors": len(members), "tensors_differing": len(differing), "extra_bytes": extra}
         if differing:  # else restoring changes no byte: the row is the base itself (its score is cached)
             path = work / f"restore-{base_fp}-{group.replace(' ', '').replace('-', '_')}.gguf"

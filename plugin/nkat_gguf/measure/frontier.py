@@ -151,9 +151,9 @@ class Frontier:
                 quantize_model(self.o.reference, str(path), qtype, self.o.runtime.threads,
                                imatrix=imatrix if self.o.ladder_imatrix else None)
                 self.timings[f"quantize {qtype}"] = time.perf_counter() - t0
-            rows.append({"label": qtype.upper() + suffix, "kind": "ladder", "type": qtype.upper(),
+            rows.append({"label": qtype.upper() + suffix, "kind": RowKind.LADDER, "type": qtype.upper(),
                          "model": str(path), "theta": None})
-        rows.append({"label": f"{Path(self.o.reference).name} (reference)", "kind": "reference",
+        rows.append({"label": f"{Path(self.o.reference).name} (reference)", "kind": RowKind.REFERENCE,
                      "type": "reference", "model": self.o.reference, "theta": None})
         return rows
 
@@ -186,7 +186,7 @@ class Frontier:
                 tag = "next" if budget == NEXT else budget.rstrip("%") + "pct"
                 out = self.work / f"{self.name}-{base['label']}-theta-{self.o.source}-{tag}.nkat"
                 mine.append({"label": f"{base['label']} + theta {budget}" + (f" ({mb:.0f} MiB)" if budget == NEXT else ""),
-                             "kind": "theta", "type": base_type, "base": base["label"], "budget": budget,
+                             "kind": RowKind.THETA, "type": base_type, "base": base["label"], "budget": budget,
                              "budget_mb": mb, "model": base["model"], "theta": str(out)})
                 if not out.is_file():
                     todo.append((str(out), int(mb * MiB)))
@@ -219,7 +219,7 @@ class Frontier:
                 continue
             recipe = builder.recipe(alloc)
             base_types = tensor_types(point["model"])
-            out.append({"label": f"{point['base']} mixed {point['budget']}", "kind": "control", "type": point["type"],
+            out.append({"label": f"{point['base']} mixed {point['budget']}", "kind": RowKind.CONTROL, "type": point["type"],
                         "base": point["base"], "for": point["label"], "model": str(builder.write(recipe)),
                         "theta": None, "upgraded": sum(base_types.get(n) != t for n, t in recipe.items())})
         return out
@@ -261,9 +261,9 @@ class Frontier:
             quiet=o.quiet)
         self.timings["scoring"] = time.perf_counter() - t0
         self.finish_rows(rows)
-        plain = [r for r in rows if r["kind"] != "theta"]
+        plain = [r for r in rows if r["kind"] != RowKind.THETA]
         verdicts = []
-        for p in (r for r in rows if r["kind"] == "theta"):
+        for p in (r for r in rows if r["kind"] == RowKind.THETA):
             control = best_control(p, plain)
             own = next((c for c in controls if c["for"] == p["label"]), None)
             p["control"] = control
@@ -285,9 +285,9 @@ class Frontier:
 
 def goals(rows: list[dict]) -> list[dict]:
     """Each base + theta at <= the bytes of the next rung vs that rung, on PPL and KLD."""
-    ladder = sorted((r for r in rows if r["kind"] in ("ladder", "reference")), key=lambda r: r["bytes"])
+    ladder = sorted((r for r in rows if r["kind"] in (RowKind.LADDER, RowKind.REFERENCE)), key=lambda r: r["bytes"])
     out = []
-    for p in (r for r in rows if r["kind"] == "theta"):
+    for p in (r for r in rows if r["kind"] == RowKind.THETA):
         rung = next((r for r in ladder if r["bytes"] > p["model_bytes"] * 1.005), None)
         if rung is None or not p["bytes"] <= rung["bytes"]:
             continue

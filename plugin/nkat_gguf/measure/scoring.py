@@ -17,7 +17,21 @@ from pathlib import Path
 from ..formats.gguf_io import fingerprint_file
 from ..runtime.settings import RuntimeSettings
 from ..util.atomic import write_text_atomic
+from ..util.enums import StrEnum
 from ..util.report import say, to_json
+
+
+class RowKind(StrEnum):
+    """What a scored row is; the JSON spells each as its value."""
+    REFERENCE = "reference"
+    LADDER = "ladder"        # a stock llama.cpp type in the frontier's ladder
+    THETA = "theta"          # a base + theta point
+    CONTROL = "control"      # the byte-matched mix beside a theta point
+    BASE = "base"            # attribution's base
+    RESTORED = "restored"    # attribution: one group restored from the reference
+    MIX = "mix"              # nkat mix's file for a budget
+    STOCK = "stock"          # a stock type scored beside the mixes
+    PROBE = "probe"          # nkat mix's probe file for the fit
 
 
 def settings_record(opts) -> dict:
@@ -112,7 +126,7 @@ def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, runti
     finally:
         ref_rt.close()
     for row in rows:
-        if row["kind"] == "reference":
+        if row["kind"] == RowKind.REFERENCE:
             row.update(ref_result, kld_mean=0.0, kld_err=0.0, kld_p99=0.0, top1_agreement=1.0)
             continue
         key = ScoreCache.key(settings | {"chunks": n_chunks, "model": file_key(row["model"]),

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import Setting, UserError
 from ..formats.gguf_io import fingerprint_file
+from ..measure.scoring import RowKind
 from ..runtime.settings import RuntimeSettings
 from ..util.atomic import atomic_path
 from ..util.output_paths import check_output_path
@@ -191,7 +192,7 @@ class Mix:
             link_or_copy(path, Path(out))
             write_recipe(Path(out).with_suffix(".recipe.txt"), recipe)
             mixes.append({
-                "label": f"mix {b.tag}", "kind": "mix", "budget": b.text, "budget_bytes": target,
+                "label": f"mix {b.tag}", "kind": RowKind.MIX, "budget": b.text, "budget_bytes": target,
                 "model": str(path), "output": str(out), "recipe": str(Path(out).with_suffix(".recipe.txt")),
                 "theta": None, "predicted_bytes": alloc.bytes, "file_bytes": size,
                 "bpw": 8 * size / layout.n_weights, "predicted_damage": alloc.damage,
@@ -200,7 +201,7 @@ class Mix:
                 "tensors": [{"name": n, "type": t, "bytes": costs[n].options[t][0],
                              "relative_damage": costs[n].relative(t)} for n, t in recipe.items()],
             })
-        stock_rows = [{"label": f"{t}-imat", "kind": "stock", "type": t, "model": str(p), "theta": None,
+        stock_rows = [{"label": f"{t}-imat", "kind": RowKind.STOCK, "type": t, "model": str(p), "theta": None,
                        "file_bytes": p.stat().st_size, "bpw": 8 * p.stat().st_size / layout.n_weights,
                        "predicted_damage": (d := predicted_damage(costs, tensor_types(p), weight)),
                        "predicted_kld": d if fitted else None}
@@ -250,7 +251,7 @@ class Mix:
             key = f"{builder.key(recipe)}-{settings}"
             if key not in known:
                 path = builder.write(recipe)
-                row = {"label": f"probe {p.name}", "kind": "probe", "theta": None, "model": str(path)}
+                row = {"label": f"probe {p.name}", "kind": RowKind.PROBE, "theta": None, "model": str(path)}
                 score_rows([row], reference=o.reference, text=text, work=self.work, runtime=o.runtime,
                            chunks=o.fit_chunks, quiet=True)
                 known[key] = {"probe": p.name, "kld_mean": row["kld_mean"], "kld_err": row["kld_err"]}

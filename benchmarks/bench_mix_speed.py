@@ -1,0 +1,83 @@
+"""Generation and prompt speed of two plain GGUF files (an `nkat mix` file against the stock type
+nearest in size), run alternately in one process so both see the same machine load.
+
+    python benchmarks/bench_mix_speed.py --a STOCK.gguf --b MIX.gguf [--repeats 5] [--iterations 64]
+        [--seq-len 512] [--threads 2] [--json]
+
+Each repeat runs A then B: a prompt of --seq-len tokens in one batch, then --iterations greedy
+tokens one decode at a time (nkat bench's measurement, measure/bench.py). Reported: each side's
+median tokens/s, and B/A as the median over the repeats of the per-pair ratio (min..max). The
+issue's goal for a mix: generation within 5 % of the stock type nearest in size (B/A >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "plugin"))
+
+from nkat_gguf.measure.bench import prompt_tokens, run_once, summarize  # noqa: E402
+from nkat_gguf.runtime.engine import Runtime  # noqa: E402
+from nkat_gguf.runtime.settings import RuntimeSettings  # noqa: E402
+from nkat_gguf.util.report import cpu_name  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--a", required=True, help="the stock file (the ratio's denominator)")
+    ap.add_argument("--b", required=True, help="the mix")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--iterations", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    settings = RuntimeSettings(threads=args.threads)
+    n_ctx = args.seq_len + args.iterations + 8
+    sides = {name: Runtime.from_settings(path, None, settings, n_ctx=n_ctx, n_batch=args.seq_len)
+             for name, path in (("a", args.a), ("b", args.b))}
+    try:
+        tokens = prompt_tokens(sides["a"], args.seq_len, None)
+        for rt in sides.values():
+            run_once(rt, tokens[:32], 4)  # warm-up: page the weights in, build the graphs
+        runs = {"a": [], "b": []}
+        for _ in range(args.repeats):
+            for name, rt in sides.items():
+                runs[name].append(run_once(rt, tokens, args.iterations))
+    finally:
+        for rt in sides.values():
+            rt.close()
+
+    def ratios(key):
+        values = [sum(a[key]) / sum(b[key]) if key == "latencies" else a[key] / b[key]
+                  for a, b in zip(runs["a"], runs["b"])]
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    result = {
+        "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads,
+        "seq_len": args.seq_len, "iterations": args.iterations, "repeats": args.repeats,
+        "a": {"file": args.a, "bytes": Path(args.a).stat().st_size, **summarize(runs["a"], args.seq_len)},
+        "b": {"file": args.b, "bytes": Path(args.b).stat().st_size, **summarize(runs["b"], args.seq_len)},
+        # B/A of tokens/s = A's time / B's time, per pair
+        "generation_ratio_b_over_a": ratios("latencies"),
+        "prompt_ratio_b_over_a": ratios("prompt_s"),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        g, p = result["generation_ratio_b_over_a"], result["prompt_ratio_b_over_a"]
+        print(f"{result['cpu']}, {args.threads} threads: generation {result['b']['generation_tokens_per_second']:.1f} "
+              f"vs {result['a']['generation_tokens_per_second']:.1f} tok/s, B/A {g['median']:.3f} "
+              f"({g['min']:.3f}..{g['max']:.3f}); prompt B/A {p['median']:.3f} ({p['min']:.3f}..{p['max']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
