@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .scoring import score_rows, settings_record
+from .scoring import RowKind, score_rows, settings_record
 from ..formats.gguf_io import fingerprint_file, open_gguf
 from ..formats.keys import NkatKeys
 from ..formats.roles import MODEL_ROLES, ROLES as ROLE_GROUPS

@@ -25,7 +25,7 @@ from .byte_control import BYTE_TOLERANCE, best_control, verdict_line
 from ..errors import UserError
 from ..recipe.layout import tensor_types
 from ..util.report import say
-from .scoring import pareto, score_rows, settings_record
+from .scoring import RowKind, pareto, score_rows, settings_record
 from ..runtime.settings import RuntimeSettings
 
 DEFAULT_LADDER = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0")
