@@ -92,10 +92,11 @@ def test_mix_with_probes_fits_weights_and_leaves_no_probe_files(reference_model,
     """nkat mix's probe stage on the demo model: every probe measured once (a rerun measures none),
     no probe file left behind, positive weights, and the allocation then uses them."""
     from nkat_gguf.recipe.mix import MixOptions, run_mix
+    from nkat_gguf.runtime.settings import RuntimeSettings
 
     opts = MixOptions(reference=str(reference_model), output=str(tmp_path / "m.gguf"), work_dir=str(tmp_path / "w"),
                       budgets=["5.2bpw"], rows=16, types=["Q4_0", "Q4_1", "Q5_0", "Q8_0"], calib_chunks=1,
-                      fit_chunks=1, quiet=True)
+                      fit_chunks=1, runtime=RuntimeSettings(ctx=128, threads=2), quiet=True)  # short chunks: no quality compared
     result = run_mix(opts)
     fit = result["fit"]
     # token_embd (tied to the output: no output.weight), 6 block roles, 4 quarters; 8 held out

@@ -163,11 +163,6 @@ class Mix:
                              tie_gate_up=o.tie_gate_up, output_floor=o.output_floor, threads=o.runtime.threads, quiet=o.quiet)
         layout, costs = builder.layout, builder.costs
         self.timings["costs"] = time.perf_counter() - t0
-        fitted = self.fit_weights(builder) if o.fit_chunks else None
-        weight = fitted.weight if fitted else None
-        if fitted:
-            builder.set_weights(weight)
-
         stock_paths = {t.upper(): self.stock(t, imatrix) for t in
                        dict.fromkeys([b.value for b in budgets if b.kind == "like"] + [c.upper() for c in o.compare])}
         targets = [budget_bytes(b, layout.n_weights, lambda t: stock_paths[t].stat().st_size) for b in budgets]
@@ -176,6 +171,11 @@ class Mix:
             if target < smallest:
                 raise UserError(f"budget {b.text} ({target / MiB:.2f} MiB) is below the smallest file this reference "
                                 f"allows ({smallest / MiB:.2f} MiB)")
+        # the fit (probe files, minutes on a large model) only once every budget is known to be possible
+        fitted = self.fit_weights(builder) if o.fit_chunks else None
+        weight = fitted.weight if fitted else None
+        if fitted:
+            builder.set_weights(weight)
         allocations = builder.allocate(targets)
 
         outputs = self.output_paths(budgets)
