@@ -23,8 +23,8 @@ from ..formats.nkat_format import is_nkat_path
 from ..integrations.kobold import fit as fitting
 from ..integrations.kobold import server as kobold_server
 from ..integrations.kobold.discovery import PlainModel
-from ..integrations.kobold.workflow import Context, KoboldOptions, build_context, check_can_register, launch, \
-    register, status
+from ..integrations.kobold.workflow import Context, KoboldOptions, build_context, check_can_register, \
+    register_and_launch, status
 from ..recipe.candidates import CANDIDATE_TYPES, check_types
 from ..recipe.costs import DEFAULT_ROWS
 from ..recipe.mix import MixOptions, run_mix
@@ -182,10 +182,7 @@ def run(args: KoboldOptions, fit: FitOptions) -> int:
     result = status(ctx) | {"fit": chosen}
     if not (args.json or args.quiet):
         show(ctx, result)
-    if args.register:
-        result["registered"] = [str(p) for p in register(ctx, args)]
-    if args.launch:
-        result["launch"] = launch(ctx, args)
+    register_and_launch(ctx, args, result)
     if args.json:
         print_json(result)
     return 0

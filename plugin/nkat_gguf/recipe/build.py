@@ -71,6 +71,7 @@ class MixBuilder:
         self.work = Path(work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
         self.ref_key = fingerprint_file(reference)[:12]
+        self.imatrix_key = fingerprint_file(imatrix) if imatrix else None  # hashed once, not per recipe
         self.layout = read_layout(reference)
         say(f"[mix] cost curves of {len(self.layout.allocated)} tensors ({rows} sampled rows each)", quiet)
         self.costs = model_costs(reference, Statistics(imatrix, covariance), self.work, rows, types, threads, quiet)
@@ -98,8 +99,8 @@ class MixBuilder:
 
     def key(self, recipe: dict[str, str]) -> str:
         """The content key of a recipe's file: reference, imatrix and every tensor's type."""
-        imatrix_key = fingerprint_file(self.imatrix) if self.imatrix else None
-        return hashlib.sha256(json.dumps([self.ref_key, imatrix_key, sorted(recipe.items())]).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps([self.ref_key, self.imatrix_key, sorted(recipe.items())])
+                              .encode()).hexdigest()[:16]
 
     def write(self, recipe: dict[str, str]) -> Path:
         """The mix for a recipe in the work dir (cached by content), its tensor types checked."""

@@ -41,6 +41,11 @@ def role_and_quarter(name: str, n_blocks: int) -> tuple[str, int | None]:
     return role, min(QUARTERS - 1, int(m.group(1)) * QUARTERS // max(n_blocks, 1))
 
 
+def block_count(names) -> int:
+    """Blocks of the model whose tensor names these are (1 + the highest blk.N)."""
+    return 1 + max((int(m.group(1)) for n in names if (m := _BLOCK.match(n))), default=-1)
+
+
 def probe_type(cost: TensorCost) -> str | None:
     return next((t for t in PROBE_TYPES if t in cost.options), None)
 
@@ -58,7 +63,7 @@ class Probe:
 
 def probes(costs: dict[str, TensorCost]) -> list[Probe]:
     """The probes for these tensors: marginal (fitted) and single role x quarter (held out)."""
-    n_blocks = 1 + max((int(m.group(1)) for n in costs if (m := _BLOCK.match(n))), default=-1)
+    n_blocks = block_count(costs)
     where = {n: role_and_quarter(n, n_blocks) for n in costs if probe_type(costs[n])}
     roles = list(dict.fromkeys(r for r, _ in where.values()))
     out = [Probe(f"role {r}" if any(q is not None for rr, q in where.values() if rr == r) else r,
@@ -112,7 +117,7 @@ def fit(measured: list[Probe], costs: dict[str, TensorCost], iterations: int = 2
     weight makes its role probe exact given the depth weights, each depth weight its quarter probe
     given the role weights, the quarter probes rescaled to the role probes' total so both sets
     can hold at once); then the held-out probes predicted and compared."""
-    n_blocks = 1 + max((int(m.group(1)) for n in costs if (m := _BLOCK.match(n))), default=-1)
+    n_blocks = block_count(costs)
     where = {n: role_and_quarter(n, n_blocks) for p in measured for n in p.members}
     role_probes = {p.name.removeprefix("role "): p for p in measured if not p.held_out and not p.name.startswith("quarter")}
     quarter_probes = {int(p.name.split()[1]): p for p in measured if p.name.startswith("quarter ")}

@@ -241,14 +241,12 @@ class Mix:
         store = self.work / "probes.json"
         known = json.loads(store.read_text()) if store.is_file() else {}
         settings = f"{text_key(text)}-{o.fit_chunks}x{o.runtime.ctx}-fa{int(o.runtime.flash_attn)}"
-        todo = sum(f"{builder.key(fitting.probe_recipe(p, builder.costs, ref_types))}-{settings}" not in known
-                   for p in plan)
-        say(f"[mix] {len(plan)} probes for the role x depth weights, {todo} to measure "
+        recipes = [fitting.probe_recipe(p, builder.costs, ref_types) for p in plan]
+        keys = [f"{builder.key(recipe)}-{settings}" for recipe in recipes]
+        say(f"[mix] {len(plan)} probes for the role x depth weights, {sum(k not in known for k in keys)} to measure "
             f"({o.fit_chunks} chunks of {Path(text).name})", o.quiet)
         t0 = time.perf_counter()
-        for p in plan:
-            recipe = fitting.probe_recipe(p, builder.costs, ref_types)
-            key = f"{builder.key(recipe)}-{settings}"
+        for p, recipe, key in zip(plan, recipes, keys):
             if key not in known:
                 path = builder.write(recipe)
                 row = {"label": f"probe {p.name}", "kind": RowKind.PROBE, "theta": None, "model": str(path)}

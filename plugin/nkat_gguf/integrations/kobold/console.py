@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from ...errors import BadSetting, UserError
 from ...util.report import human_bytes, print_json, print_table
-from .workflow import Context, KoboldOptions, build_context, launch, register, status
+from .workflow import Context, KoboldOptions, build_context, launch, register, register_and_launch, status
 
 
 def run(args: KoboldOptions) -> int:
@@ -20,10 +20,7 @@ def run(args: KoboldOptions) -> int:
         return menu(args)
     ctx = build_context(args)
     result = status(ctx)
-    if args.register:
-        result["registered"] = [str(p) for p in register(ctx, args)]
-    if args.launch:
-        result["launch"] = launch(ctx, args)
+    register_and_launch(ctx, args, result)
     if args.json:
         print_json(result)
     elif not args.launch or args.smoke_only:

@@ -118,6 +118,15 @@ def register(ctx: Context, args: KoboldOptions) -> list[Path]:
     return paths
 
 
+def register_and_launch(ctx: Context, args: KoboldOptions, result: dict) -> dict:
+    """--register's configs, then --launch's server, recorded in `result` (nkat kobold and --fit alike)."""
+    if args.register:
+        result["registered"] = [str(p) for p in register(ctx, args)]
+    if args.launch:
+        result["launch"] = launch(ctx, args)
+    return result
+
+
 def pick_model(ctx: Context, args: KoboldOptions):
     if not ctx.models:
         raise UserError("no NKAT model to launch: no .nkat in the models directory "
