@@ -61,10 +61,12 @@ def test_written_types_bytes_and_budget(mixed):
 
 def test_same_inputs_same_bytes(mixed, tmp_path):
     opts, result = mixed
-    again = MixOptions(**{**opts.__dict__, "output": str(tmp_path / "again.gguf"), "work_dir": str(tmp_path / "w")})
+    # everything again in a new work dir (imatrix given, costs recomputed), for the first budget
+    again = MixOptions(**{**opts.__dict__, "output": str(tmp_path / "again.gguf"), "work_dir": str(tmp_path / "w"),
+                          "budgets": opts.budgets[:1]})
     second = run_mix(again)
-    for a, b in zip(result["mixes"], second["mixes"]):
-        assert filecmp.cmp(a["output"], b["output"], shallow=False)
+    assert len(second["mixes"]) == 1
+    assert filecmp.cmp(result["mixes"][0]["model"], second["mixes"][0]["output"], shallow=False)
 
 
 def test_costs_are_what_llamacpp_writes_and_sampling_is_close(mixed, reference_model, imatrix):
@@ -102,3 +104,36 @@ def test_cli_bad_budget_one_line(reference_model, imatrix, tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "below the smallest file" in run.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_one_costs_cache_serves_every_type_list(reference_model, imatrix, tmp_path, monkeypatch):
+    """A run with more types quantizes only the points the cache lacks, and every point equals a
+    fresh computation; a subset comes from the cache without quantizing anything."""
+    from nkat_gguf.recipe import costs as costs_mod
+
+    stats = Statistics(imatrix)
+    work, fresh_work = tmp_path / "w", tmp_path / "fresh"
+    work.mkdir(), fresh_work.mkdir()
+    first = costs_mod.model_costs(str(reference_model), stats, work, n_rows=8, types=["Q4_0"], quiet=True)
+    quantized = []
+    real = costs_mod.ggml_quants.roundtrip
+    monkeypatch.setattr(costs_mod.ggml_quants, "roundtrip", lambda t, *a: quantized.append(t) or real(t, *a))
+    both = costs_mod.model_costs(str(reference_model), stats, work, n_rows=8, types=["Q4_0", "Q8_0"], quiet=True)
+    assert set(quantized) == {"Q8_0"} and len(quantized) == len(both)
+    fresh = costs_mod.model_costs(str(reference_model), stats, fresh_work, n_rows=8, types=["Q4_0", "Q8_0"],
+                                  quiet=True)
+    assert both == fresh
+    assert all(list(c.options) == ["Q4_0"] and c.options["Q4_0"] == fresh[n].options["Q4_0"] for n, c in first.items())
+    quantized.clear()
+    again = costs_mod.model_costs(str(reference_model), stats, work, n_rows=8, types=["Q8_0"], quiet=True)
+    assert quantized == [] and all(list(c.options) == ["Q8_0"] for c in again.values())
+
+
+def test_fast_preset_has_no_iquants():
+    from nkat_gguf.recipe.candidates import CANDIDATE_TYPES, check_types
+
+    fast = check_types(["fast"])
+    assert fast and not any(t.startswith("IQ") for t in fast)
+    assert set(fast) | {t for t in CANDIDATE_TYPES if t.startswith("IQ")} == set(CANDIDATE_TYPES)
+    assert check_types(["all"]) == list(CANDIDATE_TYPES)
+    assert check_types(["fast", "iq4_xs"]) == fast + ["IQ4_XS"]

@@ -85,7 +85,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help=f"the mix's --fit-chunks (default {FitOptions.chunks}; 0: no probe files)")
     fit.add_argument("--fit-rows", type=positive_int, default=DEFAULT_ROWS, metavar="N",
                      help=f"the mix's --rows: rows sampled per tensor (default {DEFAULT_ROWS})")
-    fit.add_argument("--fit-types", type=csv, metavar="T,T,...", help="the mix's --types (default: all)")
+    fit.add_argument("--fit-types", type=csv, metavar="T,T,...",
+                     help="the mix's --types (default: fast on a CPU backend, where the i-quants decode slowly; "
+                     "all on a GPU)")
     add_output_flags(p, quiet_help="no status lines")
     p.set_defaults(func=run, setting_flags={Setting.OUTPUT: "--fit-output"})
     return p

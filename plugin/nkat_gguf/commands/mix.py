@@ -46,7 +46,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rows", type=positive_int, default=DEFAULT_ROWS, metavar="N",
                    help=f"rows sampled per tensor for the error estimate (default {DEFAULT_ROWS})")
     p.add_argument("--types", type=csv, default=list(CANDIDATE_TYPES), metavar="T,T,...",
-                   help="candidate GGML types (default: all llama.cpp writes)")
+                   help="candidate GGML types, or a preset: all (default: every type llama.cpp writes per tensor) or fast "
+                   "(no i-quants, whose matmuls are the slow ones on CPU)")
     p.add_argument("--no-tie", dest="tie_gate_up", action="store_false",
                    help="let ffn_gate and ffn_up of a block take different types")
     p.add_argument("--output-floor", default=OUTPUT_FLOOR, metavar="TYPE",
@@ -56,6 +57,13 @@ def add_parser(subparsers) -> None:
                    help="calibration chunks each probe file is scored on, to fit how much each role's and depth "
                    "quarter's output error costs in KLD (default 4; 0: no probes, every tensor's relative error "
                    "counts alike)")
+    p.add_argument("--theta", action="store_true",
+                   help="offer theta as one more option per block matrix: the type plus a rank 8/16/32/64 INT8 "
+                   "correction of its residual, priced in the .nkat's bytes (written beside OUT when chosen; "
+                   "GGUF + .nkat stay within the budget). Prices whole-tensor SVDs: minutes on a 1.5B model. "
+                   "The report says how many matrices took it; 0 is a possible answer")
+    p.add_argument("--theta-layers", type=csv, default=[], metavar="GLOB,...",
+                   help="with --theta: offer it only to these matrices (GGUF names, e.g. 'blk.*.attn_v.weight')")
     p.add_argument("--compare", type=csv, default=[], metavar="T,T,...",
                    help="stock llama.cpp types (made with the same imatrix) scored beside the mixes")
     p.add_argument("--score", action="store_true", help="score the mixes against the reference on --text")
@@ -87,9 +95,11 @@ def run(args) -> int:
         imatrix=args.imatrix, covariance=args.covariance, calib_text=args.calib_text, calib_chunks=args.calib_chunks,
         rows=args.rows, types=check_types(args.types), compare=args.compare, tie_gate_up=args.tie_gate_up,
         output_floor=None if args.output_floor.lower() == "none" else args.output_floor.upper(),
-        fit_chunks=args.fit_chunks,
+        fit_chunks=args.fit_chunks, theta=args.theta, theta_layers=args.theta_layers,
         text=str(find_eval_text(args.text)) if args.score else None, chunks=args.chunks,
         runtime=runtime_settings(args), quiet=quiet)
+    if args.theta_layers and not args.theta:
+        raise UserError("--theta-layers needs --theta")
     result = run_mix(opts)
     write_text_atomic(work / "mix.json", to_json(result))
     write_text_atomic(work / "mix.md", mix_markdown(result))
@@ -97,5 +107,6 @@ def run(args) -> int:
         print_json(result)
         return 0
     print(mix_markdown(result))
-    say(f"wrote {', '.join(m['output'] for m in result['mixes'])}; report {work / 'mix.md'}", args.quiet)
+    written = [m["output"] + (f" + {m['theta_output']}" if m["theta_output"] else "") for m in result["mixes"]]
+    say(f"wrote {', '.join(written)}; report {work / 'mix.md'}", args.quiet)
     return 0

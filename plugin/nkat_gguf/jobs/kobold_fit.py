@@ -25,7 +25,7 @@ from ..integrations.kobold import server as kobold_server
 from ..integrations.kobold.discovery import PlainModel
 from ..integrations.kobold.workflow import Context, KoboldOptions, build_context, check_can_register, \
     register_and_launch, status
-from ..recipe.candidates import CANDIDATE_TYPES, check_types
+from ..recipe.candidates import CANDIDATE_TYPES, FAST_TYPES, check_types
 from ..recipe.costs import DEFAULT_ROWS
 from ..recipe.mix import MixOptions, run_mix
 from ..recipe.report import mix_markdown
@@ -115,7 +115,9 @@ def choose(ctx: Context, args: KoboldOptions, fit: FitOptions) -> dict:
     """The plan and the file it leads to: the reference when it fits, else the mix for the budget."""
     quiet = args.quiet or args.json
     reference = reference_of(fit, args)
-    types = check_types(fit.types) if fit.types else list(CANDIDATE_TYPES)
+    # on CPU the i-quants decode slowly: the 1.5B's 821 MiB mix generated 0.61x Q3_K_S's tokens/s with
+    # them and 1.11x without (docs/RESULTS.md), so a CPU backend's default leaves them out
+    types = check_types(fit.types) if fit.types else list(CANDIDATE_TYPES if on_gpu(ctx) else FAST_TYPES)
     if fit.imatrix and not Path(fit.imatrix).is_file():
         raise UserError(f"--imatrix {fit.imatrix}: no such file")
     if fit.output:  # refused before anything runs, whether or not a mix turns out to be needed

@@ -95,50 +95,68 @@ def pareto(rows: list[dict], metric: str) -> set[str]:
     return front
 
 
-def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, runtime: RuntimeSettings, chunks: int,
-               quiet: bool) -> tuple[int, dict]:
-    """Score each row ({"model", "theta", "kind", "label"}) against the reference, in place.
+class Scorer:
+    """Models scored one at a time against one reference on one text.
 
-    The reference is decoded once and its log-probs kept on disk; then one model at a time is
-    loaded, scored and closed. Results are cached per file fingerprints and settings.
-    """
-    from .evaluate import LogprobStore, chunk_count, fill_store, score_model
-    from .ppl import read_text
-    from ..runtime.engine import Runtime
+    Opening it tokenizes the text and decodes the reference once (its log-probs kept on disk);
+    score(row) then loads, scores and closes one model. Results are cached per file fingerprints
+    and settings, so a caller that makes its files one at a time (nkat mix's probes) pays for the
+    reference once, not per file."""
 
-    ctx = runtime.ctx
-    data = read_text(text)
-    ref_fp = file_key(reference)
-    settings = {"ctx": ctx, "flash_attn": runtime.flash_attn, "text": text_key(text), "reference": ref_fp}
-    store = LogprobStore(Path(work) / "reference-logprobs" / ScoreCache.key(settings))
-    cache = ScoreCache(Path(work) / "scores.json")
-    ref_rt = Runtime.from_settings(reference, None, runtime)
-    try:
-        tokens = ref_rt.tokenize(data)
-        n_chunks = chunk_count(len(tokens), ctx, chunks)
-        ref_key = ScoreCache.key(settings | {"chunks": n_chunks, "model": ref_fp, "what": "reference"})
-        ref_result = cache.get(ref_key)
-        if ref_result is None or not all(store.has(c) for c in range(n_chunks)):
-            say(f"[score] reference: {n_chunks} chunks x {ctx} tokens", quiet)
-            ref_result = fill_store(ref_rt, tokens, ctx, n_chunks, store, quiet)
-            cache.put(ref_key, ref_result)
-        runtime_settings = {k: v for k, v in ref_rt.settings().items() if k in ("n_batch", "threads", "n_gpu_layers")}
-    finally:
-        ref_rt.close()
-    for row in rows:
+    def __init__(self, *, reference: str, text: str, work: Path, runtime: RuntimeSettings, chunks: int, quiet: bool):
+        from .evaluate import LogprobStore, chunk_count, fill_store
+        from .ppl import read_text
+        from ..runtime.engine import Runtime
+
+        self.runtime, self.quiet = runtime, quiet
+        ctx = runtime.ctx
+        ref_fp = file_key(reference)
+        self.settings = {"ctx": ctx, "flash_attn": runtime.flash_attn, "text": text_key(text), "reference": ref_fp}
+        self.store = LogprobStore(Path(work) / "reference-logprobs" / ScoreCache.key(self.settings))
+        self.cache = ScoreCache(Path(work) / "scores.json")
+        ref_rt = Runtime.from_settings(reference, None, runtime)
+        try:
+            self.tokens = ref_rt.tokenize(read_text(text))
+            self.n_chunks = chunk_count(len(self.tokens), ctx, chunks)
+            ref_key = ScoreCache.key(self.settings | {"chunks": self.n_chunks, "model": ref_fp, "what": "reference"})
+            self.reference_result = self.cache.get(ref_key)
+            if self.reference_result is None or not all(self.store.has(c) for c in range(self.n_chunks)):
+                say(f"[score] reference: {self.n_chunks} chunks x {ctx} tokens", quiet)
+                self.reference_result = fill_store(ref_rt, self.tokens, ctx, self.n_chunks, self.store, quiet)
+                self.cache.put(ref_key, self.reference_result)
+            self.runtime_settings = {k: v for k, v in ref_rt.settings().items()
+                                     if k in ("n_batch", "threads", "n_gpu_layers")}
+        finally:
+            ref_rt.close()
+
+    def score(self, row: dict) -> None:
+        """Score one row ({"model", "theta", "kind", "label"}) in place."""
+        from .evaluate import score_model
+        from ..runtime.engine import Runtime
+
         if row["kind"] == RowKind.REFERENCE:
-            row.update(ref_result, kld_mean=0.0, kld_err=0.0, kld_p99=0.0, top1_agreement=1.0)
-            continue
-        key = ScoreCache.key(settings | {"chunks": n_chunks, "model": file_key(row["model"]),
-                                         "theta": file_key(row["theta"]), "backend": runtime.backend})
-        result = cache.get(key)
+            row.update(self.reference_result, kld_mean=0.0, kld_err=0.0, kld_p99=0.0, top1_agreement=1.0)
+            return
+        key = ScoreCache.key(self.settings | {"chunks": self.n_chunks, "model": file_key(row["model"]),
+                                              "theta": file_key(row["theta"]), "backend": self.runtime.backend})
+        result = self.cache.get(key)
         if result is None:
-            say(f"[score] {row['label']}", quiet)
-            rt = Runtime.from_settings(row["model"], row["theta"], runtime)
+            say(f"[score] {row['label']}", self.quiet)
+            rt = Runtime.from_settings(row["model"], row["theta"], self.runtime)
             try:
-                result = score_model(rt, tokens, ctx, n_chunks, store, quiet, row["label"])
+                result = score_model(rt, self.tokens, self.runtime.ctx, self.n_chunks, self.store, self.quiet,
+                                     row["label"])
             finally:
                 rt.close()
-            cache.put(key, result)
+            self.cache.put(key, result)
         row.update(result)
-    return n_chunks, runtime_settings
+
+
+def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, runtime: RuntimeSettings, chunks: int,
+               quiet: bool) -> tuple[int, dict]:
+    """Score each row ({"model", "theta", "kind", "label"}) against the reference, in place (Scorer).
+    Returns the chunks scored and the runtime's settings."""
+    scorer = Scorer(reference=reference, text=text, work=work, runtime=runtime, chunks=chunks, quiet=quiet)
+    for row in rows:
+        scorer.score(row)
+    return scorer.n_chunks, scorer.runtime_settings

@@ -38,12 +38,20 @@ OUTPUT_FLOOR = "Q5_K"
 
 
 def curves_from_costs(costs: dict[str, TensorCost], layout: Layout, tie_gate_up: bool,
-                      output_floor: str | None = OUTPUT_FLOOR, weight=None) -> list[Curve]:
+                      output_floor: str | None = OUTPUT_FLOOR, weight=None, theta=None) -> list[Curve]:
     """One unit per tensor (padded bytes, relative damage times weight(name), 1 without weights);
-    ffn_gate and ffn_up of a block tied; output.weight kept at output_floor's bytes or more."""
+    ffn_gate and ffn_up of a block tied; output.weight kept at output_floor's bytes or more.
+    theta: name -> option -> (GGUF bytes, .nkat bytes, damage), more options (recipe.theta_option)."""
     w = weight or (lambda name: 1.0)
-    curves = [Curve(n, list(c.options), [layout.padded(b) for b, _ in c.options.values()],
-                    [w(n) * c.relative(t) for t in c.options]) for n, c in costs.items()]
+    theta = theta or {}
+    curves = []
+    for n, c in costs.items():
+        extra = theta.get(n, {})
+        scale = w(n) / c.energy if c.energy > 0 else 0.0
+        curves.append(Curve(n, list(c.options) + list(extra),
+                            [layout.padded(b) for b, _ in c.options.values()]
+                            + [layout.padded(g) + t for g, t, _ in extra.values()],
+                            [w(n) * c.relative(t) for t in c.options] + [scale * d for _, _, d in extra.values()]))
     if output_floor:
         curves = [floor(c, c.bytes[c.options.index(output_floor)])
                   if c.name == "output.weight" and output_floor in c.options else c for c in curves]
@@ -77,20 +85,36 @@ class MixBuilder:
         self.costs = model_costs(reference, Statistics(imatrix, covariance), self.work, rows, types, threads, quiet)
         self.tie_gate_up, self.output_floor = tie_gate_up, output_floor
         self.weight = None
+        self.theta: dict[str, dict[str, tuple[int, int, float]]] = {}
         self.curves = curves_from_costs(self.costs, self.layout, tie_gate_up, output_floor)
+
+    def _rebuild(self) -> None:
+        self.curves = curves_from_costs(self.costs, self.layout, self.tie_gate_up, self.output_floor, self.weight,
+                                        self.theta)
 
     def set_weights(self, weight) -> None:
         """Weigh each tensor's relative damage by weight(name) (a fitted KLD per unit of damage)."""
         self.weight = weight
-        self.curves = curves_from_costs(self.costs, self.layout, self.tie_gate_up, self.output_floor, weight)
+        self._rebuild()
+
+    def set_theta(self, options: dict[str, dict[str, tuple[int, int, float]]]) -> None:
+        """Offer theta options (recipe.theta_option.theta_options); the .nkat's header is charged once."""
+        self.theta = options
+        self._rebuild()
+
+    @property
+    def fixed(self) -> int:
+        from .theta_option import THETA_FIXED_BYTES
+
+        return self.layout.fixed + (THETA_FIXED_BYTES if self.theta else 0)
 
     @property
     def smallest(self) -> int:
-        return smallest_bytes(self.curves, self.layout.fixed)
+        return smallest_bytes(self.curves, self.fixed)
 
     def allocate(self, targets: list[int]) -> list[Allocation | None]:
-        """One sweep for every target (file bytes); None where even the cheapest file is larger."""
-        return sweep(self.curves, self.layout.fixed, targets)
+        """One sweep for every target (GGUF + .nkat bytes); None where even the cheapest file is larger."""
+        return sweep(self.curves, self.fixed, targets)
 
     def recipe(self, alloc: Allocation) -> dict[str, str]:
         """Tensor name -> type, in the file's tensor order."""

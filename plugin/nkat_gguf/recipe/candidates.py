@@ -15,6 +15,11 @@ from ..runtime.ggml_quants import block_size
 # Real GGML types llama.cpp 0.3.36's quantizer writes, cheapest first (roughly).
 CANDIDATE_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS",
                    "IQ4_NL", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "F16")
+# `--types fast`: no i-quants. On CPU their matmuls are the slow ones: a mix of mostly IQ3_S generated
+# 0.61x the tokens/s of Q3_K_S on an AVX-512 EPYC (docs/RESULTS.md); the k-quants and the legacy types
+# run at about the speed of llama.cpp's k-quant files.
+FAST_TYPES = tuple(t for t in CANDIDATE_TYPES if not t.startswith("IQ"))
+TYPE_PRESETS = {"all": CANDIDATE_TYPES, "fast": FAST_TYPES}
 # llama-quant.cpp's tensor_type_requires_imatrix: it stops with "Missing importance matrix" for these.
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
 # 2-D weights llama.cpp never quantizes (llama-quant.cpp's exclusions), besides norms.
@@ -52,10 +57,14 @@ def candidate_types(shape: TensorShape, has_importance: bool, types=CANDIDATE_TY
 
 
 def check_types(types) -> list[str]:
-    """The given type names, upper-cased; an error names the first one that is not a candidate type."""
+    """The given type names, upper-cased, presets ('all', 'fast') expanded; an error names the first
+    one that is not a candidate type."""
     from ..errors import UserError
 
-    out = [str(t).upper() for t in types]
+    out = []
+    for t in types:
+        out += TYPE_PRESETS.get(str(t).lower(), [str(t).upper()])
+    out = list(dict.fromkeys(out))
     for t in out:
         if t not in CANDIDATE_TYPES:
             raise UserError(f"type {t!r} is not one llama.cpp writes per tensor; one of: {', '.join(CANDIDATE_TYPES)}")

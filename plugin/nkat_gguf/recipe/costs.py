@@ -100,8 +100,10 @@ def output_error(rows: np.ndarray, r) -> float:
 
 
 def tensor_cost(tensor, stats: Statistics, n_rows: int | None, types=CANDIDATE_TYPES,
-                threads: int | None = None) -> TensorCost:
-    """One tensor's curve: every candidate type's bytes (whole tensor) and damage (from sampled rows)."""
+                threads: int | None = None, known: TensorCost | None = None) -> TensorCost:
+    """One tensor's curve: every candidate type's bytes (whole tensor) and damage (from sampled rows).
+    The points of `known` (the same tensor, rows and statistics) are kept; only the missing types
+    are quantized."""
     name = tensor.name
     shape = TensorShape(name, int(tensor.shape[1]), int(tensor.shape[0]))
     importance = stats.importance(name)
@@ -109,32 +111,43 @@ def tensor_cost(tensor, stats: Statistics, n_rows: int | None, types=CANDIDATE_T
     w = reference_rows(tensor, rows)
     scale = shape.n_out / len(rows)
     r = input_weights(name, stats, importance)
-    energy = output_error(w, r) * scale
-    options = {}
+    energy = known.energy if known else output_error(w, r) * scale
+    options = dict(known.options) if known else {}
     for t in candidate_types(shape, importance is not None, types):
+        if t in options:
+            continue
         w_t = ggml_quants.roundtrip(t, w, importance, threads)
         damage = output_error(w - w_t, r) * scale
         options[t] = (shape.n_out * ggml_quants.row_bytes(t, shape.n_in), damage)
     return TensorCost(name, shape.n_out, shape.n_in, tensor.tensor_type.name, energy, options)
 
 
-def costs_key(reference: str, stats: Statistics, n_rows: int | None, types) -> str:
+def costs_key(reference: str, stats: Statistics, n_rows: int | None) -> str:
+    # "types" stays in the key (always the whole list) so caches written before it left keep their name
     parts = {"version": COSTS_VERSION, "reference": fingerprint_file(reference), "rows": n_rows,
-             "types": list(types)} | stats.key()
+             "types": list(CANDIDATE_TYPES)} | stats.key()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def model_costs(reference: str, stats: Statistics, work_dir, n_rows: int | None = DEFAULT_ROWS,
                 types=CANDIDATE_TYPES, threads: int | None = None, quiet: bool = False) -> dict[str, TensorCost]:
-    """Every allocated tensor's curve, cached in work_dir/costs-<content key>.json."""
-    path = Path(work_dir) / f"costs-{costs_key(reference, stats, n_rows, types)}.json"
+    """Every allocated tensor's curve over `types`, cached in work_dir/costs-<content key>.json.
+    A type's point does not depend on the other types, so one cache serves every type list: a run
+    with other types quantizes only the points the cache lacks."""
+    path = Path(work_dir) / f"costs-{costs_key(reference, stats, n_rows)}.json"
     done = {}
     if path.is_file():
         done = {n: TensorCost(**{**c, "options": {t: tuple(v) for t, v in c["options"].items()}})
                 for n, c in json.loads(path.read_text()).items()}
     tensors = [t for t in open_gguf(reference).tensors if is_allocated(t.name, len(t.shape))]
-    todo = [t for t in tensors if t.name not in done]
+
+    def wanted(t) -> list[str]:
+        shape = TensorShape(t.name, int(t.shape[1]), int(t.shape[0]))
+        return candidate_types(shape, stats.importance(t.name) is not None, types)
+
+    todo = [t for t in tensors if t.name not in done or any(q not in done[t.name].options for q in wanted(t))]
     for tensor in progress(todo, desc="costs", unit="tensor", quiet=quiet):
-        done[tensor.name] = tensor_cost(tensor, stats, n_rows, types, threads)
+        done[tensor.name] = tensor_cost(tensor, stats, n_rows, types, threads, done.get(tensor.name))
         write_text_atomic(path, json.dumps({n: asdict(c) for n, c in done.items()}))
-    return {t.name: done[t.name] for t in tensors}
+    return {t.name: TensorCost(**{**asdict(done[t.name]), "options": {q: done[t.name].options[q] for q in wanted(t)}})
+            for t in tensors}

@@ -54,6 +54,8 @@ class MixOptions:
     tie_gate_up: bool = True
     output_floor: str | None = OUTPUT_FLOOR
     fit_chunks: int = 0  # calibration chunks per probe for the role x depth weights; 0: no probes (the CLI: 4)
+    theta: bool = False  # offer a rank-r theta (a .nkat beside the GGUF) as one more option per block matrix
+    theta_layers: list[str] = field(default_factory=list)  # GGUF-name globs: only these matrices (default: all)
     text: str | None = None  # evaluation text; None: no scoring
     chunks: int = 8
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
@@ -177,30 +179,13 @@ class Mix:
         if fitted:
             builder.set_weights(weight)
         allocations = builder.allocate(targets)
+        if o.theta:
+            allocations = self.offer_theta(builder, allocations, targets, imatrix)
 
         outputs = self.output_paths(budgets)
         mixes = []
         for b, target, alloc, out in zip(budgets, targets, allocations, outputs):
-            recipe = builder.recipe(alloc)
-            t0 = time.perf_counter()
-            path = builder.write(recipe)
-            self.timings[f"quantize {b.tag}"] = time.perf_counter() - t0
-            size = path.stat().st_size
-            if size > target:
-                raise UserError(f"budget {b.text}: llama.cpp wrote {size} bytes, the allocation predicted {alloc.bytes} "
-                                f"(<= {target}); the header differs from the reference's")
-            link_or_copy(path, Path(out))
-            write_recipe(Path(out).with_suffix(".recipe.txt"), recipe)
-            mixes.append({
-                "label": f"mix {b.tag}", "kind": RowKind.MIX, "budget": b.text, "budget_bytes": target,
-                "model": str(path), "output": str(out), "recipe": str(Path(out).with_suffix(".recipe.txt")),
-                "theta": None, "predicted_bytes": alloc.bytes, "file_bytes": size,
-                "bpw": 8 * size / layout.n_weights, "predicted_damage": alloc.damage,
-                "predicted_kld": alloc.damage if fitted else None,
-                "type_counts": dict(Counter(recipe.values())),
-                "tensors": [{"name": n, "type": t, "bytes": costs[n].options[t][0],
-                             "relative_damage": costs[n].relative(t)} for n, t in recipe.items()],
-            })
+            mixes.append(self.write_mix(builder, b, target, alloc, out, imatrix, fitted is not None))
         stock_rows = [{"label": f"{t}-imat", "kind": RowKind.STOCK, "type": t, "model": str(p), "theta": None,
                        "file_bytes": p.stat().st_size, "bpw": 8 * p.stat().st_size / layout.n_weights,
                        "predicted_damage": (d := predicted_damage(costs, tensor_types(p), weight)),
@@ -214,7 +199,8 @@ class Mix:
             "reference": o.reference,
             "reference_type": Counter(ref_types[n] for n in layout.allocated).most_common(1)[0][0],
             "imatrix": imatrix, "covariance": o.covariance, "rows": o.rows, "types": o.types,
-            "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "fit_chunks": o.fit_chunks, "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
+            "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "fit_chunks": o.fit_chunks,
+            "theta": o.theta, "theta_layers": o.theta_layers, "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
             "flash_attn": o.runtime.flash_attn, "threads": o.runtime.threads, "smallest_bytes": smallest,
             "fixed_bytes": layout.fixed, "n_weights": layout.n_weights,
         }
@@ -223,6 +209,72 @@ class Mix:
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return result
 
+    def offer_theta(self, builder: MixBuilder, allocations, targets: list[int], imatrix: str):
+        """The allocation again with theta options priced for the types the plain one chose (and the
+        next cheaper ones): recipe.theta_option."""
+        from .costs import Statistics
+        from .theta_option import model_gains, theta_options, types_to_price
+
+        o = self.o
+        wanted = types_to_price(builder.costs, [builder.recipe(a) for a in allocations if a], o.theta_layers)
+        say(f"[mix] theta priced for {len(wanted)} matrices at {sum(map(len, wanted.values()))} (matrix, type) "
+            "pairs (whole-tensor SVDs of the residual)", o.quiet)
+        t0 = time.perf_counter()
+        gains = model_gains(o.reference, Statistics(imatrix, o.covariance), wanted, self.work, o.runtime.threads,
+                            o.quiet)
+        self.timings["theta gains"] = time.perf_counter() - t0
+        builder.set_theta(theta_options(builder.costs, gains))
+        return builder.allocate(targets)
+
+    def write_mix(self, builder: MixBuilder, b: Budget, target: int, alloc, out: str, imatrix: str,
+                  fitted: bool) -> dict:
+        """The budget's GGUF (and .nkat where the allocation chose theta), checked against the budget,
+        linked to its output name with the recipe beside it; its row for the report."""
+        from .theta_option import split_option, split_recipe, write_theta
+
+        o, costs, layout = self.o, builder.costs, builder.layout
+        options = builder.recipe(alloc)
+        recipe, ranks = split_recipe(options)
+        t0 = time.perf_counter()
+        path = builder.write(recipe)
+        theta = None
+        if ranks:
+            theta = self.work / f"theta-{self.ref_key}-{builder.key(options)}.nkat"
+            if not theta.is_file():
+                write_theta(str(path), o.reference, ranks, str(theta), imatrix=imatrix, covariance=o.covariance)
+        self.timings[f"quantize {b.tag}"] = time.perf_counter() - t0
+        gguf_bytes = path.stat().st_size
+        theta_bytes = theta.stat().st_size if theta else 0
+        size = gguf_bytes + theta_bytes
+        if size > target:
+            raise UserError(f"budget {b.text}: llama.cpp wrote {size} bytes, the allocation predicted {alloc.bytes} "
+                            f"(<= {target}); the header differs from the reference's")
+        link_or_copy(path, Path(out))
+        theta_out = None
+        if theta:
+            theta_out = str(Path(out).with_suffix(".nkat"))
+            link_or_copy(theta, Path(theta_out))
+        write_recipe(Path(out).with_suffix(".recipe.txt"), recipe)
+
+        def relative(name: str, option: str) -> float:
+            cost = costs[name]
+            if split_option(option)[1] == 0:
+                return cost.relative(option)
+            return builder.theta[name][option][2] / cost.energy if cost.energy > 0 else 0.0
+
+        return {
+            "label": f"mix {b.tag}" + (" + theta" if theta else ""), "kind": RowKind.MIX, "budget": b.text,
+            "budget_bytes": target, "model": str(path), "output": str(out),
+            "recipe": str(Path(out).with_suffix(".recipe.txt")), "theta": str(theta) if theta else None,
+            "theta_output": theta_out, "theta_offered": o.theta, "theta_matrices": len(ranks),
+            "theta_bytes": theta_bytes, "gguf_bytes": gguf_bytes, "predicted_bytes": alloc.bytes, "file_bytes": size,
+            "bpw": 8 * size / layout.n_weights, "predicted_damage": alloc.damage,
+            "predicted_kld": alloc.damage if fitted else None,
+            "type_counts": dict(Counter(recipe.values())),
+            "tensors": [{"name": n, "type": recipe[n], "theta_rank": ranks.get(n, 0), "bytes": costs[n].options[recipe[n]][0],
+                         "relative_damage": relative(n, option)} for n, option in options.items()],
+        }
+
     def fit_weights(self, builder: MixBuilder):
         """Probe files (one group at a probe type, the rest as stored) scored on the calibration text,
         one at a time, each deleted once scored (its scores kept in probes.json by recipe key);
@@ -230,7 +282,7 @@ class Mix:
         import json
 
         from ..formats.defaults import find_calibration_text
-        from ..measure.scoring import score_rows, text_key
+        from ..measure.scoring import Scorer, text_key
         from ..util.atomic import write_text_atomic
         from . import fit as fitting
 
@@ -246,12 +298,14 @@ class Mix:
         say(f"[mix] {len(plan)} probes for the role x depth weights, {sum(k not in known for k in keys)} to measure "
             f"({o.fit_chunks} chunks of {Path(text).name})", o.quiet)
         t0 = time.perf_counter()
+        scorer = None  # the reference decoded once for every probe, and only if one is measured
         for p, recipe, key in zip(plan, recipes, keys):
             if key not in known:
                 path = builder.write(recipe)
                 row = {"label": f"probe {p.name}", "kind": RowKind.PROBE, "theta": None, "model": str(path)}
-                score_rows([row], reference=o.reference, text=text, work=self.work, runtime=o.runtime,
-                           chunks=o.fit_chunks, quiet=True)
+                scorer = scorer or Scorer(reference=o.reference, text=text, work=self.work, runtime=o.runtime,
+                                          chunks=o.fit_chunks, quiet=True)
+                scorer.score(row)
                 known[key] = {"probe": p.name, "kld_mean": row["kld_mean"], "kld_err": row["kld_err"]}
                 write_text_atomic(store, json.dumps(known, indent=1))
                 path.unlink()

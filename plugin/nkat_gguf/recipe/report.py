@@ -30,6 +30,11 @@ def mix_markdown(result: dict) -> str:
         counts = ", ".join(f"{t} {n}" for t, n in sorted(m["type_counts"].items(), key=lambda kv: -kv[1]))
         lines += ["", f"{m['label']} -> {m['output']} ({m['file_bytes']} bytes, budget {m['budget_bytes']}): {counts}."
                   f" Recipe: {m['recipe']}."]
+        if m.get("theta_offered"):
+            lines.append(f"Theta was offered to every block matrix and taken by {m['theta_matrices']}"
+                         + (f" ({m['theta_bytes']} bytes in {m['theta_output']}; llama.cpp applies it as a LoRA "
+                            "adapter, which costs generation speed: measure with nkat bench)." if m["theta_matrices"]
+                            else ": no rank removed more predicted damage per byte than a type change."))
         near = m.get("nearest_stock")
         if near and near.get("kld_mean") is not None and m.get("kld_mean") is not None:
             lines.append(f"Nearest stock type in size: {near['label']} ({near['file_bytes'] / MiB:.2f} MiB), KLD "
