@@ -1,8 +1,10 @@
 """Generation and prompt speed of two plain GGUF files (an `nkat mix` file against the stock type
 nearest in size), run alternately in one process so both see the same machine load.
 
-    python benchmarks/bench_mix_speed.py --a STOCK.gguf --b MIX.gguf [--repeats 5] [--iterations 64]
-        [--seq-len 512] [--threads 2] [--json]
+    python benchmarks/bench_mix_speed.py --a STOCK.gguf --b MIX.gguf [--b-theta MIX.nkat] [--repeats 5]
+        [--iterations 64] [--seq-len 512] [--threads 2] [--json]
+
+With --b-theta, B runs with `nkat mix --theta`'s adapter applied by llama.cpp's LoRA path.
 
 Each repeat runs A then B: a prompt of --seq-len tokens in one batch, then --iterations greedy
 tokens one decode at a time (nkat bench's measurement, measure/bench.py). Reported: each side's
@@ -32,6 +34,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--a", required=True, help="the stock file (the ratio's denominator)")
     ap.add_argument("--b", required=True, help="the mix")
+    ap.add_argument("--b-theta", help="the mix's .nkat (nkat mix --theta), applied to B")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--iterations", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -41,8 +44,8 @@ def main() -> int:
 
     settings = RuntimeSettings(threads=args.threads)
     n_ctx = args.seq_len + args.iterations + 8
-    sides = {name: Runtime.from_settings(path, None, settings, n_ctx=n_ctx, n_batch=args.seq_len)
-             for name, path in (("a", args.a), ("b", args.b))}
+    sides = {name: Runtime.from_settings(path, theta, settings, n_ctx=n_ctx, n_batch=args.seq_len)
+             for name, path, theta in (("a", args.a, None), ("b", args.b, args.b_theta))}
     try:
         tokens = prompt_tokens(sides["a"], args.seq_len, None)
         for rt in sides.values():
@@ -64,7 +67,9 @@ def main() -> int:
         "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads,
         "seq_len": args.seq_len, "iterations": args.iterations, "repeats": args.repeats,
         "a": {"file": args.a, "bytes": Path(args.a).stat().st_size, **summarize(runs["a"], args.seq_len)},
-        "b": {"file": args.b, "bytes": Path(args.b).stat().st_size, **summarize(runs["b"], args.seq_len)},
+        "b": {"file": args.b, "theta": args.b_theta,
+              "bytes": Path(args.b).stat().st_size + (Path(args.b_theta).stat().st_size if args.b_theta else 0),
+              **summarize(runs["b"], args.seq_len)},
         # B/A of tokens/s = A's time / B's time, per pair
         "generation_ratio_b_over_a": ratios("latencies"),
         "prompt_ratio_b_over_a": ratios("prompt_s"),

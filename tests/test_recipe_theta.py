@@ -80,3 +80,18 @@ def test_theta_is_taken_where_no_type_can_spend_the_bytes(reference_model, imatr
                quiet=True)
     # the same tokens scored with and without the adapter (measured here: 0.277 against 0.309)
     assert m["kld_mean"] < 0.97 * plain["kld_mean"], (m["kld_mean"], plain["kld_mean"])
+
+
+def test_theta_is_priced_for_chosen_and_next_cheaper_types_never_the_reference_type():
+    """A tensor kept in the reference's own type is copied as stored by llama.cpp: nothing to correct."""
+    from nkat_gguf.recipe.costs import TensorCost
+    from nkat_gguf.recipe.theta_option import types_to_price
+
+    options = {"Q2_K": (100, 9.0), "Q3_K": (150, 4.0), "Q4_K": (200, 1e-9), "Q6_K": (300, 0.5)}
+    costs = {"blk.0.attn_q.weight": TensorCost("blk.0.attn_q.weight", 8, 256, "Q4_K", 100.0, options),
+             "blk.0.attn_k.weight": TensorCost("blk.0.attn_k.weight", 8, 256, "Q4_K", 100.0, options),
+             "token_embd.weight": TensorCost("token_embd.weight", 8, 256, "Q4_K", 100.0, options)}
+    chosen = [{"blk.0.attn_q.weight": "Q3_K", "blk.0.attn_k.weight": "Q4_K", "token_embd.weight": "Q3_K"}]
+    wanted = types_to_price(costs, chosen)
+    assert wanted == {"blk.0.attn_q.weight": ["Q3_K", "Q2_K"], "blk.0.attn_k.weight": ["Q3_K"]}
+    assert types_to_price(costs, chosen, ["blk.*.attn_k.weight"]) == {"blk.0.attn_k.weight": ["Q3_K"]}

@@ -67,7 +67,8 @@ def check_types(types) -> list[str]:
     out = list(dict.fromkeys(out))
     for t in out:
         if t not in CANDIDATE_TYPES:
-            raise UserError(f"type {t!r} is not one llama.cpp writes per tensor; one of: {', '.join(CANDIDATE_TYPES)}")
+            raise UserError(f"type {t!r} is not one llama.cpp writes per tensor; one of: {', '.join(CANDIDATE_TYPES)}, "
+                            f"or a preset: {', '.join(TYPE_PRESETS)}")
     if not out:
         raise UserError("no candidate types given")
     return out

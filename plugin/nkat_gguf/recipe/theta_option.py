@@ -177,7 +177,7 @@ def write_theta(mix_path: str, reference: str, ranks: dict[str, int], output: st
     Returns the file's bytes."""
     from ..formats.gguf_io import ModelFile
     from ..formats.nkat_format import write_nkat
-    from ..theta.pipeline import Statistics as ThetaStatistics, factor_loop, theta_meta, thetas
+    from ..theta.pipeline import Allocation, Statistics as ThetaStatistics, factor_loop, theta_meta, thetas
 
     model, ref = ModelFile(mix_path), ModelFile(reference)
     source = theta_source(covariance)
@@ -187,7 +187,8 @@ def write_theta(mix_path: str, reference: str, ranks: dict[str, int], output: st
     pricing = Pricing({n: model.shape(n) for n in names}, {n: "general" for n in names}, THETA_TYPE)
     factors = thetas(pieces, pricing, ranks)
     meta = theta_meta(model, ref, factors, pricing, rank=max(ranks.values()), gamma=THETA_GAMMA, source=source,
-                      structure="general", imatrix=imatrix, covariance=covariance, budget=None)
+                      structure="general", imatrix=imatrix, covariance=covariance, budget=None,
+                      allocation=Allocation.MIX)
     write_nkat(output, model.architecture, factors, meta)
     return Path(output).stat().st_size
 

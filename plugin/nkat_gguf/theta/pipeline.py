@@ -34,10 +34,12 @@ _TENSOR_SUFFIXES = ".lora_a.lora_b"  # the two tensors' names: the weight's name
 
 
 class Allocation(StrEnum):
-    """How the ranks are chosen: one rank everywhere, or the greedy cut within a byte budget."""
+    """How the ranks are chosen: one rank everywhere, the greedy cut within a byte budget, or
+    nkat mix's allocation (ranks priced against type changes)."""
 
     UNIFORM = "uniform"
     BUDGET = "budget"
+    MIX = "mix"
 
 
 def load_scales(path: str, names: list[str]) -> dict[str, np.ndarray]:
@@ -196,12 +198,13 @@ def thetas(pieces: dict[str, tuple[np.ndarray, np.ndarray]], pricing: Pricing,
 
 def theta_meta(model: ModelFile, ref: ModelFile | None, factors: list[ThetaFactors], pricing: Pricing, *,
                rank: int, gamma: float, source: str, structure: str, imatrix: str | None,
-               covariance: str | None, budget: int | None, extra: dict | None = None) -> NkatMeta:
+               covariance: str | None, budget: int | None, extra: dict | None = None,
+               allocation: Allocation | None = None) -> NkatMeta:
     """The metadata of a .nkat of `factors`: the structure asked for, or the one `auto` resolved
     to where it resolved to one; the allocation, the covariance file and the budget in extra."""
     used = {pricing.structures[f.name] for f in factors}
     keys = NkatKeys.Extra
-    info = {keys.RANK_ALLOCATION: Allocation.BUDGET if budget is not None else Allocation.UNIFORM}
+    info = {keys.RANK_ALLOCATION: allocation or (Allocation.BUDGET if budget is not None else Allocation.UNIFORM)}
     if covariance:
         info[keys.COVARIANCE] = str(covariance)
     if budget is not None:
