@@ -46,8 +46,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rows", type=positive_int, default=DEFAULT_ROWS, metavar="N",
                    help=f"rows sampled per tensor for the error estimate (default {DEFAULT_ROWS})")
     p.add_argument("--types", type=csv, default=list(CANDIDATE_TYPES), metavar="T,T,...",
-                   help="candidate GGML types, or a preset: all (default: every type llama.cpp writes per tensor) or fast "
-                   "(no i-quants, whose matmuls are the slow ones on CPU)")
+                   help="candidate GGML types, or a preset: all (default: every type llama.cpp writes per "
+                   "tensor) or fast (no i-quants, whose matmuls are the slow ones on CPU)")
     p.add_argument("--no-tie", dest="tie_gate_up", action="store_false",
                    help="let ffn_gate and ffn_up of a block take different types")
     p.add_argument("--output-floor", default=OUTPUT_FLOOR, metavar="TYPE",

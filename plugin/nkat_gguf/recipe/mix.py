@@ -200,7 +200,8 @@ class Mix:
             "reference_type": Counter(ref_types[n] for n in layout.allocated).most_common(1)[0][0],
             "imatrix": imatrix, "covariance": o.covariance, "rows": o.rows, "types": o.types,
             "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "fit_chunks": o.fit_chunks,
-            "theta": o.theta, "theta_layers": o.theta_layers, "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
+            "theta": o.theta, "theta_layers": o.theta_layers, "text": o.text, "chunks": o.chunks,
+            "ctx": o.runtime.ctx,
             "flash_attn": o.runtime.flash_attn, "threads": o.runtime.threads, "smallest_bytes": smallest,
             "fixed_bytes": layout.fixed, "n_weights": layout.n_weights,
         }
@@ -271,8 +272,9 @@ class Mix:
             "bpw": 8 * size / layout.n_weights, "predicted_damage": alloc.damage,
             "predicted_kld": alloc.damage if fitted else None,
             "type_counts": dict(Counter(recipe.values())),
-            "tensors": [{"name": n, "type": recipe[n], "theta_rank": ranks.get(n, 0), "bytes": costs[n].options[recipe[n]][0],
-                         "relative_damage": relative(n, option)} for n, option in options.items()],
+            "tensors": [{"name": n, "type": recipe[n], "theta_rank": ranks.get(n, 0),
+                         "bytes": costs[n].options[recipe[n]][0], "relative_damage": relative(n, option)}
+                        for n, option in options.items()],
         }
 
     def fit_weights(self, builder: MixBuilder):

@@ -35,6 +35,7 @@ from .costs import Statistics, TensorCost, reference_rows
 THETA_RANKS = (8, 16, 32, 64)
 THETA_TYPE = "q8_0"  # the .nkat's INT8 storage (lora_b falls back to F16 at ranks not a multiple of 32)
 THETA_GAMMA = 2.0  # y = W x + 0.5 gamma theta x: the whole residual component
+THETA_FIXED_BYTES = FILE_OVERHEAD  # the .nkat's header and metadata, charged once when theta is offered
 _SEP = "+r"
 GAINS_VERSION = 1
 
@@ -144,7 +145,8 @@ def model_gains(reference: str, stats: Statistics, wanted: dict[str, list[str]],
     path = Path(work_dir) / f"theta-gains-{gains_key(reference, stats)}.json"
     done: dict[str, dict[str, ThetaGain]] = {}
     if path.is_file():
-        done = {n: {t: ThetaGain(**g) for t, g in by_type.items()} for n, by_type in json.loads(path.read_text()).items()}
+        stored = json.loads(path.read_text())
+        done = {n: {t: ThetaGain(**g) for t, g in by_type.items()} for n, by_type in stored.items()}
     tensors = {t.name: t for t in open_gguf(reference).tensors if t.name in wanted}
     todo = [(n, t) for n, types in wanted.items() for t in types if t not in done.get(n, {})]
     for name, qtype in progress(todo, desc="theta gains", unit="matrix", quiet=quiet):
@@ -192,5 +194,3 @@ def write_theta(mix_path: str, reference: str, ranks: dict[str, int], output: st
     write_nkat(output, model.architecture, factors, meta)
     return Path(output).stat().st_size
 
-
-THETA_FIXED_BYTES = FILE_OVERHEAD  # the .nkat's header and metadata, charged once when theta is offered
