@@ -19,6 +19,7 @@ from .candidates import CANDIDATE_TYPES
 from .costs import DEFAULT_ROWS, Statistics, TensorCost, model_costs
 from .layout import Layout, read_layout, tensor_types
 from .recipe_file import exact_pattern
+from .theta_option import THETA_FIXED_BYTES
 
 # The llama.cpp file type named in a mix's metadata: that of its most common tensor type.
 FTYPE_OF = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1", "Q8_0": "q8_0", "F16": "f16",
@@ -47,11 +48,11 @@ def curves_from_costs(costs: dict[str, TensorCost], layout: Layout, tie_gate_up:
     curves = []
     for n, c in costs.items():
         extra = theta.get(n, {})
-        scale = w(n) / c.energy if c.energy > 0 else 0.0
-        curves.append(Curve(n, list(c.options) + list(extra),
+        options = list(c.options) + list(extra)
+        curves.append(Curve(n, options,
                             [layout.padded(b) for b, _ in c.options.values()]
                             + [layout.padded(g) + t for g, t, _ in extra.values()],
-                            [w(n) * c.relative(t) for t in c.options] + [scale * d for _, _, d in extra.values()]))
+                            [w(n) * option_damage(c, extra, o) for o in options]))
     if output_floor:
         curves = [floor(c, c.bytes[c.options.index(output_floor)])
                   if c.name == "output.weight" and output_floor in c.options else c for c in curves]
@@ -60,6 +61,14 @@ def curves_from_costs(costs: dict[str, TensorCost], layout: Layout, tie_gate_up:
     groups = [[n, n.replace("ffn_gate", "ffn_up")] for n in costs
               if ".ffn_gate.weight" in n and n.replace("ffn_gate", "ffn_up") in costs]
     return tie(curves, groups)
+
+
+def option_damage(cost: TensorCost, theta: dict[str, tuple[int, int, float]], option: str) -> float:
+    """A tensor's relative damage at one option: a type of its curve, or a type + theta rank (theta:
+    option -> (GGUF bytes, .nkat bytes, damage))."""
+    if option in cost.options:
+        return cost.relative(option)
+    return theta[option][2] / cost.energy if cost.energy > 0 else 0.0
 
 
 def check_types(path, recipe: dict[str, str]) -> None:
@@ -82,7 +91,8 @@ class MixBuilder:
         self.imatrix_key = fingerprint_file(imatrix) if imatrix else None  # hashed once, not per recipe
         self.layout = read_layout(reference)
         say(f"[mix] cost curves of {len(self.layout.allocated)} tensors ({rows} sampled rows each)", quiet)
-        self.costs = model_costs(reference, Statistics(imatrix, covariance), self.work, rows, types, threads, quiet)
+        self.stats = Statistics(imatrix, covariance)
+        self.costs = model_costs(reference, self.stats, self.work, rows, types, threads, quiet)
         self.tie_gate_up, self.output_floor = tie_gate_up, output_floor
         self.weight = None
         self.theta: dict[str, dict[str, tuple[int, int, float]]] = {}
@@ -102,10 +112,12 @@ class MixBuilder:
         self.theta = options
         self._rebuild()
 
+    def relative(self, name: str, option: str) -> float:
+        """The relative damage of one tensor at one option of its curve (a type, or type + theta)."""
+        return option_damage(self.costs[name], self.theta.get(name, {}), option)
+
     @property
     def fixed(self) -> int:
-        from .theta_option import THETA_FIXED_BYTES
-
         return self.layout.fixed + (THETA_FIXED_BYTES if self.theta else 0)
 
     @property

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -149,5 +149,4 @@ def model_costs(reference: str, stats: Statistics, work_dir, n_rows: int | None 
     for tensor in progress(todo, desc="costs", unit="tensor", quiet=quiet):
         done[tensor.name] = tensor_cost(tensor, stats, n_rows, types, threads, done.get(tensor.name))
         write_text_atomic(path, json.dumps({n: asdict(c) for n, c in done.items()}))
-    return {t.name: TensorCost(**{**asdict(done[t.name]), "options": {q: done[t.name].options[q] for q in wanted(t)}})
-            for t in tensors}
+    return {t.name: replace(done[t.name], options={q: done[t.name].options[q] for q in wanted(t)}) for t in tensors}

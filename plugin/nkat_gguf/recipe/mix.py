@@ -180,12 +180,12 @@ class Mix:
             builder.set_weights(weight)
         allocations = builder.allocate(targets)
         if o.theta:
-            allocations = self.offer_theta(builder, allocations, targets, imatrix)
+            allocations = self.offer_theta(builder, allocations, targets)
 
         outputs = self.output_paths(budgets)
         mixes = []
         for b, target, alloc, out in zip(budgets, targets, allocations, outputs):
-            mixes.append(self.write_mix(builder, b, target, alloc, out, imatrix, fitted is not None))
+            mixes.append(self.write_mix(builder, b, target, alloc, out, fitted is not None))
         stock_rows = [{"label": f"{t}-imat", "kind": RowKind.STOCK, "type": t, "model": str(p), "theta": None,
                        "file_bytes": p.stat().st_size, "bpw": 8 * p.stat().st_size / layout.n_weights,
                        "predicted_damage": (d := predicted_damage(costs, tensor_types(p), weight)),
@@ -210,10 +210,9 @@ class Mix:
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return result
 
-    def offer_theta(self, builder: MixBuilder, allocations, targets: list[int], imatrix: str):
+    def offer_theta(self, builder: MixBuilder, allocations, targets: list[int]):
         """The allocation again with theta options priced for the types the plain one chose (and the
         next cheaper ones): recipe.theta_option."""
-        from .costs import Statistics
         from .theta_option import model_gains, theta_options, types_to_price
 
         o = self.o
@@ -221,17 +220,15 @@ class Mix:
         say(f"[mix] theta priced for {len(wanted)} matrices at {sum(map(len, wanted.values()))} (matrix, type) "
             "pairs (whole-tensor SVDs of the residual)", o.quiet)
         t0 = time.perf_counter()
-        gains = model_gains(o.reference, Statistics(imatrix, o.covariance), wanted, self.work, o.runtime.threads,
-                            o.quiet)
+        gains = model_gains(o.reference, builder.stats, wanted, self.work, o.runtime.threads, o.quiet)
         self.timings["theta gains"] = time.perf_counter() - t0
         builder.set_theta(theta_options(builder.costs, gains))
         return builder.allocate(targets)
 
-    def write_mix(self, builder: MixBuilder, b: Budget, target: int, alloc, out: str, imatrix: str,
-                  fitted: bool) -> dict:
+    def write_mix(self, builder: MixBuilder, b: Budget, target: int, alloc, out: str, fitted: bool) -> dict:
         """The budget's GGUF (and .nkat where the allocation chose theta), checked against the budget,
         linked to its output name with the recipe beside it; its row for the report."""
-        from .theta_option import split_option, split_recipe, write_theta
+        from .theta_option import split_recipe, write_theta
 
         o, costs, layout = self.o, builder.costs, builder.layout
         options = builder.recipe(alloc)
@@ -242,7 +239,7 @@ class Mix:
         if ranks:
             theta = self.work / f"theta-{self.ref_key}-{builder.key(options)}.nkat"
             if not theta.is_file():
-                write_theta(str(path), o.reference, ranks, str(theta), imatrix=imatrix, covariance=o.covariance)
+                write_theta(str(path), o.reference, ranks, str(theta), builder.stats)
         self.timings[f"quantize {b.tag}"] = time.perf_counter() - t0
         gguf_bytes = path.stat().st_size
         theta_bytes = theta.stat().st_size if theta else 0
@@ -257,12 +254,6 @@ class Mix:
             link_or_copy(theta, Path(theta_out))
         write_recipe(Path(out).with_suffix(".recipe.txt"), recipe)
 
-        def relative(name: str, option: str) -> float:
-            cost = costs[name]
-            if split_option(option)[1] == 0:
-                return cost.relative(option)
-            return builder.theta[name][option][2] / cost.energy if cost.energy > 0 else 0.0
-
         return {
             "label": f"mix {b.tag}" + (" + theta" if theta else ""), "kind": RowKind.MIX, "budget": b.text,
             "budget_bytes": target, "model": str(path), "output": str(out),
@@ -273,7 +264,7 @@ class Mix:
             "predicted_kld": alloc.damage if fitted else None,
             "type_counts": dict(Counter(recipe.values())),
             "tensors": [{"name": n, "type": recipe[n], "theta_rank": ranks.get(n, 0),
-                         "bytes": costs[n].options[recipe[n]][0], "relative_damage": relative(n, option)}
+                         "bytes": costs[n].options[recipe[n]][0], "relative_damage": builder.relative(n, option)}
                         for n, option in options.items()],
         }
 

@@ -25,8 +25,7 @@ import numpy as np
 from ..formats.gguf_io import fingerprint_file, is_target_name, open_gguf
 from ..formats.nkat_format import factor_bytes
 from ..runtime import ggml_quants
-from ..theta import lowrank as theta_math
-from ..theta.pipeline import FILE_OVERHEAD, Pricing, component_gains
+from ..theta.pipeline import FILE_OVERHEAD, Pricing, Statistics as ThetaStatistics, component_gains, factor
 from ..util.atomic import write_text_atomic
 from ..util.report import progress
 from .allocate import lower_hull
@@ -60,8 +59,16 @@ def split_recipe(recipe: dict[str, str]) -> tuple[dict[str, str], dict[str, int]
     return types, ranks
 
 
-def theta_source(covariance: str | None) -> str:
-    return "residual-cov" if covariance else "residual-act"
+def theta_source(imatrix: str | None, covariance: str | None) -> str:
+    """The `nkat convert` source whose fit the priced gains and the written .nkat share."""
+    return "residual-cov" if covariance else "residual-act" if imatrix else "residual"
+
+
+def whitening(stats: Statistics, names: list[str]) -> ThetaStatistics:
+    """The theta pipeline's statistics for these matrices: what both the gains and the .nkat weigh the
+    residual with (column scales, or covariance roots cached per input)."""
+    return ThetaStatistics(theta_source(stats.imatrix_path, stats.covariance_path), names, stats.imatrix_path,
+                           stats.covariance_path)
 
 
 def matrix_theta_bytes(name: str, n_out: int, n_in: int, rank: int) -> int:
@@ -83,26 +90,19 @@ class ThetaGain:
         return max(0.0, 1.0 - float(np.sum(self.s2[:rank])) / self.energy)
 
 
-def residual_gain(tensor, stats: Statistics, qtype: str, max_rank: int, threads: int | None) -> ThetaGain:
-    """The whole tensor at qtype (ggml's quantizer with the imatrix), the residual whitened as the
-    theta of `theta_source` fits it, and the S^2 of its first max_rank components."""
-    from ..formats.imatrix import column_scales
-
+def residual_gain(tensor, stats: Statistics, qtype: str, max_rank: int, threads: int | None,
+                  weights: ThetaStatistics | None = None) -> ThetaGain:
+    """The whole tensor at qtype (ggml's quantizer with the imatrix), and the first max_rank
+    components of its residual as the theta pipeline fits them (theta.pipeline.factor, weighted by
+    `weights`, default whitening(stats)): their S^2 and the weighted residual's whole energy."""
     name = tensor.name
-    n_out = int(tensor.shape[1])
-    w = reference_rows(tensor, np.arange(n_out))
-    importance = stats.importance(name)
-    E = w - ggml_quants.roundtrip(qtype, w, importance, threads)
+    weights = weights or whitening(stats, [name])
+    w = reference_rows(tensor, np.arange(int(tensor.shape[1])))
+    E = w - ggml_quants.roundtrip(qtype, w, stats.importance(name), threads)
     del w
-    rank = min(max_rank, *E.shape)
-    if stats.cov is not None and name in stats.cov:
-        L = theta_math.covariance_root(stats.cov.autocorrelation(name))
-        _, _, S = theta_math.whitened_low_rank(E, L, rank)
-        energy = float(np.linalg.norm(E.astype(np.float64) @ L) ** 2)
-        return ThetaGain(energy, [float(s) ** 2 for s in S])
-    scales = column_scales(*stats.stats[name]) if name in stats.stats else None
-    P, _ = theta_math.low_rank(E, rank, scales)
-    X = E if scales is None else E * scales[None, :]
+    P, _ = factor(E, name, weights, min(max_rank, *E.shape))
+    root, scales = weights.root(name), weights.scales.get(name)
+    X = E.astype(np.float64) @ root if root is not None else E if scales is None else E * scales[None, :]
     return ThetaGain(float(np.einsum("ij,ij->", X, X, dtype=np.float64)), component_gains(P).tolist())
 
 
@@ -149,8 +149,10 @@ def model_gains(reference: str, stats: Statistics, wanted: dict[str, list[str]],
         done = {n: {t: ThetaGain(**g) for t, g in by_type.items()} for n, by_type in stored.items()}
     tensors = {t.name: t for t in open_gguf(reference).tensors if t.name in wanted}
     todo = [(n, t) for n, types in wanted.items() for t in types if t not in done.get(n, {})]
+    weights = whitening(stats, list(dict.fromkeys(n for n, _ in todo))) if todo else None
     for name, qtype in progress(todo, desc="theta gains", unit="matrix", quiet=quiet):
-        done.setdefault(name, {})[qtype] = residual_gain(tensors[name], stats, qtype, max(THETA_RANKS), threads)
+        done.setdefault(name, {})[qtype] = residual_gain(tensors[name], stats, qtype, max(THETA_RANKS), threads,
+                                                         weights)
         write_text_atomic(path, json.dumps({n: {t: g.__dict__ for t, g in by.items()} for n, by in done.items()}))
     return {n: {t: done[n][t] for t in types} for n, types in wanted.items()}
 
@@ -172,25 +174,24 @@ def theta_options(costs: dict[str, TensorCost], gains: dict[str, dict[str, Theta
     return out
 
 
-def write_theta(mix_path: str, reference: str, ranks: dict[str, int], output: str, *, imatrix: str | None,
-                covariance: str | None, quiet: bool = True) -> int:
-    """The .nkat of the chosen ranks for a written mix: the residual against the reference, whitened
-    as the gains were (theta/pipeline, the same as `nkat convert --source residual-act|residual-cov`).
+def write_theta(mix_path: str, reference: str, ranks: dict[str, int], output: str, stats: Statistics,
+                quiet: bool = True) -> int:
+    """The .nkat of the chosen ranks for a written mix: the residual against the reference, weighted
+    as the gains were (whitening; the same fit as `nkat convert --source residual-act|residual-cov`).
     Returns the file's bytes."""
     from ..formats.gguf_io import ModelFile
     from ..formats.nkat_format import write_nkat
-    from ..theta.pipeline import Allocation, Statistics as ThetaStatistics, factor_loop, theta_meta, thetas
+    from ..theta.pipeline import Allocation, factor_loop, theta_meta, thetas
 
     model, ref = ModelFile(mix_path), ModelFile(reference)
-    source = theta_source(covariance)
     names = list(ranks)
-    stats = ThetaStatistics(source, names, imatrix, covariance)
-    pieces = factor_loop(model, ref, source, stats, ranks, "theta", quiet)
+    weights = whitening(stats, names)
+    source = theta_source(stats.imatrix_path, stats.covariance_path)
+    pieces = factor_loop(model, ref, source, weights, ranks, "theta", quiet)
     pricing = Pricing({n: model.shape(n) for n in names}, {n: "general" for n in names}, THETA_TYPE)
     factors = thetas(pieces, pricing, ranks)
     meta = theta_meta(model, ref, factors, pricing, rank=max(ranks.values()), gamma=THETA_GAMMA, source=source,
-                      structure="general", imatrix=imatrix, covariance=covariance, budget=None,
-                      allocation=Allocation.MIX)
+                      structure="general", imatrix=stats.imatrix_path, covariance=stats.covariance_path,
+                      budget=None, allocation=Allocation.MIX)
     write_nkat(output, model.architecture, factors, meta)
     return Path(output).stat().st_size
-

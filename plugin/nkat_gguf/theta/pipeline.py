@@ -89,18 +89,25 @@ class Statistics:
                 "residual-act (imatrix) for them, residual-cov for the rest")
 
 
-def correction_pq(model: ModelFile, ref: ModelFile | None, name: str, source: str, rank: int,
-                  col_scale: np.ndarray | None = None, cov_root: np.ndarray | None = None):
-    """P, Q with E ~ P Q^T at `rank` for one tensor, E being what `source` corrects (with cov_root L,
-    the exact whitened solution)."""
+def factor(E: np.ndarray, name: str, stats: Statistics, rank: int):
+    """P, Q with E ~ P Q^T at `rank`, weighted as `stats` weighs `name` (column scales, or the exact
+    whitened solution with its covariance root); P = U S of the weighted SVD, so component_gains(P)
+    is the error each component removes."""
+    cov_root = stats.root(name)
+    if cov_root is None:
+        return theta_math.low_rank(E, rank, stats.scales.get(name))
+    P, Q, _ = theta_math.whitened_low_rank(E, cov_root, rank)
+    return P, Q
+
+
+def correction_pq(model: ModelFile, ref: ModelFile | None, name: str, source: str, rank: int, stats: Statistics):
+    """P, Q with E ~ P Q^T at `rank` for one tensor, E being what `source` corrects (factor)."""
+    stats.root(name)  # a bad covariance is its own error, not this matrix's (the root is cached for factor)
     W = model.dequantize(name)
     E = theta_math.correction_matrix(source, W, ref.dequantize(name) if ref else None)
     del W
     try:
-        if cov_root is None:
-            return theta_math.low_rank(E, rank, col_scale)
-        P, Q, _ = theta_math.whitened_low_rank(E, cov_root, rank)
-        return P, Q
+        return factor(E, name, stats, rank)
     except UserError as exc:
         raise UserError(f"{model.path.name}: {name}: {exc}") from None
 
@@ -111,7 +118,7 @@ def factor_loop(model: ModelFile, ref: ModelFile | None, source: str, stats: Sta
     pieces = {}
     for name in progress(list(ranks), desc=desc, quiet=quiet, unit="tensor"):
         theta_math.check_rank(ranks[name], model.shape(name), name)
-        pieces[name] = correction_pq(model, ref, name, source, ranks[name], stats.scales.get(name), stats.root(name))
+        pieces[name] = correction_pq(model, ref, name, source, ranks[name], stats)
     return pieces
 
 
