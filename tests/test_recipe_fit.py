@@ -47,6 +47,39 @@ def test_fit_recovers_known_role_and_depth_weights():
     assert all(r == pytest.approx(1.0, rel=1e-6) for r in result.held_out_ratio)
 
 
+def test_an_outlier_tensor_gets_its_own_probe_and_weight():
+    """A tensor whose output energy is dominated by a few huge activations (relative damage 100x
+    below its role's) but whose KLD per unit of relative damage is 60x its role's: relative error
+    alone would under-rate it. It is probed alone, its weight is its own, and the role x depth
+    weights of the others are still recovered exactly."""
+    costs = synthetic_costs(seed=2)
+    odd = "blk.2.ffn_down.weight"
+    c = costs[odd]
+    costs[odd] = TensorCost(odd, 256, 256, "Q4_K", c.energy * 100, {"Q3_K": (1000, c.options["Q3_K"][1]),
+                                                                     "Q4_K": (1200, 0.0)})
+    true_role = {"token_embd": 0.5, "output": 3.0, "attn_q": 0.05, "attn_k": 0.08, "attn_v": 0.3,
+                 "attn_output": 0.2, fitting.GATE_UP: 0.12, "ffn_down": 0.4}
+    true_depth = np.array([1.3, 0.9, 0.8, 1.0])
+
+    def truth(name):
+        if name == odd:
+            return 0.4 * true_depth[1] * 60
+        role, q = fitting.role_and_quarter(name, 8)
+        return true_role[role] * (true_depth[q] if q is not None else 1.0)
+
+    assert fitting.outliers(costs) == [odd]
+    plan = fitting.probes(costs)
+    assert [p.members for p in plan if p.name.startswith(fitting.TENSOR_PROBE)] == [[odd]]
+    for p in plan:
+        p.kld = sum(truth(n) * d for n, d in p.rel_damage.items())
+    result = fitting.fit(plan, costs)
+    scale = result.weight("blk.0.attn_q.weight") / truth("blk.0.attn_q.weight")  # depth x role: one free scale
+    for name in costs:
+        assert result.weight(name) == pytest.approx(truth(name) * (1.0 if name == odd else scale), rel=1e-6), name
+    assert result.tensor_weight == {odd: pytest.approx(truth(odd))}
+    assert result.spearman_held_out == pytest.approx(1.0)
+
+
 def test_fit_ranks_held_out_probes_when_the_world_is_not_a_product():
     """Weights that are not role x depth (one block's attn_v 5x): the fit cannot be exact, and the
     held-out probe containing that block must show it."""

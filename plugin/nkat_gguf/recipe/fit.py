@@ -11,6 +11,14 @@ text). The model is
 fitted on marginal probes (each role over all blocks, each depth quarter over all roles; plus
 token_embd and output alone) by alternating scaling. Single role x quarter probes are held out of
 the fit, and the report gives how well the model ranks them (Spearman) and its ratio to measured.
+
+Outliers get a probe of their own. In some blocks (Qwen2.5-1.5B's ffn_down of blocks 1, 2 and 26)
+a few huge activations dominate a tensor's output energy (110-375x its role's median), so its
+relative error is tiny (0.000-0.002 at Q2_K, against the role's 0.058) while the error on the rest
+of its output is not. Relative error under-rates such a tensor, and the allocator gave it Q2_K.
+A block tensor whose relative damage at its probe type is below OUTLIER_SHARE of its role's
+median is probed alone; its weight is its own measured KLD per unit of relative damage, and the
+marginal probes are fitted on what their other members leave (their KLD minus the outliers').
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from ..formats.roles import GATE_UP_ROLES
 from .costs import TensorCost
 
 PROBE_TYPES = ("Q3_K", "Q4_0")  # the first a tensor can take (Q3_K needs rows of 256)
+OUTLIER_SHARE = 0.25  # relative damage below this share of the role's median: probed alone
+TENSOR_PROBE = "tensor "  # the name prefix of an outlier's own probe
 QUARTERS = 4
 GATE_UP = "+".join(GATE_UP_ROLES)  # tied in the allocation, probed together
 _BLOCK = re.compile(r"^blk\.(\d+)\.([A-Za-z0-9_]+)\.weight$")
@@ -61,19 +71,40 @@ class Probe:
     predicted: float | None = None
 
 
+def outliers(costs: dict[str, TensorCost]) -> list[str]:
+    """Block tensors whose relative damage at their probe type is below OUTLIER_SHARE of their
+    role's median (see the module doc), in file order."""
+    n_blocks = block_count(costs)
+    rel = {n: c.relative(probe_type(c)) for n, c in costs.items() if probe_type(c)}
+    by_role: dict[str, list[float]] = {}
+    for n, d in rel.items():
+        role, q = role_and_quarter(n, n_blocks)
+        if q is not None:
+            by_role.setdefault(role, []).append(d)
+    out = []
+    for n, d in rel.items():
+        role, q = role_and_quarter(n, n_blocks)
+        if q is not None and len(by_role[role]) >= 4 and d < OUTLIER_SHARE * float(np.median(by_role[role])):
+            out.append(n)
+    return out
+
+
 def probes(costs: dict[str, TensorCost]) -> list[Probe]:
-    """The probes for these tensors: marginal (fitted) and single role x quarter (held out)."""
+    """The probes for these tensors: marginal (fitted), one per outlier tensor (fitted, its own
+    weight) and single role x quarter (held out)."""
     n_blocks = block_count(costs)
     where = {n: role_and_quarter(n, n_blocks) for n in costs if probe_type(costs[n])}
     roles = list(dict.fromkeys(r for r, _ in where.values()))
     out = [Probe(f"role {r}" if any(q is not None for rr, q in where.values() if rr == r) else r,
                  [n for n, (rr, _) in where.items() if rr == r]) for r in roles]
     out += [Probe(f"quarter {q}", [n for n, (_, qq) in where.items() if qq == q]) for q in range(QUARTERS)]
+    out += [Probe(f"{TENSOR_PROBE}{n.removesuffix('.weight')}", [n]) for n in outliers(costs)]
     out += [Probe(f"held {r} q{q}", [n for n, w in where.items() if w == (r, q)], held_out=True) for r, q in HELD_OUT]
     out = [p for p in out if p.members]
     for p in out:
         p.rel_damage = {n: costs[n].relative(probe_type(costs[n])) for n in p.members}
     return out
+
 
 
 def probe_recipe(probe: Probe, costs: dict[str, TensorCost], reference_types: dict[str, str]) -> dict[str, str]:
@@ -89,8 +120,11 @@ class Fit:
     probes: list[Probe]
     spearman_held_out: float | None
     held_out_ratio: list[float]  # predicted / measured, each held-out probe
+    tensor_weight: dict[str, float] = field(default_factory=dict)  # outliers: their own probe's weight
 
     def weight(self, name: str) -> float:
+        if name in self.tensor_weight:
+            return self.tensor_weight[name]
         role, q = role_and_quarter(name, self.n_blocks)
         a = self.role_weight.get(role, float(np.median(list(self.role_weight.values()))))
         return a * (self.depth_weight[q] if q is not None else 1.0)
@@ -99,7 +133,7 @@ class Fit:
         return float(sum(self.weight(n) * d for n, d in rel_damage.items()))
 
     def to_dict(self) -> dict:
-        return {"role_weight": self.role_weight, "depth_weight": self.depth_weight,
+        return {"role_weight": self.role_weight, "depth_weight": self.depth_weight, "tensor_weight": self.tensor_weight,
                 "spearman_held_out": self.spearman_held_out, "held_out_ratio": self.held_out_ratio,
                 "probes": [asdict(p) | {"members": len(p.members)} for p in self.probes]}
 
@@ -119,33 +153,40 @@ def fit(measured: list[Probe], costs: dict[str, TensorCost], iterations: int = 2
     can hold at once); then the held-out probes predicted and compared."""
     n_blocks = block_count(costs)
     where = {n: role_and_quarter(n, n_blocks) for p in measured for n in p.members}
-    role_probes = {p.name.removeprefix("role "): p for p in measured if not p.held_out and not p.name.startswith("quarter")}
+    own = {p.members[0]: p for p in measured if p.name.startswith(TENSOR_PROBE)}
+    tensor_weight = {n: max(p.kld, 0.0) / p.rel_damage[n] if p.rel_damage[n] > 0 else 0.0 for n, p in own.items()}
+    role_probes = {p.name.removeprefix("role "): p for p in measured
+                   if not p.held_out and not p.name.startswith(("quarter ", TENSOR_PROBE))}
     quarter_probes = {int(p.name.split()[1]): p for p in measured if p.name.startswith("quarter ")}
     block_roles = [r for r in role_probes if any(where[n][1] is not None for n in role_probes[r].members)]
     a = {r: 1.0 for r in role_probes}
     b = np.ones(QUARTERS)
 
-    def d(r, q):  # relative damage of role r in quarter q at the probe types
+    def d(r, q):  # relative damage of role r's non-outliers in quarter q at the probe types
         p = role_probes[r]
-        return sum(v for n, v in p.rel_damage.items() if where[n][1] == q)
+        return sum(v for n, v in p.rel_damage.items() if where[n][1] == q and n not in own)
 
-    blocks_total = sum(max(role_probes[r].kld, 0.0) for r in block_roles)
-    quarters_total = sum(max(p.kld, 0.0) for p in quarter_probes.values())
+    def rest(p):  # a marginal probe's KLD less its outliers' own (measured alone)
+        return max(p.kld - sum(max(own[n].kld, 0.0) for n in p.members if n in own), 0.0)
+
+    blocks_total = sum(rest(role_probes[r]) for r in block_roles)
+    quarters_total = sum(rest(p) for p in quarter_probes.values())
     rescale = blocks_total / quarters_total if quarters_total > 0 else 1.0
     for _ in range(iterations):
         for r, p in role_probes.items():
             denom = sum(b[q] * d(r, q) for q in range(QUARTERS)) if r in block_roles else sum(p.rel_damage.values())
-            a[r] = max(p.kld, 0.0) / denom if denom > 0 else 0.0
+            a[r] = rest(p) / denom if denom > 0 else 0.0
         for q, p in quarter_probes.items():
             denom = sum(a[r] * d(r, q) for r in block_roles)
             if denom > 0:
-                b[q] = rescale * max(p.kld, 0.0) / denom
+                b[q] = rescale * rest(p) / denom
         if b.mean() > 0:  # role x depth has one free scale: keep the mean depth weight at 1
             s = b.mean()
             b /= s
             for r in block_roles:
                 a[r] *= s
-    result = Fit({r: float(v) for r, v in a.items()}, [float(x) for x in b], n_blocks, measured, None, [])
+    result = Fit({r: float(v) for r, v in a.items()}, [float(x) for x in b], n_blocks, measured, None, [],
+                 {n: float(w) for n, w in tensor_weight.items()})
     for p in measured:
         p.predicted = result.predict(p.rel_damage)
     held = [p for p in measured if p.held_out and p.kld is not None]

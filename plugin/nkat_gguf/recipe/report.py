@@ -48,6 +48,10 @@ def mix_markdown(result: dict) -> str:
                   f"probe files scored on the calibration text: by role {roles}; by depth quarter x [{depth}]. "
                   f"On {len(ratios)} held-out role x quarter probes: Spearman {_num(f['spearman_held_out'], 3)}, "
                   f"predicted / measured {min(ratios, default=0):.2f}-{max(ratios, default=0):.2f}."]
+        if f.get("tensor_weight"):
+            own = ", ".join(f"{n.removesuffix('.weight')} {w:.3g}" for n, w in f["tensor_weight"].items())
+            lines.append(f"Probed alone (relative error under-rates them: a few huge activations dominate their "
+                         f"output): {own}.")
     p = result.get("prediction")
     if p:
         how = (f"{_num(p['kld_per_damage'])} x summed relative damage, one scale fitted on these {p['files']} files"
