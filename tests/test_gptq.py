@@ -166,3 +166,47 @@ def test_lower_inverse_by_halves_equals_numpy():
     _, R = correlated(600, 1, seed=4)
     L = np.linalg.cholesky(R + 0.01 * np.eye(600))
     assert np.allclose(lower_inverse(L), np.linalg.inv(L), rtol=1e-9, atol=1e-9 * np.abs(np.linalg.inv(L)).max())
+
+
+@pytest.mark.slow
+def test_mix_gptq_rounds_the_chosen_types_again_at_the_same_bytes(demo_cov, reference_model, tmp_path):
+    """nkat mix --gptq: the same allocation as without it, the file as long and of the same tensor
+    types; tensors kept in the reference's own type byte-equal to the plain mix (llama.cpp copies
+    them), every other covered tensor GPTQ's bytes for its type (equal to gptq_quantize_matrix on
+    that tensor alone, so sharing one factor per input changes nothing), with less output error
+    under the covariance than llama.cpp's rounding."""
+    from nkat_gguf.formats.covariance import CovarianceFile
+    from nkat_gguf.formats.gguf_io import ModelFile
+    from nkat_gguf.recipe.mix import MixOptions, run_mix
+    from nkat_gguf.runtime.settings import RuntimeSettings
+
+    def mix(gptq):
+        opts = MixOptions(reference=str(reference_model), output=str(tmp_path / f"m{bool(gptq)}.gguf"),
+                          work_dir=str(tmp_path / "w"), budgets=["4.8bpw"], rows=16,
+                          types=["Q4_0", "Q4_1", "Q5_0", "Q8_0"], fit_chunks=0, gptq=gptq,
+                          runtime=RuntimeSettings(ctx=128, threads=2), quiet=True)
+        return run_mix(opts)["mixes"][0]
+
+    plain, rounded = mix(None), mix(str(demo_cov))
+    assert rounded["tensors"] == plain["tensors"] and rounded["file_bytes"] == plain["file_bytes"]
+    a, b = open_gguf(plain["output"]), open_gguf(rounded["output"])
+    ref, cov = ModelFile(str(reference_model)), CovarianceFile(demo_cov)
+    ref_types = {t.name: t.tensor_type.name for t in open_gguf(reference_model).tensors}
+    rewritten, error_plain, error_gptq = [], 0.0, 0.0
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert (ta.name, ta.tensor_type, ta.n_bytes) == (tb.name, tb.tensor_type, tb.n_bytes)
+        same = np.array_equal(np.asarray(ta.data), np.asarray(tb.data))
+        covered = ta.name in cov and len(ta.shape) == 2 and ta.name not in ("token_embd.weight", "output.weight")
+        assert same == (not covered or ref_types[ta.name] == ta.tensor_type.name), ta.name
+        if not same:
+            rewritten.append(ta.name)
+            W, R = ref.dequantize(ta.name), cov.autocorrelation(ta.name)
+            n_in = W.shape[1]
+            error_plain += output_error(W, gq.dequantize_rows(ta.tensor_type, np.asarray(ta.data), n_in), R)
+            error_gptq += output_error(W, gq.dequantize_rows(tb.tensor_type, np.asarray(tb.data), n_in), R)
+    assert len(rewritten) >= 10
+    assert error_gptq < 0.9 * error_plain
+    for name in (rewritten[0], rewritten[-1]):
+        t = next(x for x in b.tensors if x.name == name)
+        alone = gptq_quantize_matrix(ref.dequantize(name), cov.autocorrelation(name), t.tensor_type)
+        assert np.array_equal(alone.reshape(-1), np.asarray(t.data).reshape(-1).view(np.uint8)), name

@@ -106,6 +106,25 @@ def test_cli_bad_budget_one_line(reference_model, imatrix, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.parametrize("extra, words", [
+    (["--gptq", "REFERENCE"], "covariance"),                     # a model file is not a covariance file
+    (["--gptq", "MISSING"], "file not found"),
+    (["--gptq", "REFERENCE", "--theta"], "cannot be combined"),
+    (["--gptq-damp", "0.3"], "--gptq-damp needs --gptq"),
+])
+def test_cli_bad_gptq_settings_one_line(reference_model, imatrix, tmp_path, extra, words):
+    """--gptq mistakes stop before any work: one line, exit 2, nothing written."""
+    extra = [str(reference_model) if a == "REFERENCE" else str(tmp_path / "none.cov") if a == "MISSING" else a
+             for a in extra]
+    cmd = [sys.executable, "-m", "nkat_gguf.cli", "mix", "--reference", str(reference_model), "--bpw", "4.8",
+           "--imatrix", imatrix, "--types", ",".join(TYPES), "--rows", "8", "--quiet", "-o", str(tmp_path / "x.gguf"),
+           "--work-dir", str(tmp_path / "w"), *extra]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().count("\n") == 0 and words in run.stderr, run.stderr
+    assert not (tmp_path / "x.gguf").exists() and not list((tmp_path / "w").glob("costs-*"))
+
+
 def test_one_costs_cache_serves_every_type_list(reference_model, imatrix, tmp_path, monkeypatch):
     """A run with more types quantizes only the points the cache lacks, and every point equals a
     fresh computation; a subset comes from the cache without quantizing anything."""

@@ -27,6 +27,7 @@ class Setting:
     IMATRIX = SettingName("imatrix")
     COVARIANCE = SettingName("covariance file")
     GPTQ_DAMP = SettingName("GPTQ damping")
+    GPTQ_COVARIANCE = SettingName("GPTQ covariance file")  # nkat mix --gptq
     QUANT_METHOD = SettingName("quantization method")
     BUDGET_MB = SettingName("budget in MiB")
     BUDGET_PCT = SettingName("budget in percent of the base")

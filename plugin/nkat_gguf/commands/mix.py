@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import Setting, UserError
 from ..formats.defaults import find_eval_text
 from ..recipe.candidates import CANDIDATE_TYPES, check_types
 from ..recipe.build import OUTPUT_FLOOR
 from ..recipe.costs import DEFAULT_ROWS
 from ..recipe.mix import MixOptions, run_mix
 from ..recipe.report import mix_markdown
+from ..runtime.gptq import DEFAULT_DAMP
 from ..util.atomic import write_text_atomic
 from ..util.report import print_json, say, to_json
 from .common import (add_output_flags, add_runtime_flags, add_text_flag, count, csv, positive_int, reference_path,
@@ -64,6 +65,13 @@ def add_parser(subparsers) -> None:
                    "The report says how many matrices took it; 0 is a possible answer")
     p.add_argument("--theta-layers", type=csv, default=[], metavar="GLOB,...",
                    help="with --theta: offer it only to these matrices (GGUF names, e.g. 'blk.*.attn_v.weight')")
+    p.add_argument("--gptq", metavar="COV",
+                   help="round every tensor llama.cpp quantizes again by GPTQ error propagation under this "
+                   "covariance file (nkat calibrate --covariance), in the type the allocation chose: same types, "
+                   "same bytes. The allocation itself is unchanged. Measure it: it paid on some texts and not "
+                   "others (docs/RESULTS.md)")
+    p.add_argument("--gptq-damp", type=float, default=DEFAULT_DAMP, metavar="F",
+                   help=f"with --gptq: damping lambda = F x the mean diagonal of the covariance (default {DEFAULT_DAMP:g})")
     p.add_argument("--compare", type=csv, default=[], metavar="T,T,...",
                    help="stock llama.cpp types (made with the same imatrix) scored beside the mixes")
     p.add_argument("--score", action="store_true", help="score the mixes against the reference on --text")
@@ -71,7 +79,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--chunks", type=positive_int, default=8, metavar="N", help="evaluation chunks (default 8)")
     add_runtime_flags(p)
     add_output_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, setting_flags={Setting.GPTQ_DAMP: "--gptq-damp", Setting.GPTQ_COVARIANCE: "--gptq"})
 
 
 def budgets_of(args) -> list[str]:
@@ -95,11 +103,14 @@ def run(args) -> int:
         imatrix=args.imatrix, covariance=args.covariance, calib_text=args.calib_text, calib_chunks=args.calib_chunks,
         rows=args.rows, types=check_types(args.types), compare=args.compare, tie_gate_up=args.tie_gate_up,
         output_floor=None if args.output_floor.lower() == "none" else args.output_floor.upper(),
-        fit_chunks=args.fit_chunks, theta=args.theta, theta_layers=args.theta_layers,
+        fit_chunks=args.fit_chunks, theta=args.theta, theta_layers=args.theta_layers, gptq=args.gptq,
+        gptq_damp=args.gptq_damp,
         text=str(find_eval_text(args.text)) if args.score else None, chunks=args.chunks,
         runtime=runtime_settings(args), quiet=quiet)
     if args.theta_layers and not args.theta:
         raise UserError("--theta-layers needs --theta")
+    if args.gptq_damp != DEFAULT_DAMP and not args.gptq:
+        raise UserError("--gptq-damp needs --gptq")
     result = run_mix(opts)
     write_text_atomic(work / "mix.json", to_json(result))
     write_text_atomic(work / "mix.md", mix_markdown(result))

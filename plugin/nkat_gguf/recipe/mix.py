@@ -25,12 +25,13 @@ import numpy as np
 from ..errors import Setting, UserError
 from ..formats.gguf_io import fingerprint_file
 from ..measure.scoring import RowKind
+from ..runtime.gptq import DEFAULT_DAMP
 from ..runtime.settings import RuntimeSettings
 from ..util.atomic import atomic_path
 from ..util.output_paths import check_output_path
 from ..util.report import say
 from .budgets import MiB, Budget, budget_bytes, parse_budget
-from .build import OUTPUT_FLOOR, MixBuilder
+from .build import OUTPUT_FLOOR, MixBuilder, check_types
 from .candidates import CANDIDATE_TYPES
 from .costs import DEFAULT_ROWS, TensorCost
 from .fit import spearman
@@ -56,6 +57,8 @@ class MixOptions:
     fit_chunks: int = 0  # calibration chunks per probe for the role x depth weights; 0: no probes (the CLI: 4)
     theta: bool = False  # offer a rank-r theta (a .nkat beside the GGUF) as one more option per block matrix
     theta_layers: list[str] = field(default_factory=list)  # GGUF-name globs: only these matrices (default: all)
+    gptq: str | None = None  # a covariance file: every chosen tensor rounded by GPTQ in its type (same bytes)
+    gptq_damp: float = DEFAULT_DAMP
     text: str | None = None  # evaluation text; None: no scoring
     chunks: int = 8
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
@@ -148,10 +151,14 @@ class Mix:
     def run(self) -> dict:
         started = time.perf_counter()
         o = self.o
-        for path in (o.reference, o.imatrix, o.covariance, o.text):
+        if o.gptq and o.theta:
+            raise UserError("--gptq and --theta cannot be combined: theta is fitted to llama.cpp's own rounding")
+        for path in (o.reference, o.imatrix, o.covariance, o.gptq, o.text):
             if path and not Path(path).is_file():
                 raise UserError(f"file not found: {path}")
         check_output_path(o.output, [o.reference], Setting.OUTPUT)
+        if o.gptq:
+            self.check_gptq()
         self.ref_key = fingerprint_file(o.reference)[:12]
         stock_names = stock_type_names()
         budgets = [parse_budget(b, stock_names) for b in o.budgets]
@@ -181,11 +188,12 @@ class Mix:
         allocations = builder.allocate(targets)
         if o.theta:
             allocations = self.offer_theta(builder, allocations, targets)
+        rounded = self.gptq_files(builder, allocations) if o.gptq else {}
 
         outputs = self.output_paths(budgets)
         mixes = []
         for b, target, alloc, out in zip(budgets, targets, allocations, outputs):
-            mixes.append(self.write_mix(builder, b, target, alloc, out, fitted is not None))
+            mixes.append(self.write_mix(builder, b, target, alloc, out, fitted is not None, rounded))
         stock_rows = [{"label": f"{t}-imat", "kind": RowKind.STOCK, "type": t, "model": str(p), "theta": None,
                        "file_bytes": p.stat().st_size, "bpw": 8 * p.stat().st_size / layout.n_weights,
                        "predicted_damage": (d := predicted_damage(costs, tensor_types(p), weight)),
@@ -200,7 +208,8 @@ class Mix:
             "reference_type": Counter(ref_types[n] for n in layout.allocated).most_common(1)[0][0],
             "imatrix": imatrix, "covariance": o.covariance, "rows": o.rows, "types": o.types,
             "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "fit_chunks": o.fit_chunks,
-            "theta": o.theta, "theta_layers": o.theta_layers, "text": o.text, "chunks": o.chunks,
+            "theta": o.theta, "theta_layers": o.theta_layers, "gptq": o.gptq,
+            "gptq_damp": o.gptq_damp if o.gptq else None, "text": o.text, "chunks": o.chunks,
             "ctx": o.runtime.ctx,
             "flash_attn": o.runtime.flash_attn, "threads": o.runtime.threads, "smallest_bytes": smallest,
             "fixed_bytes": layout.fixed, "n_weights": layout.n_weights,
@@ -225,9 +234,51 @@ class Mix:
         builder.set_theta(theta_options(builder.costs, gains))
         return builder.allocate(targets)
 
-    def write_mix(self, builder: MixBuilder, b: Budget, target: int, alloc, out: str, fitted: bool) -> dict:
-        """The budget's GGUF (and .nkat where the allocation chose theta), checked against the budget,
-        linked to its output name with the recipe beside it; its row for the report."""
+    def check_gptq(self) -> None:
+        """--gptq's damping and covariance, before any work: a covariance of this reference."""
+        from ..formats.covariance import CovarianceFile
+        from ..formats.gguf_io import ModelFile
+        from ..runtime.gptq_file import check_covariance, check_damp
+
+        check_damp(self.o.gptq_damp)
+        check_covariance(CovarianceFile(self.o.gptq), ModelFile(self.o.reference), self.o.gptq, self.o.reference,
+                         Setting.GPTQ_COVARIANCE)
+
+    def gptq_files(self, builder: MixBuilder, allocations) -> dict[Path, Path]:
+        """Each allocation's file with every tensor llama.cpp quantized rounded again by GPTQ under
+        --gptq's covariance, in the same type (runtime.gptq_file: same types, same bytes). Tensors
+        kept in the reference's own type are copied as stored and stay so. All files in one pass, so
+        each input's factor is computed once. Returns plain file -> GPTQ file (cached by content)."""
+        from contextlib import ExitStack
+
+        from ..formats.covariance import CovarianceFile
+        from ..formats.gguf_io import ModelFile
+        from ..runtime.gptq_file import rewrite_files
+
+        o = self.o
+        ref_types = tensor_types(o.reference)
+        tag = f"gptq-{fingerprint_file(o.gptq)[:12]}-d{o.gptq_damp:g}"
+        plain = list(dict.fromkeys(builder.write(builder.recipe(a)) for a in allocations if a))
+        out = {p: p.with_name(f"{p.stem}-{tag}.gguf") for p in plain}
+        todo = [p for p in plain if not out[p].is_file()]
+        if todo:
+            cov, source = CovarianceFile(o.gptq), ModelFile(o.reference)
+            say(f"[mix] GPTQ rounding of {len(todo)} file(s) under {Path(o.gptq).name}", o.quiet)
+            t0 = time.perf_counter()
+            with ExitStack() as stack:
+                tmps = [stack.enter_context(atomic_path(out[p], [str(p)])) for p in todo]
+                for p, tmp in zip(todo, tmps):
+                    shutil.copyfile(p, tmp)
+                rewrite_files([str(t) for t in tmps], source, cov, o.gptq_damp, threads=o.runtime.threads,
+                              quiet=o.quiet, skip=lambda name, type_name: ref_types.get(name) == type_name)
+            self.timings["gptq"] = time.perf_counter() - t0
+        return out
+
+    def write_mix(self, builder: MixBuilder, b: Budget, target: int, alloc, out: str, fitted: bool,
+                  rounded: dict[Path, Path]) -> dict:
+        """The budget's GGUF (and .nkat where the allocation chose theta; its GPTQ-rounded twin with
+        --gptq), checked against the budget, linked to its output name with the recipe beside it;
+        its row for the report."""
         from .theta_option import split_recipe, write_theta
 
         o, costs, layout = self.o, builder.costs, builder.layout
@@ -235,6 +286,9 @@ class Mix:
         recipe, ranks = split_recipe(options)
         t0 = time.perf_counter()
         path = builder.write(recipe)
+        if path in rounded:
+            check_types(rounded[path], recipe)
+            path = rounded[path]
         theta = None
         if ranks:
             theta = self.work / f"theta-{self.ref_key}-{builder.key(options)}.nkat"
@@ -255,7 +309,8 @@ class Mix:
         write_recipe(Path(out).with_suffix(".recipe.txt"), recipe)
 
         return {
-            "label": f"mix {b.tag}" + (" + theta" if theta else ""), "kind": RowKind.MIX, "budget": b.text,
+            "label": f"mix {b.tag}" + (" + theta" if theta else "") + (" gptq" if o.gptq else ""), "kind": RowKind.MIX,
+            "budget": b.text,
             "budget_bytes": target, "model": str(path), "output": str(out),
             "recipe": str(Path(out).with_suffix(".recipe.txt")), "theta": str(theta) if theta else None,
             "theta_output": theta_out, "theta_offered": o.theta, "theta_matrices": len(ranks),

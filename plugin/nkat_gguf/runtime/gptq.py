@@ -30,6 +30,8 @@ the type, only not byte-identical to what ggml writes for the whole row. K- and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import UserError
@@ -120,20 +122,42 @@ def propagate(W: np.ndarray, U: np.ndarray, block: int, quantize) -> np.ndarray:
     return W
 
 
-def gptq_quantize_matrix(W: np.ndarray, R: np.ndarray, qtype, damp: float = DEFAULT_DAMP,
+@dataclass
+class GptqFactor:
+    """What GPTQ needs of one input covariance at one block length; the same for every matrix
+    that reads that input (q/k/v, gate/up) and every type of that block length."""
+    block: int
+    order: np.ndarray       # block indices in processing order
+    perm: np.ndarray        # column indices in processing order
+    importance: np.ndarray  # diagonal of H in processing order (float32), ggml's importance
+    U: np.ndarray           # H^-1 = U^T U, processing order
+    lam: float              # the damping lambda used
+
+
+def gptq_factor(R: np.ndarray, block: int, damp: float = DEFAULT_DAMP, by_importance: bool = True) -> GptqFactor:
+    """The block order and the factor of H = R + lambda*I for blocks of `block` columns."""
+    diag_R = np.diag(np.asarray(R, dtype=np.float64))
+    order = block_order(diag_R, block, by_importance)
+    perm = (order[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+    h_diag, U, lam = _factor(R, damp, perm)
+    return GptqFactor(block, order, perm, h_diag.astype(np.float32), U, lam)
+
+
+def gptq_quantize_matrix(W: np.ndarray, R: np.ndarray | None, qtype, damp: float = DEFAULT_DAMP,
                          by_importance: bool = True, use_importance: bool = True,
-                         threads: int | None = None, info: dict | None = None) -> np.ndarray:
+                         threads: int | None = None, info: dict | None = None,
+                         factor: GptqFactor | None = None) -> np.ndarray:
     """W (n_out, n_in) quantized to qtype with GPTQ block propagation under H = R + lambda*I.
 
-    R: the input autocorrelation E[x x^T] (n_in, n_in). Returns (n_out, row_bytes) uint8: the rows
-    exactly as ggml lays them out, readable by dequantize_rows and llama.cpp.
+    R: the input autocorrelation E[x x^T] (n_in, n_in); or factor: gptq_factor of it at this type's
+    block length, computed once for several matrices or types (then R, damp and by_importance are
+    not used). Returns (n_out, row_bytes) uint8: the rows exactly as ggml lays them out, readable
+    by dequantize_rows and llama.cpp.
     use_importance: pass the block's diagonal of H to ggml as importance (else ggml's plain rounding).
     info: if given, receives 'lambda' and 'order' (the block order used)."""
     t = ggml_type(qtype)
     W = np.asarray(W)
     n_out, n_in = W.shape
-    if R.shape != (n_in, n_in):
-        raise ValueError(f"covariance is {R.shape}, the matrix has {n_in} input columns")
     bs = block_size(t)
     if n_in % bs:
         raise UserError(f"{t.name} needs rows that are a multiple of {bs} elements, not {n_in}")
@@ -141,14 +165,16 @@ def gptq_quantize_matrix(W: np.ndarray, R: np.ndarray, qtype, damp: float = DEFA
     block_bytes = row_bytes(t, bs)
     if block_bytes * n_blocks != row_bytes(t, n_in):
         raise ValueError(f"{t.name}: a row is not a sequence of whole blocks")
-
-    diag_R = np.diag(np.asarray(R, dtype=np.float64))
-    order = block_order(diag_R, bs, by_importance)
-    perm = (order[:, None] * bs + np.arange(bs)[None, :]).reshape(-1)
-    h_diag, U, lam = _factor(R, damp, perm)
-    importance = h_diag.astype(np.float32)
+    if factor is None:
+        if R is None or R.shape != (n_in, n_in):
+            raise ValueError(f"covariance is {None if R is None else R.shape}, the matrix has {n_in} input columns")
+        factor = gptq_factor(R, bs, damp, by_importance)
+    elif factor.block != bs or factor.perm.size != n_in:
+        raise ValueError(f"the factor is for blocks of {factor.block} over {factor.perm.size} columns, "
+                         f"{t.name} of this matrix needs {bs} over {n_in}")
+    order, perm, U, importance = factor.order, factor.perm, factor.U, factor.importance
     if info is not None:
-        info.update({"lambda": lam, "order": order.tolist()})
+        info.update({"lambda": factor.lam, "order": order.tolist()})
 
     out = np.empty((n_out, n_blocks * block_bytes), dtype=np.uint8)
 

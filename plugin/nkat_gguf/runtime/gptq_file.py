@@ -5,7 +5,8 @@ that fixes every tensor's type, the metadata and the layout. Then the data of ea
 that has an input covariance is overwritten in place with the GPTQ bytes of the same type, after
 checking that type and byte count match. token_embd, output and tensors without a covariance stay
 as llama.cpp wrote them. The output is renamed into place only when complete (util/atomic).
-One matrix at a time; the covariance is memory-mapped.
+One input at a time: its covariance is read, factored once per block length, and used for every
+matrix that reads it (q/k/v, gate/up), in every file rewritten together (nkat mix --gptq).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..util.atomic import atomic_path
 from ..util.report import progress
 from ..util.signals import raise_if_terminated
 from .ggml_quants import block_size, fits_rows
-from .gptq import DEFAULT_DAMP, gptq_quantize_matrix
+from .gptq import DEFAULT_DAMP, GptqFactor, gptq_factor, gptq_quantize_matrix
 from .quantize import quantize_model
 
 # Never rewritten: llama.cpp's choice stands for the embedding and the output head (no covariance
@@ -30,12 +31,14 @@ from .quantize import quantize_model
 KEEP = ("token_embd.weight", "output.weight")
 
 
-def gptq_targets(reader: GGUFReader, covariance: CovarianceFile) -> list:
+def gptq_targets(reader: GGUFReader, covariance: CovarianceFile, skip=None) -> list:
     """The tensors of a llama.cpp-quantized file that GPTQ rewrites: 2-D, with a covariance,
-    in a block type whose rows are whole blocks."""
+    in a block type whose rows are whole blocks, and not skip(name, type name)."""
     out = []
     for t in reader.tensors:
         if t.name in KEEP or t.name not in covariance or len(t.shape) != 2:
+            continue
+        if skip is not None and skip(t.name, t.tensor_type.name):
             continue
         if block_size(t.tensor_type) > 1 and fits_rows(t.tensor_type, int(t.shape[0])):
             out.append(t)
@@ -48,44 +51,89 @@ def gptq_quantize_model(input_path: str, output_path: str, qtype: str, covarianc
     """Quantize input_path to qtype as llama.cpp does, then replace every covariance-covered
     matrix by its GPTQ quantization in the same type. Returns quantize_model's report plus
     'method', 'damp', 'gptq_tensors' (name -> type) and 'kept_tensors' (names llama.cpp's bytes stand for)."""
-    if not damp >= 0 or not np.isfinite(damp):
-        raise BadSetting(Setting.GPTQ_DAMP, f"must be a non-negative number, not {damp}")
+    check_damp(damp)
     cov = CovarianceFile(covariance)
     source = ModelFile(input_path)
-    missing = [n for n in cov.users if n not in source.tensors]
-    if missing:
-        raise BadSetting(Setting.COVARIANCE, f"{covariance} describes {missing[0]}, which {input_path} does not "
-                         "have (calibrate on the model being quantized)")
-    rewritten, kept = {}, []
+    check_covariance(cov, source, covariance, input_path)
     with atomic_path(output_path, [input_path, covariance]) as tmp:
         result = quantize_model(input_path, str(tmp), qtype, threads, imatrix=imatrix)
-        reader = GGUFReader(tmp)
-        targets = gptq_targets(reader, cov)
-        target_names = {t.name for t in targets}
-        kept = [t.name for t in reader.tensors if len(t.shape) == 2 and t.name not in target_names]
-        for t in progress(targets, desc="gptq", quiet=quiet, unit="matrix"):
-            raise_if_terminated()
-            rewritten[t.name] = _rewrite(tmp, t, source, cov, damp, by_importance, threads)
-        del reader, targets
+        rewritten, kept = rewrite_files([str(tmp)], source, cov, damp, by_importance, threads, quiet)[0]
     result.update({"output": str(output_path), "bytes": os.path.getsize(output_path), "method": "gptq",
                    "covariance": str(covariance), "damp": damp, "gptq_tensors": rewritten, "kept_tensors": kept})
     return result
 
 
-def _rewrite(path, tensor, source: ModelFile, cov: CovarianceFile, damp: float, by_importance: bool,
-             threads: int | None) -> str:
-    """Overwrite one tensor's data in the file at path with its GPTQ bytes; returns its type name."""
+def check_damp(damp: float) -> None:
+    if not damp >= 0 or not np.isfinite(damp):
+        raise BadSetting(Setting.GPTQ_DAMP, f"must be a non-negative number, not {damp}")
+
+
+def check_covariance(cov: CovarianceFile, source: ModelFile, cov_path, model_path,
+                     setting: Setting = Setting.COVARIANCE) -> None:
+    """A covariance of this model: every weight it describes is one of the model's tensors."""
+    missing = [n for n in cov.users if n not in source.tensors]
+    if missing:
+        raise BadSetting(setting, f"{cov_path} describes {missing[0]}, which {model_path} does not "
+                         "have (calibrate on the model being quantized)")
+
+
+def rewrite_files(paths: list[str], source: ModelFile, cov: CovarianceFile, damp: float = DEFAULT_DAMP,
+                  by_importance: bool = True, threads: int | None = None, quiet: bool = False,
+                  skip=None) -> list[tuple[dict, list]]:
+    """Rewrite, in place, every covariance-covered matrix of each llama.cpp-written file at paths
+    (all quantized from `source`) with its GPTQ bytes in the type the file has for it.
+
+    Matrices are taken input by input, so each input's factor is computed once per block length
+    for every matrix that reads it, in every file; a (matrix, type) that several files share is
+    quantized once. skip(name, type name) -> True leaves a tensor as llama.cpp wrote it.
+    Returns, per file, (rewritten name -> type name, names of 2-D tensors left as written)."""
+    readers = [GGUFReader(p) for p in paths]
+    targets = [gptq_targets(r, cov, skip) for r in readers]
+    done = []
+    for reader, mine in zip(readers, targets):
+        names = {t.name for t in mine}
+        done.append(({}, [t.name for t in reader.tensors if len(t.shape) == 2 and t.name not in names]))
+    jobs: dict[tuple[str, str], list] = {}  # (name, type) -> [(file index, tensor)]
+    for i, mine in enumerate(targets):
+        for t in mine:
+            jobs.setdefault((t.name, t.tensor_type.name), []).append((i, t))
+    by_input = sorted(jobs, key=lambda job: (cov.input_key(job[0]), job[0], job[1]))
+    factors: dict[int, GptqFactor] = {}
+    current = None
+    for name, type_name in progress(by_input, desc="gptq", quiet=quiet, unit="matrix"):
+        raise_if_terminated()
+        if cov.input_key(name) != current:  # one input's factors at a time (the widest is 640 MB)
+            current, factors = cov.input_key(name), {}
+        where = jobs[(name, type_name)]
+        tensor = where[0][1]
+        bs = block_size(tensor.tensor_type)
+        if bs not in factors:
+            factors[bs] = gptq_factor(cov.autocorrelation(name), bs, damp, by_importance)
+        data = _quantize(tensor, source, factors[bs], threads)
+        for i, t in where:
+            _write(paths[i], t, data)
+            done[i][0][name] = type_name
+    del readers, targets
+    return done
+
+
+def _quantize(tensor, source: ModelFile, factor: GptqFactor, threads: int | None) -> np.ndarray:
+    """One tensor's GPTQ bytes in the type llama.cpp wrote it in, checked to be as many bytes."""
     n_in, n_out = int(tensor.shape[0]), int(tensor.shape[1])
     if source.shape(tensor.name) != (n_out, n_in):
         raise UserError(f"{tensor.name}: the input model has shape {source.shape(tensor.name)}, "
                         f"llama.cpp wrote {(n_out, n_in)}")
-    data = gptq_quantize_matrix(source.dequantize(tensor.name), cov.autocorrelation(tensor.name),
-                                tensor.tensor_type, damp=damp, by_importance=by_importance, threads=threads)
+    data = gptq_quantize_matrix(source.dequantize(tensor.name), None, tensor.tensor_type, threads=threads,
+                                factor=factor)
     if data.nbytes != tensor.n_bytes:
         raise RuntimeError(f"{tensor.name}: GPTQ made {data.nbytes} bytes of {tensor.tensor_type.name}, "
                            f"llama.cpp wrote {tensor.n_bytes}")
+    return data
+
+
+def _write(path, tensor, data: np.ndarray) -> None:
+    """Overwrite one tensor's data in the file at path."""
     target = np.memmap(path, dtype=np.uint8, mode="r+", offset=tensor.data_offset, shape=(tensor.n_bytes,))
     target[:] = data.reshape(-1)
     target.flush()
     del target
-    return tensor.tensor_type.name
