@@ -30,11 +30,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,14 +67,20 @@ def locked(path: str | None):
 
 
 def nkat(lock: str | None, *args: str) -> dict:
+    """Run one nkat command; its JSON, with its wall time and its own peak RSS (wait4's rusage)."""
     cmd = [sys.executable, "-m", "nkat_gguf.cli", *args, "--json", "--quiet"]
     started = time.perf_counter()
-    with locked(lock):
-        done = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr}")
-    out = json.loads(done.stdout)
+    with locked(lock), tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        child = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=ENV)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out_f.seek(0), err_f.seek(0)
+        stdout, stderr = out_f.read().decode(), err_f.read().decode(errors="replace")
+    if child.returncode != 0:
+        sys.exit(f"failed ({child.returncode}): {' '.join(cmd)}\n{stderr}")
+    out = json.loads(stdout)
     out["_seconds"] = time.perf_counter() - started
+    out["_peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux reports kilobytes
     out["_command"] = "nkat " + " ".join(args)
     return out
 
@@ -83,6 +91,37 @@ def split_valid(valid: Path, work: Path) -> tuple[Path, Path]:
     a.write_text("".join(lines[: len(lines) // 2]), encoding="utf-8")
     b.write_text("".join(lines[len(lines) // 2:]), encoding="utf-8")
     return a, b
+
+
+def code_calibration(halves: tuple[Path, Path]) -> tuple[Path, Path]:
+    """Each calibration half interleaved, piece by piece (about 4 KB each), with as many bytes of
+    Python: the .py files in the standard library's packages (its subdirectories, tests left out),
+    never the top-level files the second evaluation text is made of."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*/**/*.py") if p.is_file() and "test" not in p.relative_to(root).parts[0]
+                   and "site-packages" not in p.parts)
+    code = b"".join(p.read_bytes() for p in files).decode("utf-8", errors="replace")
+    out, used = [], 0
+    for half in halves:
+        prose = half.read_text(encoding="utf-8")
+        mine, used = code[used:used + len(prose)], used + len(prose)
+        pairs = itertools.zip_longest(_pieces(prose), _pieces(mine), fillvalue="")
+        mixed = [piece for pair in pairs for piece in pair]
+        path = half.with_name(half.stem + "_code.txt")
+        path.write_text("".join(mixed), encoding="utf-8")
+        out.append(path)
+    return out[0], out[1]
+
+
+def _pieces(text: str, size: int = 4096) -> list[str]:
+    """text cut at the first line end after every `size` characters."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
 
 
 def stdlib_text(work: Path) -> tuple[Path, str]:
@@ -193,6 +232,9 @@ def main() -> int:
     ap.add_argument("--calib-chunks", type=int, default=32, help="chunks of ctx 512 per calibration half (default 32)")
     ap.add_argument("--calib-text", default=str(SHARED / "wikitext-2" / "wiki.valid.tokens"),
                     help="WikiText-2 valid (split into the calibration and the held-out halves)")
+    ap.add_argument("--calib-code", action="store_true",
+                    help="interleave each calibration half with as much Python from the standard library's "
+                         "packages (never the top-level files the second text is made of)")
     ap.add_argument("--eval-text", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"), help="WikiText-2 test")
     ap.add_argument("--second-text", help="second evaluation text (default: CPython's standard-library sources)")
     ap.add_argument("--threads", default="2")
@@ -206,6 +248,8 @@ def main() -> int:
     lock, t = args.lock, ["--threads", args.threads]
     steps: dict[str, dict] = {}
     valid_a, valid_b = split_valid(Path(args.calib_text), work)
+    if args.calib_code:
+        valid_a, valid_b = code_calibration((valid_a, valid_b))
     if args.second_text:
         second, second_name = Path(args.second_text), str(Path(args.second_text).resolve())
     else:
