@@ -295,6 +295,7 @@ def main() -> int:
         "calibration_reused": [p.name for p in (imatrix, cov_a, cov_b) if args.reuse and p.exists()
                                and not any(str(p) in s["_command"] for s in steps.values())],
         "step_seconds": {k: round(s["_seconds"], 1) for k, s in steps.items()},
+        "step_peak_rss_mb": {k: round(s["_peak_rss_mb"]) for k, s in steps.items()},
     }
     if args.json:
         print(json.dumps(result, indent=2))
