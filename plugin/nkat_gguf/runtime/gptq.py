@@ -41,7 +41,8 @@ from .ggml_quants import block_size, dequantize_rows, ggml_type, quantize_rows, 
 # valid's first half, the layer error under its second half, GPTQ's summed error over ggml's imatrix
 # rounding. On the demo model's matrices of every third block (70 Q4_0, 10 Q2_K; bench_gptq.py,
 # 2026-12-04), at damp 0.001 / 0.01 / 0.03 / 0.1: Q4_0 0.590 / 0.581 / 0.571 / 0.559, Q2_K 0.807 /
-# 0.799 / 0.795 / 0.774. (A first sweep on 12 Q4_0 and 3 Q2_K matrices had put 0.01 first.)
+# 0.799 / 0.795 / 0.774; at 0.3 / 1.0: Q4_0 0.569 / 0.617, Q2_K 0.775 / 0.817. (A first sweep on 12 Q4_0
+# and 3 Q2_K matrices had put 0.01 first.)
 DEFAULT_DAMP = 0.1
 # When H + lambda*I is still not positive definite (a nearly singular R), lambda grows by this
 # factor, at most _DAMP_RETRIES times.
