@@ -178,6 +178,7 @@ def test_mix_gptq_rounds_the_chosen_types_again_at_the_same_bytes(demo_cov, refe
     from nkat_gguf.formats.covariance import CovarianceFile
     from nkat_gguf.formats.gguf_io import ModelFile
     from nkat_gguf.recipe.mix import MixOptions, run_mix
+    from nkat_gguf.recipe.report import mix_markdown
     from nkat_gguf.runtime.settings import RuntimeSettings
 
     def mix(gptq):
@@ -185,7 +186,9 @@ def test_mix_gptq_rounds_the_chosen_types_again_at_the_same_bytes(demo_cov, refe
                           work_dir=str(tmp_path / "w"), budgets=["4.8bpw"], rows=16,
                           types=["Q4_0", "Q4_1", "Q5_0", "Q8_0"], fit_chunks=0, gptq=gptq,
                           runtime=RuntimeSettings(ctx=128, threads=2), quiet=True)
-        return run_mix(opts)["mixes"][0]
+        result = run_mix(opts)
+        assert ("rounded again by GPTQ" in mix_markdown(result)) == bool(gptq)
+        return result["mixes"][0]
 
     plain, rounded = mix(None), mix(str(demo_cov))
     assert rounded["tensors"] == plain["tensors"] and rounded["file_bytes"] == plain["file_bytes"]

@@ -16,6 +16,10 @@ def mix_markdown(result: dict) -> str:
     lines = [f"Mixes of {Path(s['reference']).name} (reference type {s['reference_type']}), imatrix "
              f"{Path(s['imatrix']).name}{', covariance ' + Path(s['covariance']).name if s['covariance'] else ''}; "
              f"costs on {s['rows']} sampled rows per tensor."]
+    if s.get("gptq"):
+        lines[0] += (f" Every tensor llama.cpp quantized was rounded again by GPTQ under {Path(s['gptq']).name} "
+                     f"(damping {s['gptq_damp']:g}): the same types and bytes as without it. The predicted KLD is that "
+                     "of llama.cpp's own rounding.")
     scored = "chunks_scored" in result
     if scored:
         lines[0] += (f" Scored on {result['chunks_scored']} chunks x {s['ctx']} tokens of {Path(s['text']).name}, "
