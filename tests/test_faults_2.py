@@ -395,3 +395,21 @@ def test_vit_train_resume_from_a_truncated_checkpoint(tmp_path, capsys, vit_read
     assert status == 2 and len(err) == 1 and "c.pt" in err[0] and "checkpoint" in err[0], err
     assert ckpt.read_bytes() == whole[: len(whole) // 2]          # left as it was
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_a_signal_caught_inside_a_ctypes_callback_prints_nothing_and_is_raised_after(monkeypatch):
+    """SIGTERM handled while llama.cpp's log callback runs raises inside a ctypes callback, which
+    ctypes reports and drops: that report stays quiet, and the signal is raised when the block
+    ends (CI once saw the report printed before 'stopped by SIGTERM')."""
+    import ctypes
+
+    from nkat_gguf.util.signals import Terminated, terminate_like_interrupt
+
+    callback = ctypes.CFUNCTYPE(None)(lambda: os.kill(os.getpid(), signal.SIGTERM))
+    reported = []  # what ctypes would have printed
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    with pytest.raises(Terminated):
+        with terminate_like_interrupt():
+            callback()  # the handler runs inside the callback; its Terminated is dropped by ctypes
+    assert reported == []
+    assert sys.unraisablehook == reported.append  # other reports go where they went before

@@ -5,12 +5,14 @@ A signal that arrives while llama.cpp runs is handled when Python code next runs
 inside a ctypes callback (llama.cpp's log callback): an exception raised there is printed and
 dropped by ctypes. So the signal is also remembered, and raise_if_terminated() re-raises it at
 the points that must not go on (before an output is renamed into place, before each decode
-and each tensor read, after the command)."""
+and each tensor read, after the command); and ctypes' report of the dropped exception (through
+sys.unraisablehook) is kept quiet, so the user sees one line."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 
 CAUGHT = (signal.SIGTERM, signal.SIGHUP)
@@ -44,13 +46,21 @@ def terminate_like_interrupt():
             signal.signal(sig, signal.SIG_IGN)
         raise Terminated(signum)
 
+    previous_hook = sys.unraisablehook
+
+    def quiet_when_remembered(unraisable):
+        if not isinstance(unraisable.exc_value, Terminated):  # a Terminated is re-raised later
+            previous_hook(unraisable)
+
     for sig in CAUGHT:
         signal.signal(sig, handler)
+    sys.unraisablehook = quiet_when_remembered
     try:
         yield
         raise_if_terminated()
     finally:
         _received = None
+        sys.unraisablehook = previous_hook
         for sig, old in previous.items():
             signal.signal(sig, old)
 
