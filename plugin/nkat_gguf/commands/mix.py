@@ -70,7 +70,7 @@ def add_parser(subparsers) -> None:
                    "covariance file (nkat calibrate --covariance), in the type the allocation chose: same types, "
                    "same bytes. The allocation itself is unchanged. Measure it: it paid on some texts and not "
                    "others (docs/RESULTS.md)")
-    p.add_argument("--gptq-damp", type=float, default=DEFAULT_DAMP, metavar="F",
+    p.add_argument("--gptq-damp", type=float, metavar="F",
                    help=f"with --gptq: damping lambda = F x the mean diagonal of the covariance (default {DEFAULT_DAMP:g})")
     p.add_argument("--compare", type=csv, default=[], metavar="T,T,...",
                    help="stock llama.cpp types (made with the same imatrix) scored beside the mixes")
@@ -104,12 +104,12 @@ def run(args) -> int:
         rows=args.rows, types=check_types(args.types), compare=args.compare, tie_gate_up=args.tie_gate_up,
         output_floor=None if args.output_floor.lower() == "none" else args.output_floor.upper(),
         fit_chunks=args.fit_chunks, theta=args.theta, theta_layers=args.theta_layers, gptq=args.gptq,
-        gptq_damp=args.gptq_damp,
+        gptq_damp=DEFAULT_DAMP if args.gptq_damp is None else args.gptq_damp,
         text=str(find_eval_text(args.text)) if args.score else None, chunks=args.chunks,
         runtime=runtime_settings(args), quiet=quiet)
     if args.theta_layers and not args.theta:
         raise UserError("--theta-layers needs --theta")
-    if args.gptq_damp != DEFAULT_DAMP and not args.gptq:
+    if args.gptq_damp is not None and not args.gptq:
         raise UserError("--gptq-damp needs --gptq")
     result = run_mix(opts)
     write_text_atomic(work / "mix.json", to_json(result))

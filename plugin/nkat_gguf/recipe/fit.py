@@ -76,17 +76,14 @@ def outliers(costs: dict[str, TensorCost]) -> list[str]:
     role's median (see the module doc), in file order."""
     n_blocks = block_count(costs)
     rel = {n: c.relative(probe_type(c)) for n, c in costs.items() if probe_type(c)}
-    by_role: dict[str, list[float]] = {}
+    role, by_role = {}, {}  # block tensors' roles; each role's relative damages
     for n, d in rel.items():
-        role, q = role_and_quarter(n, n_blocks)
+        r, q = role_and_quarter(n, n_blocks)
         if q is not None:
-            by_role.setdefault(role, []).append(d)
-    out = []
-    for n, d in rel.items():
-        role, q = role_and_quarter(n, n_blocks)
-        if q is not None and len(by_role[role]) >= 4 and d < OUTLIER_SHARE * float(np.median(by_role[role])):
-            out.append(n)
-    return out
+            role[n] = r
+            by_role.setdefault(r, []).append(d)
+    median = {r: float(np.median(v)) for r, v in by_role.items() if len(v) >= 4}
+    return [n for n, r in role.items() if r in median and rel[n] < OUTLIER_SHARE * median[r]]
 
 
 def probes(costs: dict[str, TensorCost]) -> list[Probe]:

@@ -157,8 +157,7 @@ class Mix:
             if path and not Path(path).is_file():
                 raise UserError(f"file not found: {path}")
         check_output_path(o.output, [o.reference], Setting.OUTPUT)
-        if o.gptq:
-            self.check_gptq()
+        gptq_inputs = self.gptq_inputs() if o.gptq else None
         self.ref_key = fingerprint_file(o.reference)[:12]
         stock_names = stock_type_names()
         budgets = [parse_budget(b, stock_names) for b in o.budgets]
@@ -188,7 +187,7 @@ class Mix:
         allocations = builder.allocate(targets)
         if o.theta:
             allocations = self.offer_theta(builder, allocations, targets)
-        rounded = self.gptq_files(builder, allocations) if o.gptq else {}
+        rounded = self.gptq_files(builder, allocations, *gptq_inputs) if o.gptq else {}
 
         outputs = self.output_paths(budgets)
         mixes = []
@@ -234,25 +233,24 @@ class Mix:
         builder.set_theta(theta_options(builder.costs, gains))
         return builder.allocate(targets)
 
-    def check_gptq(self) -> None:
-        """--gptq's damping and covariance, before any work: a covariance of this reference."""
+    def gptq_inputs(self):
+        """--gptq's covariance and the reference, opened and checked before any work: (cov, source)."""
         from ..formats.covariance import CovarianceFile
         from ..formats.gguf_io import ModelFile
         from ..runtime.gptq_file import check_covariance, check_damp
 
         check_damp(self.o.gptq_damp)
-        check_covariance(CovarianceFile(self.o.gptq), ModelFile(self.o.reference), self.o.gptq, self.o.reference,
-                         Setting.GPTQ_COVARIANCE)
+        cov, source = CovarianceFile(self.o.gptq), ModelFile(self.o.reference)
+        check_covariance(cov, source, self.o.gptq, self.o.reference, Setting.GPTQ_COVARIANCE)
+        return cov, source
 
-    def gptq_files(self, builder: MixBuilder, allocations) -> dict[Path, Path]:
+    def gptq_files(self, builder: MixBuilder, allocations, cov, source) -> dict[Path, Path]:
         """Each allocation's file with every tensor llama.cpp quantized rounded again by GPTQ under
         --gptq's covariance, in the same type (runtime.gptq_file: same types, same bytes). Tensors
         kept in the reference's own type are copied as stored and stay so. All files in one pass, so
         each input's factor is computed once. Returns plain file -> GPTQ file (cached by content)."""
         from contextlib import ExitStack
 
-        from ..formats.covariance import CovarianceFile
-        from ..formats.gguf_io import ModelFile
         from ..runtime.gptq_file import rewrite_files
 
         o = self.o
@@ -262,7 +260,6 @@ class Mix:
         out = {p: p.with_name(f"{p.stem}-{tag}.gguf") for p in plain}
         todo = [p for p in plain if not out[p].is_file()]
         if todo:
-            cov, source = CovarianceFile(o.gptq), ModelFile(o.reference)
             say(f"[mix] GPTQ rounding of {len(todo)} file(s) under {Path(o.gptq).name}", o.quiet)
             t0 = time.perf_counter()
             with ExitStack() as stack:

@@ -129,19 +129,25 @@ class GptqFactor:
     that reads that input (q/k/v, gate/up) and every type of that block length."""
     block: int
     order: np.ndarray       # block indices in processing order
-    perm: np.ndarray        # column indices in processing order
     importance: np.ndarray  # diagonal of H in processing order (float32), ggml's importance
     U: np.ndarray           # H^-1 = U^T U, processing order
     lam: float              # the damping lambda used
 
+    @property
+    def perm(self) -> np.ndarray:
+        """Column indices in processing order."""
+        return column_order(self.order, self.block)
+
+
+def column_order(order: np.ndarray, block: int) -> np.ndarray:
+    return (order[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+
 
 def gptq_factor(R: np.ndarray, block: int, damp: float = DEFAULT_DAMP, by_importance: bool = True) -> GptqFactor:
     """The block order and the factor of H = R + lambda*I for blocks of `block` columns."""
-    diag_R = np.diag(np.asarray(R, dtype=np.float64))
-    order = block_order(diag_R, block, by_importance)
-    perm = (order[:, None] * block + np.arange(block)[None, :]).reshape(-1)
-    h_diag, U, lam = _factor(R, damp, perm)
-    return GptqFactor(block, order, perm, h_diag.astype(np.float32), U, lam)
+    order = block_order(np.diag(np.asarray(R, dtype=np.float64)), block, by_importance)
+    h_diag, U, lam = _factor(R, damp, column_order(order, block))
+    return GptqFactor(block, order, h_diag.astype(np.float32), U, lam)
 
 
 def gptq_quantize_matrix(W: np.ndarray, R: np.ndarray | None, qtype, damp: float = DEFAULT_DAMP,
@@ -170,8 +176,8 @@ def gptq_quantize_matrix(W: np.ndarray, R: np.ndarray | None, qtype, damp: float
         if R is None or R.shape != (n_in, n_in):
             raise ValueError(f"covariance is {None if R is None else R.shape}, the matrix has {n_in} input columns")
         factor = gptq_factor(R, bs, damp, by_importance)
-    elif factor.block != bs or factor.perm.size != n_in:
-        raise ValueError(f"the factor is for blocks of {factor.block} over {factor.perm.size} columns, "
+    elif factor.block != bs or factor.U.shape[0] != n_in:
+        raise ValueError(f"the factor is for blocks of {factor.block} over {factor.U.shape[0]} columns, "
                          f"{t.name} of this matrix needs {bs} over {n_in}")
     order, perm, U, importance = factor.order, factor.perm, factor.U, factor.importance
     if info is not None:

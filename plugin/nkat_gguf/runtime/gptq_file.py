@@ -98,33 +98,38 @@ def rewrite_files(paths: list[str], source: ModelFile, cov: CovarianceFile, damp
         for t in mine:
             jobs.setdefault((t.name, t.tensor_type.name), []).append((i, t))
     by_input = sorted(jobs, key=lambda job: (cov.input_key(job[0]), job[0], job[1]))
-    factors: dict[int, GptqFactor] = {}
-    current = None
+    current_input, R, factors = None, None, {}  # one input at a time (the widest R and U are 640 MB each)
+    current_name, W = None, None                # one tensor's reference weights, for each of its types
     for name, type_name in progress(by_input, desc="gptq", quiet=quiet, unit="matrix"):
         raise_if_terminated()
-        if cov.input_key(name) != current:  # one input's factors at a time (the widest is 640 MB)
-            current, factors = cov.input_key(name), {}
+        if cov.input_key(name) != current_input:
+            current_input, R, factors = cov.input_key(name), cov.autocorrelation(name), {}
         where = jobs[(name, type_name)]
         tensor = where[0][1]
         bs = block_size(tensor.tensor_type)
         if bs not in factors:
-            factors[bs] = gptq_factor(cov.autocorrelation(name), bs, damp, by_importance)
-        data = _quantize(tensor, source, factors[bs], threads)
+            factors[bs] = gptq_factor(R, bs, damp, by_importance)
+        if name != current_name:
+            current_name, W = name, _reference_weights(tensor, source)
+        data = _quantize(tensor, W, factors[bs], threads)
         for i, t in where:
             _write(paths[i], t, data)
             done[i][0][name] = type_name
-    del readers, targets
     return done
 
 
-def _quantize(tensor, source: ModelFile, factor: GptqFactor, threads: int | None) -> np.ndarray:
-    """One tensor's GPTQ bytes in the type llama.cpp wrote it in, checked to be as many bytes."""
+def _reference_weights(tensor, source: ModelFile) -> np.ndarray:
+    """The source's weights of the tensor llama.cpp wrote, checked to have its shape."""
     n_in, n_out = int(tensor.shape[0]), int(tensor.shape[1])
     if source.shape(tensor.name) != (n_out, n_in):
         raise UserError(f"{tensor.name}: the input model has shape {source.shape(tensor.name)}, "
                         f"llama.cpp wrote {(n_out, n_in)}")
-    data = gptq_quantize_matrix(source.dequantize(tensor.name), None, tensor.tensor_type, threads=threads,
-                                factor=factor)
+    return source.dequantize(tensor.name)
+
+
+def _quantize(tensor, W: np.ndarray, factor: GptqFactor, threads: int | None) -> np.ndarray:
+    """One tensor's GPTQ bytes in the type llama.cpp wrote it in, checked to be as many bytes."""
+    data = gptq_quantize_matrix(W, None, tensor.tensor_type, threads=threads, factor=factor)
     if data.nbytes != tensor.n_bytes:
         raise RuntimeError(f"{tensor.name}: GPTQ made {data.nbytes} bytes of {tensor.tensor_type.name}, "
                            f"llama.cpp wrote {tensor.n_bytes}")
