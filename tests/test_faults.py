@@ -309,7 +309,7 @@ def test_reviving_trials_of_a_dead_worker_raises_no_experimental_warning(tmp_pat
     import optuna
     from optuna.trial import TrialState
 
-    from nkat_gguf.optimize.storage import fail_dead_local, open_storage, worker_id
+    from nkat_gguf.util.study_storage import fail_dead_local, open_storage, worker_id
 
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")

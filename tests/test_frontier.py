@@ -66,7 +66,8 @@ def frontier_run(tmp_path_factory, reference_model, short_text, calib_text):
     work = tmp_path_factory.mktemp("frontier")
     args = ["frontier", "--reference", reference_model, "--text", short_text, "--calib-text", calib_text,
             "--calib-chunks", 1, "--work-dir", work, "--ladder", "q4_0,q5_0", "--bases", "q4_0",
-            "--budgets", "5%,next", "--theta-rank", 4, "--chunks", CHUNKS, "--ctx", CTX, "--threads", THREADS, "--json"]
+            "--budgets", "5%,next", "--theta-rank", 4, "--fit-chunks", 1, "--chunks", CHUNKS, "--ctx", CTX,
+            "--threads", THREADS, "--json"]
     done = nkat(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     return work, args, json.loads(done.stdout)
@@ -76,7 +77,11 @@ def test_frontier_rows_controls_and_outputs(frontier_run):
     work, _, result = frontier_run
     rows = {r["label"]: r for r in result["rows"]}
     kinds = sorted(r["kind"] for r in result["rows"])
-    assert kinds == ["control", "control", "ladder", "ladder", "reference", "theta", "theta"]
+    assert kinds == ["control", "control", "ladder", "ladder", "mix", "mix", "reference", "theta", "theta"]
+    for m in (r for r in result["rows"] if r["kind"] == "mix"):  # nkat mix at each rung's bytes
+        rung = rows[m["at"]]
+        assert m["bytes"] <= rung["bytes"] and m["theta"] is None
+        assert m["kld_mean"] < rung["kld_mean"]  # measured here: 0.021 vs 0.163 at Q4_0's bytes, 0 vs 0.044 at Q5_0's
     ref = next(r for r in result["rows"] if r["kind"] == "reference")
     base, upper = rows["Q4_0-imat"], rows["Q5_0-imat"]
     assert ref["kld_mean"] == 0 and base["kld_mean"] > 0 and upper["kld_mean"] < base["kld_mean"]
@@ -128,11 +133,13 @@ def test_frontier_rerun_comes_from_the_cache(frontier_run):
 
 
 @pytest.mark.parametrize("flag,value,word", [("--ladder", "q4_0,q9_k", "q9_k"), ("--budgets", "lots", "lots"),
-                                             ("--bases", "q8_0", "q8_0")])
+                                             ("--bases", "q8_0", "q8_0"), ("--no-ladder-imatrix", None, "IQ2_XXS")])
 def test_frontier_bad_input_is_one_line(tmp_path, reference_model, short_text, flag, value, word):
     args = {"--ladder": "q4_0", "--bases": "q4_0", "--budgets": "5%"} | {flag: value}
+    if value is None:  # a flag alone: the default ladder, whose IQ2 types need an imatrix
+        args = {flag: None}
     done = nkat("frontier", "--reference", reference_model, "--text", short_text, "--work-dir", tmp_path / "w",
-                *[x for kv in args.items() for x in kv], "--quiet")
+                *[x for kv in args.items() for x in kv if x is not None], "--quiet")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and word in lines[0], done.stderr

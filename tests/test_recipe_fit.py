@@ -4,6 +4,8 @@ probe's tensors requantized (every other tensor copied byte for byte by llama.cp
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -121,16 +123,25 @@ def test_probe_file_copies_every_other_tensor_as_stored(reference_model, tmp_pat
     assert changed == len(probe.members) > 0
 
 
-def test_mix_with_probes_fits_weights_and_leaves_no_probe_files(reference_model, tmp_path):
-    """nkat mix's probe stage on the demo model: every probe measured once (a rerun measures none),
-    no probe file left behind, positive weights, and the allocation then uses them."""
+@pytest.fixture(scope="module")
+def probed(reference_model, tmp_path_factory):
+    """nkat mix with probes on the demo model (1 calibration chunk of 128 tokens: no quality compared)."""
     from nkat_gguf.recipe.mix import MixOptions, run_mix
     from nkat_gguf.runtime.settings import RuntimeSettings
 
+    tmp_path = tmp_path_factory.mktemp("probed")
     opts = MixOptions(reference=str(reference_model), output=str(tmp_path / "m.gguf"), work_dir=str(tmp_path / "w"),
                       budgets=["5.2bpw"], rows=16, types=["Q4_0", "Q4_1", "Q5_0", "Q8_0"], calib_chunks=1,
-                      fit_chunks=1, runtime=RuntimeSettings(ctx=128, threads=2), quiet=True)  # short chunks: no quality compared
-    result = run_mix(opts)
+                      fit_chunks=1, runtime=RuntimeSettings(ctx=128, threads=2), quiet=True)
+    return opts, run_mix(opts)
+
+
+def test_mix_with_probes_fits_weights_and_leaves_no_probe_files(probed, tmp_path):
+    """nkat mix's probe stage on the demo model: every probe measured once (a rerun measures none),
+    no probe file left behind, positive weights, and the allocation then uses them."""
+    from nkat_gguf.recipe.mix import MixOptions, run_mix
+
+    opts, result = probed
     fit = result["fit"]
     # token_embd (tied to the output: no output.weight), 6 block roles, 4 quarters; 8 held out
     assert sum(not p["held_out"] for p in fit["probes"]) == 11
@@ -138,12 +149,67 @@ def test_mix_with_probes_fits_weights_and_leaves_no_probe_files(reference_model,
     assert all(p["kld"] is not None and p["kld"] >= 0 for p in fit["probes"])
     assert all(w > 0 for w in fit["role_weight"].values()) and len(fit["depth_weight"]) == fitting.QUARTERS
     assert fit["spearman_held_out"] is not None
-    work = tmp_path / "w"
+    work = Path(opts.work_dir)
     mixes = {m["model"] for m in result["mixes"]}
     assert {str(p) for p in work.glob("mix-*.gguf")} == mixes  # probe files deleted once scored
     m = result["mixes"][0]
     assert m["predicted_kld"] == pytest.approx(m["predicted_damage"])  # damage is in fitted KLD units
+    assert m["refine"] is None
     stored = (work / "probes.json").read_text()
     again = run_mix(MixOptions(**{**opts.__dict__, "output": str(tmp_path / "again.gguf")}))
     assert (work / "probes.json").read_text() == stored  # nothing measured twice
     assert again["fit"]["role_weight"] == fit["role_weight"]
+
+
+def calibration_kld(opts, model: str, work: Path) -> float:
+    """The model's KLD on the probes' calibration chunks, scored afresh in another work dir."""
+    from nkat_gguf.formats.defaults import find_calibration_text
+    from nkat_gguf.measure.scoring import RowKind, Scorer, ScoredRow
+
+    scorer = Scorer(reference=opts.reference, text=str(find_calibration_text()), work=work, runtime=opts.runtime,
+                    chunks=opts.fit_chunks, quiet=True)
+    return scorer.score(ScoredRow("x", RowKind.MIX, model)).kld_mean
+
+
+def test_refine_keeps_the_best_measured_trial_within_the_budget(probed, tmp_path):
+    """--refine on the demo model: trial 0 is the unrefined mix, the chosen file is the best trial's
+    (both KLDs checked by scoring the files afresh), it fits the budget, only its file is left in the
+    work dir, and a rerun measures nothing again."""
+    import optuna
+
+    from nkat_gguf.recipe.layout import tensor_types
+    from nkat_gguf.recipe.mix import MixOptions, run_mix
+
+    opts, plain = probed
+    work = Path(opts.work_dir)
+    refined_opts = MixOptions(**{**opts.__dict__, "output": str(tmp_path / "r.gguf"), "refine": 4})
+    result = run_mix(refined_opts)
+    m, search = result["mixes"][0], result["mixes"][0]["refine"]
+    assert search["trials"] == 4 and search["chunks"] == 1
+    assert search["kld_after"] <= search["kld_before"]
+    unrefined = plain["mixes"][0]["model"]
+    assert calibration_kld(opts, unrefined, tmp_path / "s1") == pytest.approx(search["kld_before"], rel=1e-9)
+    assert calibration_kld(opts, m["model"], tmp_path / "s2") == pytest.approx(search["kld_after"], rel=1e-9)
+    assert (search["best_trial"] == 0) == (m["model"] == unrefined)
+    assert m["file_bytes"] <= m["budget_bytes"]
+    assert tensor_types(m["output"]) == tensor_types(m["model"])
+    left = {str(p) for p in work.glob("mix-*.gguf")} - {unrefined}
+    assert left <= {m["model"]}  # every other trial's file deleted once measured
+    scores = (work / "scores.json").read_text()
+    again = run_mix(MixOptions(**{**refined_opts.__dict__, "output": str(tmp_path / "r2.gguf")}))
+    assert again["mixes"][0]["refine"] == search
+    assert (work / "scores.json").read_text() == scores  # no trial measured twice
+    storage = f"sqlite:///{(work / 'refine.db').resolve()}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert summary.n_trials == 4
+
+
+def test_refine_offsets_scale_role_and_quarter_weights():
+    from nkat_gguf.recipe.refine import groups, offset_weight
+
+    names = [f"blk.{b}.{r}.weight" for b in range(8) for r in ("attn_v", "ffn_up", "ffn_gate")] + ["output.weight"]
+    assert groups(names) == ["attn_v", fitting.GATE_UP, "output", "quarter 0", "quarter 1", "quarter 2", "quarter 3"]
+    w = offset_weight(lambda n: 3.0, {"attn_v": 1, "quarter 3": -1, "output": 1}, 8)
+    assert w("blk.0.attn_v.weight") == 6.0 and w("blk.7.attn_v.weight") == 3.0  # 2 x 1/2 in the last quarter
+    assert w("blk.7.ffn_up.weight") == 1.5 and w("blk.2.ffn_gate.weight") == 3.0
+    assert w("output.weight") == 6.0

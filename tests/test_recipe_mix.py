@@ -111,9 +111,12 @@ def test_cli_bad_budget_one_line(reference_model, imatrix, tmp_path):
     (["--gptq", "MISSING"], "file not found"),
     (["--gptq", "REFERENCE", "--theta"], "cannot be combined"),
     (["--gptq-damp", "0.3"], "--gptq-damp needs --gptq"),
+    (["--refine", "3", "--fit-chunks", "0"], "--refine needs --fit-chunks"),
+    (["--refine", "3", "--theta"], "cannot be combined"),
+    (["--refine-storage", "sqlite:///x.db"], "--refine-storage needs --refine"),
 ])
-def test_cli_bad_gptq_settings_one_line(reference_model, imatrix, tmp_path, extra, words):
-    """--gptq mistakes stop before any work: one line, exit 2, nothing written."""
+def test_cli_bad_gptq_and_refine_settings_one_line(reference_model, imatrix, tmp_path, extra, words):
+    """--gptq and --refine mistakes stop before any work: one line, exit 2, nothing written."""
     extra = [str(reference_model) if a == "REFERENCE" else str(tmp_path / "none.cov") if a == "MISSING" else a
              for a in extra]
     cmd = [sys.executable, "-m", "nkat_gguf.cli", "mix", "--reference", str(reference_model), "--bpw", "4.8",

@@ -50,7 +50,7 @@ def test_theta_is_taken_where_no_type_can_spend_the_bytes(reference_model, imatr
     the first three blocks' matrices, to keep the test short). The
     allocation takes theta, GGUF + .nkat stay within the budget, the .nkat holds the recipe's ranks,
     and llama.cpp measures a lower KLD with it than without."""
-    from nkat_gguf.measure.scoring import RowKind, score_rows
+    from nkat_gguf.measure.scoring import RowKind, ScoredRow, score_rows
     from nkat_gguf.recipe.build import MixBuilder
     from nkat_gguf.recipe.mix import MixOptions, run_mix
     from nkat_gguf.runtime.settings import RuntimeSettings
@@ -75,11 +75,11 @@ def test_theta_is_taken_where_no_type_can_spend_the_bytes(reference_model, imatr
     for name, rank in ranks.items():
         assert int(adapter[name.removesuffix(".weight") + ".weight.lora_a"].shape[1]) == rank
     assert split_recipe({"a": "Q4_0+r16", "b": "Q8_0"}) == ({"a": "Q4_0", "b": "Q8_0"}, {"a": 16})
-    plain = {"label": "plain", "kind": RowKind.MIX, "model": m["model"], "theta": None}
+    plain = ScoredRow("plain", RowKind.MIX, m["model"])
     score_rows([plain], reference=str(reference_model), text=str(eval_text), work=work, runtime=runtime, chunks=3,
                quiet=True)
     # the same tokens scored with and without the adapter (measured here: 0.277 against 0.309)
-    assert m["kld_mean"] < 0.97 * plain["kld_mean"], (m["kld_mean"], plain["kld_mean"])
+    assert m["kld_mean"] < 0.97 * plain.kld_mean, (m["kld_mean"], plain.kld_mean)
 
 
 def test_theta_is_priced_for_chosen_and_next_cheaper_types_never_the_reference_type():

@@ -72,6 +72,14 @@ def add_parser(subparsers) -> None:
                    "others (docs/RESULTS.md)")
     p.add_argument("--gptq-damp", type=float, metavar="F",
                    help=f"with --gptq: damping lambda = F x the mean diagonal of the covariance (default {DEFAULT_DAMP:g})")
+    p.add_argument("--refine", type=count, default=0, metavar="N",
+                   help="per budget, N Optuna TPE trials around the allocation: each role's and depth quarter's "
+                   "weight x 2 or / 2, the allocation solved again at the budget, the file written and its KLD "
+                   "measured on --fit-chunks calibration chunks; the best becomes the mix (the first trial is the "
+                   "unrefined one). Each trial writes and scores a file: minutes on a 1.5B model (default 0: off)")
+    p.add_argument("--refine-storage", metavar="URL",
+                   help="with --refine: the Optuna storage (default: SQLite in --work-dir; a PostgreSQL URL lets "
+                   "workers on several machines share the trials)")
     p.add_argument("--compare", type=csv, default=[], metavar="T,T,...",
                    help="stock llama.cpp types (made with the same imatrix) scored beside the mixes")
     p.add_argument("--score", action="store_true", help="score the mixes against the reference on --text")
@@ -104,13 +112,16 @@ def run(args) -> int:
         rows=args.rows, types=check_types(args.types), compare=args.compare, tie_gate_up=args.tie_gate_up,
         output_floor=None if args.output_floor.lower() == "none" else args.output_floor.upper(),
         fit_chunks=args.fit_chunks, theta=args.theta, theta_layers=args.theta_layers, gptq=args.gptq,
-        gptq_damp=DEFAULT_DAMP if args.gptq_damp is None else args.gptq_damp,
+        gptq_damp=DEFAULT_DAMP if args.gptq_damp is None else args.gptq_damp, refine=args.refine,
+        refine_storage=args.refine_storage,
         text=str(find_eval_text(args.text)) if args.score else None, chunks=args.chunks,
         runtime=runtime_settings(args), quiet=quiet)
     if args.theta_layers and not args.theta:
         raise UserError("--theta-layers needs --theta")
     if args.gptq_damp is not None and not args.gptq:
         raise UserError("--gptq-damp needs --gptq")
+    if args.refine_storage and not args.refine:
+        raise UserError("--refine-storage needs --refine")
     result = run_mix(opts)
     write_text_atomic(work / "mix.json", to_json(result))
     write_text_atomic(work / "mix.md", mix_markdown(result))

@@ -10,7 +10,7 @@ from ..optimize.options import OptimizeOptions
 from ..optimize.outputs import RerunFacts, best_stem
 from ..formats.roles import role_globs
 from ..optimize.space import GROUPS, THETA_TYPE
-from ..optimize.storage import redact
+from ..util.study_storage import redact
 from ..theta.lowrank import StatisticsKind, source_info
 
 

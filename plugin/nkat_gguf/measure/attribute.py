@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .scoring import RowKind, score_rows, settings_record
+from .scoring import RowKind, ScoredRow, score_rows, settings_record
 from ..formats.gguf_io import fingerprint_file, open_gguf
 from ..formats.keys import NkatKeys
 from ..formats.roles import MODEL_ROLES, ROLES as ROLE_GROUPS
@@ -79,34 +79,33 @@ def run_attribution(o: AttributeOptions) -> dict:
     from ..formats.assemble import write_mixed
 
     base_fp = fingerprint_file(o.base)[:12]
-    rows = [{"label": "base", "kind": RowKind.BASE, "model": o.base, "theta": None}]
+    rows = [ScoredRow("base", RowKind.BASE, o.base)]
     for group in groups:
         members = group_members(names, group)
         if not members:
             raise UserError(f"group {group!r} matches no weight tensor of {o.base}")
         differing = [n for n in members if not _same_tensor(base_t[n], ref_t[n])]
         extra = sum(int(ref_t[n].n_bytes) - int(base_t[n].n_bytes) for n in members)
-        row = {"label": group, "kind": RowKind.RESTORED, "group": group, "model": o.base, "theta": None,
-               "tensors": len(members), "tensors_differing": len(differing), "extra_bytes": extra}
+        row = ScoredRow(group, RowKind.RESTORED, o.base, facts={"group": group, "tensors": len(members),
+                                                                "tensors_differing": len(differing), "extra_bytes": extra})
         if differing:  # else restoring changes no byte: the row is the base itself (its score is cached)
             path = work / f"restore-{base_fp}-{group.replace(' ', '').replace('-', '_')}.gguf"
             if not path.is_file():
                 say(f"[attribute] assembling {o.base} with {group} from the reference ({len(members)} tensors)",
                     o.quiet)
                 write_mixed(o.base, {n: o.reference for n in members}, path, {NkatKeys.Assembled.RESTORED: group})
-            row["model"] = str(path)
+            row.model = str(path)
         rows.append(row)
     n_chunks, runtime_settings = score_rows(rows, reference=o.reference, text=o.text, work=work, runtime=o.runtime,
                                             chunks=o.chunks, quiet=o.quiet)
     base = rows[0]
+    figures = ("ppl", "ppl_err", "kld_mean", "kld_err", "kld_p99", "top1_agreement")
     out_groups = []
     for r in rows[1:]:
-        share = (base["kld_mean"] - r["kld_mean"]) / base["kld_mean"] if base["kld_mean"] else float("nan")
-        out_groups.append({k: r[k] for k in ("group", "tensors", "tensors_differing", "extra_bytes", "ppl", "ppl_err",
-                                             "kld_mean", "kld_err", "kld_p99", "top1_agreement")} | {"share": share})
+        share = (base.kld_mean - r.kld_mean) / base.kld_mean if base.kld_mean else float("nan")
+        out_groups.append(r.facts | {k: r.figures[k] for k in figures} | {"share": share})
     return {
-        "base": {k: base[k] for k in ("ppl", "ppl_err", "kld_mean", "kld_err", "kld_p99", "top1_agreement")}
-        | {"bytes": Path(o.base).stat().st_size},
+        "base": {k: base.figures[k] for k in figures} | {"bytes": base.model_bytes},
         "groups": out_groups,
         "settings": settings_record(o) | {"chunks_scored": n_chunks} | runtime_settings,
         "wall_seconds": time.perf_counter() - started,

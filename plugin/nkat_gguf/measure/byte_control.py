@@ -105,7 +105,7 @@ def control_verdict(point: dict, plain_rows: list[dict]) -> ControlVerdict | Non
 
 
 def best_control(point: dict, plain_rows: list[dict]) -> dict | None:
-    """control_verdict as result rows hold it (dicts, until the rows are typed)."""
+    """control_verdict as a JSON record (nkat ppl's rows are records of figures)."""
     verdict = control_verdict(point, plain_rows)
     return verdict.to_dict() if verdict is not None else None
 

@@ -8,8 +8,8 @@ from ..util.atomic import atomic_path, write_text_atomic
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
-_MARK = {"ladder": ("o", "tab:blue"), "reference": ("*", "black"), "control": ("s", "tab:orange"),
-         "theta": ("D", "tab:red")}
+_MARK = {"ladder": ("o", "tab:blue"), "reference": ("*", "black"), "mix": ("^", "tab:green"),
+         "control": ("s", "tab:orange"), "theta": ("D", "tab:red")}
 
 
 def _num(value, digits=4) -> str:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..formats.gguf_io import fingerprint_file
@@ -32,6 +32,46 @@ class RowKind(StrEnum):
     MIX = "mix"              # nkat mix's file for a budget
     STOCK = "stock"          # a stock type scored beside the mixes
     PROBE = "probe"          # nkat mix's probe file for the fit
+
+
+@dataclass
+class ScoredRow:
+    """One model (with its theta, if any) to be scored against the reference: what its maker knows
+    of it (`facts`: type, base, budget, ... as the JSON reports them), and once scored the
+    evaluator's figures (PPL, KLD, top-1, ...)."""
+
+    label: str
+    kind: RowKind
+    model: str
+    theta: str | None = None
+    facts: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)  # empty until scored
+
+    @property
+    def ppl(self) -> float:
+        return self.figures["ppl"]
+
+    @property
+    def kld_mean(self) -> float | None:
+        return self.figures.get("kld_mean")
+
+    @property
+    def model_bytes(self) -> int:
+        return Path(self.model).stat().st_size
+
+    @property
+    def theta_bytes(self) -> int:
+        return Path(self.theta).stat().st_size if self.theta else 0
+
+    @property
+    def bytes(self) -> int:
+        """What a user stores: the model file and its theta."""
+        return self.model_bytes + self.theta_bytes
+
+    def to_dict(self) -> dict:
+        """The row as the JSON reports it: label, kind, the facts, model, theta, then the figures."""
+        return {"label": self.label, "kind": self.kind, **self.facts, "model": self.model, "theta": self.theta,
+                **self.figures}
 
 
 def settings_record(opts) -> dict:
@@ -84,14 +124,14 @@ class ScoreCache:
         write_text_atomic(self.path, to_json(self.data))
 
 
-def pareto(rows: list[dict], metric: str) -> set[str]:
+def pareto(rows: list[ScoredRow], metric: str) -> set[str]:
     """Labels of the rows no other row beats on both bytes (<=) and `metric` (<, lower is better)."""
     best = float("inf")
     front = set()
-    for r in sorted(rows, key=lambda r: (r["bytes"], r[metric])):
-        if r[metric] < best:
-            front.add(r["label"])
-            best = r[metric]
+    for r in sorted(rows, key=lambda r: (r.bytes, r.figures[metric])):
+        if r.figures[metric] < best:
+            front.add(r.label)
+            best = r.figures[metric]
     return front
 
 
@@ -129,32 +169,34 @@ class Scorer:
         finally:
             ref_rt.close()
 
-    def score(self, row: dict) -> None:
-        """Score one row ({"model", "theta", "kind", "label"}) in place."""
+    def score(self, row: ScoredRow) -> ScoredRow:
+        """Score one row: its figures filled in place (and the row returned)."""
         from .evaluate import score_model
         from ..runtime.engine import Runtime
 
-        if row["kind"] == RowKind.REFERENCE:
-            row.update(self.reference_result, kld_mean=0.0, kld_err=0.0, kld_p99=0.0, top1_agreement=1.0)
-            return
-        key = ScoreCache.key(self.settings | {"chunks": self.n_chunks, "model": file_key(row["model"]),
-                                              "theta": file_key(row["theta"]), "backend": self.runtime.backend})
+        if row.kind == RowKind.REFERENCE:
+            row.figures = self.reference_result | {"kld_mean": 0.0, "kld_err": 0.0, "kld_p99": 0.0,
+                                                   "top1_agreement": 1.0}
+            return row
+        key = ScoreCache.key(self.settings | {"chunks": self.n_chunks, "model": file_key(row.model),
+                                              "theta": file_key(row.theta), "backend": self.runtime.backend})
         result = self.cache.get(key)
         if result is None:
-            say(f"[score] {row['label']}", self.quiet)
-            rt = Runtime.from_settings(row["model"], row["theta"], self.runtime)
+            say(f"[score] {row.label}", self.quiet)
+            rt = Runtime.from_settings(row.model, row.theta, self.runtime)
             try:
                 result = score_model(rt, self.tokens, self.runtime.ctx, self.n_chunks, self.store, self.quiet,
-                                     row["label"])
+                                     row.label)
             finally:
                 rt.close()
             self.cache.put(key, result)
-        row.update(result)
+        row.figures = dict(result)
+        return row
 
 
-def score_rows(rows: list[dict], *, reference: str, text: str, work: Path, runtime: RuntimeSettings, chunks: int,
-               quiet: bool) -> tuple[int, dict]:
-    """Score each row ({"model", "theta", "kind", "label"}) against the reference, in place (Scorer).
+def score_rows(rows: list[ScoredRow], *, reference: str, text: str, work: Path, runtime: RuntimeSettings,
+               chunks: int, quiet: bool) -> tuple[int, dict]:
+    """Score each row against the reference, in place (Scorer).
     Returns the chunks scored and the runtime's settings."""
     scorer = Scorer(reference=reference, text=text, work=work, runtime=runtime, chunks=chunks, quiet=quiet)
     for row in rows:

@@ -26,7 +26,7 @@ from ..measure.byte_control import byte_matched, charged_tpe
 from ..util.atomic import atomic_path, write_text_atomic
 from ..util.report import say, to_json
 from .options import OptimizeOptions
-from .storage import redact
+from ..util.study_storage import redact
 
 HISTORY = "optimization_history.json"
 SUMMARY = "optuna_study.json"

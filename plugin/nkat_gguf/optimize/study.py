@@ -35,7 +35,7 @@ from ..util.report import progress, say
 from . import outputs
 from .options import OptimizeOptions, trial_budget
 from .space import GROUPS, SearchSpace, group_of, search_space_note
-from .storage import DB_NAME, default_storage_url, fail_dead_local, open_storage, redact, worker_id
+from ..util.study_storage import DB_NAME, default_storage_url, fail_dead_local, open_storage, redact, worker_id
 from .trials import FactorCache, TrialRunner, TrialScorer, remove_stale_scratch
 
 WAIT_POLL = 2.0

@@ -138,11 +138,15 @@ class MixBuilder:
         return hashlib.sha256(json.dumps([self.ref_key, self.imatrix_key, sorted(recipe.items())])
                               .encode()).hexdigest()[:16]
 
+    def path(self, key: str) -> Path:
+        """Where the mix of the recipe with this content key is (or would be) cached."""
+        return self.work / f"mix-{self.ref_key}-{key}.gguf"
+
     def write(self, recipe: dict[str, str]) -> Path:
         """The mix for a recipe in the work dir (cached by content), its tensor types checked."""
         from ..runtime.quantize import quantize_model
 
-        path = self.work / f"mix-{self.ref_key}-{self.key(recipe)}.gguf"
+        path = self.path(self.key(recipe))
         if not path.is_file():
             counts = Counter(recipe.values())
             ftype = next((FTYPE_OF[t] for t, _ in counts.most_common() if t in FTYPE_OF), "q8_0")

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import Setting, UserError
 from ..formats.gguf_io import fingerprint_file
-from ..measure.scoring import RowKind
+from ..measure.scoring import RowKind, ScoredRow
 from ..runtime.gptq import DEFAULT_DAMP
 from ..runtime.settings import RuntimeSettings
 from ..util.atomic import atomic_path
@@ -59,7 +59,10 @@ class MixOptions:
     theta_layers: list[str] = field(default_factory=list)  # GGUF-name globs: only these matrices (default: all)
     gptq: str | None = None  # a covariance file: every chosen tensor rounded by GPTQ in its type (same bytes)
     gptq_damp: float = DEFAULT_DAMP
+    refine: int = 0  # Optuna trials per budget around the allocation, scored on fit_chunks calibration chunks
+    refine_storage: str | None = None  # an Optuna RDB URL (default: SQLite in the work dir)
     text: str | None = None  # evaluation text; None: no scoring
+    skip_impossible: bool = False  # a budget below the smallest possible file: dropped (default: an error)
     chunks: int = 8
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     quiet: bool = False
@@ -99,6 +102,7 @@ class Mix:
         self.work = Path(o.work_dir)
         self.timings: dict[str, float] = {}
         self.ref_key = ""
+        self._scorer = None  # the calibration text's scorer (calibration_scorer)
 
     # -- statistics ----------------------------------------------------------------------------
     def imatrix(self) -> str:
@@ -153,6 +157,10 @@ class Mix:
         o = self.o
         if o.gptq and o.theta:
             raise UserError("--gptq and --theta cannot be combined: theta is fitted to llama.cpp's own rounding")
+        if o.refine and o.theta:
+            raise UserError("--refine and --theta cannot be combined: theta is priced once, for the unrefined mix")
+        if o.refine and not o.fit_chunks:
+            raise UserError("--refine needs --fit-chunks above 0: its trials are scored on that many calibration chunks")
         for path in (o.reference, o.imatrix, o.covariance, o.gptq, o.text):
             if path and not Path(path).is_file():
                 raise UserError(f"file not found: {path}")
@@ -176,31 +184,39 @@ class Mix:
         targets = [budget_bytes(b, layout.n_weights, lambda t: stock_paths[t].stat().st_size) for b in budgets]
         smallest = builder.smallest
         for b, target in zip(budgets, targets):
-            if target < smallest:
+            if target < smallest and not o.skip_impossible:
                 raise UserError(f"budget {b.text} ({target / MiB:.2f} MiB) is below the smallest file this reference "
                                 f"allows ({smallest / MiB:.2f} MiB)")
+            if target < smallest:
+                say(f"[mix] budget {b.text}: below the smallest file this reference allows, skipped", o.quiet)
+        possible = [i for i, t in enumerate(targets) if t >= smallest]
+        budgets, targets = [budgets[i] for i in possible], [targets[i] for i in possible]
         # the fit (probe files, minutes on a large model) only once every budget is known to be possible
         fitted = self.fit_weights(builder) if o.fit_chunks else None
         weight = fitted.weight if fitted else None
         if fitted:
             builder.set_weights(weight)
         allocations = builder.allocate(targets)
+        refined = self.refine(builder, allocations, targets, weight) if o.refine else [None] * len(targets)
         if o.theta:
             allocations = self.offer_theta(builder, allocations, targets)
         rounded = self.gptq_files(builder, allocations, *gptq_inputs) if o.gptq else {}
 
         outputs = self.output_paths(budgets)
         mixes = []
-        for b, target, alloc, out in zip(budgets, targets, allocations, outputs):
-            mixes.append(self.write_mix(builder, b, target, alloc, out, fitted is not None, rounded))
-        stock_rows = [{"label": f"{t}-imat", "kind": RowKind.STOCK, "type": t, "model": str(p), "theta": None,
-                       "file_bytes": p.stat().st_size, "bpw": 8 * p.stat().st_size / layout.n_weights,
-                       "predicted_damage": (d := predicted_damage(costs, tensor_types(p), weight)),
-                       "predicted_kld": d if fitted else None}
+        for b, target, alloc, out, search in zip(budgets, targets, allocations, outputs, refined):
+            mix = self.write_mix(builder, b, target, alloc, out, fitted is not None, rounded)
+            mix.facts["refine"] = search.to_dict() if search else None
+            mixes.append(mix)
+        stock_rows = [ScoredRow(f"{t}-imat", RowKind.STOCK, str(p), facts={
+                          "type": t, "file_bytes": p.stat().st_size, "bpw": 8 * p.stat().st_size / layout.n_weights,
+                          "predicted_damage": (d := predicted_damage(costs, tensor_types(p), weight)),
+                          "predicted_kld": d if fitted else None})
                       for t, p in stock_paths.items()]
-        result = {"mixes": mixes, "stock": stock_rows, "fit": fitted.to_dict() if fitted else None}
+        result = {"fit": fitted.to_dict() if fitted else None}
         if o.text:
             self.score(mixes, stock_rows, result)
+        result = {"mixes": [m.to_dict() for m in mixes], "stock": [r.to_dict() for r in stock_rows]} | result
         ref_types = tensor_types(o.reference)
         result["settings"] = {
             "reference": o.reference,
@@ -208,7 +224,7 @@ class Mix:
             "imatrix": imatrix, "covariance": o.covariance, "rows": o.rows, "types": o.types,
             "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "fit_chunks": o.fit_chunks,
             "theta": o.theta, "theta_layers": o.theta_layers, "gptq": o.gptq,
-            "gptq_damp": o.gptq_damp if o.gptq else None, "text": o.text, "chunks": o.chunks,
+            "gptq_damp": o.gptq_damp if o.gptq else None, "refine": o.refine, "text": o.text, "chunks": o.chunks,
             "ctx": o.runtime.ctx,
             "flash_attn": o.runtime.flash_attn, "threads": o.runtime.threads, "smallest_bytes": smallest,
             "fixed_bytes": layout.fixed, "n_weights": layout.n_weights,
@@ -217,6 +233,53 @@ class Mix:
         result["wall_seconds"] = time.perf_counter() - started
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return result
+
+    def calibration(self) -> tuple[str, str]:
+        """The calibration text the probes and refinement trials are scored on, and the key of those
+        scoring settings (text, chunks, ctx, flash attention)."""
+        from ..formats.defaults import find_calibration_text
+        from ..measure.scoring import text_key
+
+        o = self.o
+        text = str(find_calibration_text(o.calib_text))
+        return text, f"{text_key(text)}-{o.fit_chunks}x{o.runtime.ctx}-fa{int(o.runtime.flash_attn)}"
+
+    def calibration_scorer(self):
+        """The reference decoded once on fit_chunks chunks of the calibration text (made on first use)."""
+        from ..measure.scoring import Scorer
+
+        if self._scorer is None:
+            o = self.o
+            self._scorer = Scorer(reference=o.reference, text=self.calibration()[0], work=self.work,
+                                  runtime=o.runtime, chunks=o.fit_chunks, quiet=True)
+        return self._scorer
+
+    def refine(self, builder: MixBuilder, allocations, targets: list[int], weight) -> list:
+        """Each budget's allocation replaced in place by the best of --refine Optuna trials around it
+        (recipe.refine); returns each budget's Refinement (None where nothing fits)."""
+        from .refine import DB_NAME, refine
+
+        o = self.o
+        settings = self.calibration()[1]
+
+        def measure(path: Path) -> dict:
+            row = self.calibration_scorer().score(ScoredRow(f"refine {path.name}", RowKind.PROBE, str(path)))
+            return {k: row.figures[k] for k in ("kld_mean", "kld_err")}
+
+        url = o.refine_storage or f"sqlite:///{(self.work / DB_NAME).resolve()}"
+        t0 = time.perf_counter()
+        out = []
+        for i, (alloc, target) in enumerate(zip(allocations, targets)):
+            if alloc is None:
+                out.append(None)
+                continue
+            chosen, summary = refine(builder, weight, target, trials=o.refine, measure=measure, chunks=o.fit_chunks,
+                                     storage_url=url, settings=settings, quiet=o.quiet)
+            chosen.damage = predicted_damage(builder.costs, builder.recipe(chosen), weight)
+            allocations[i] = chosen
+            out.append(summary)
+        self.timings["refine"] = time.perf_counter() - t0
+        return out
 
     def offer_theta(self, builder: MixBuilder, allocations, targets: list[int]):
         """The allocation again with theta options priced for the types the plain one chose (and the
@@ -272,7 +335,7 @@ class Mix:
         return out
 
     def write_mix(self, builder: MixBuilder, b: Budget, target: int, alloc, out: str, fitted: bool,
-                  rounded: dict[Path, Path]) -> dict:
+                  rounded: dict[Path, Path]) -> ScoredRow:
         """The budget's GGUF (and .nkat where the allocation chose theta; its GPTQ-rounded twin with
         --gptq), checked against the budget, linked to its output name with the recipe beside it;
         its row for the report."""
@@ -305,12 +368,11 @@ class Mix:
             link_or_copy(theta, Path(theta_out))
         write_recipe(Path(out).with_suffix(".recipe.txt"), recipe)
 
-        return {
-            "label": f"mix {b.tag}" + (" + theta" if theta else "") + (" gptq" if o.gptq else ""), "kind": RowKind.MIX,
-            "budget": b.text,
-            "budget_bytes": target, "model": str(path), "output": str(out),
-            "recipe": str(Path(out).with_suffix(".recipe.txt")), "theta": str(theta) if theta else None,
-            "theta_output": theta_out, "theta_offered": o.theta, "theta_matrices": len(ranks),
+        label = f"mix {b.tag}" + (" + theta" if theta else "") + (" gptq" if o.gptq else "")
+        return ScoredRow(label, RowKind.MIX, str(path), str(theta) if theta else None, facts={
+            "budget": b.text, "budget_bytes": target, "output": str(out),
+            "recipe": str(Path(out).with_suffix(".recipe.txt")), "theta_output": theta_out, "theta_offered": o.theta,
+            "theta_matrices": len(ranks),
             "theta_bytes": theta_bytes, "gguf_bytes": gguf_bytes, "predicted_bytes": alloc.bytes, "file_bytes": size,
             "bpw": 8 * size / layout.n_weights, "predicted_damage": alloc.damage,
             "predicted_kld": alloc.damage if fitted else None,
@@ -318,7 +380,7 @@ class Mix:
             "tensors": [{"name": n, "type": recipe[n], "theta_rank": ranks.get(n, 0),
                          "bytes": costs[n].options[recipe[n]][0], "relative_damage": builder.relative(n, option)}
                         for n, option in options.items()],
-        }
+        })
 
     def fit_weights(self, builder: MixBuilder):
         """Probe files (one group at a probe type, the rest as stored) scored on the calibration text,
@@ -326,32 +388,25 @@ class Mix:
         the role x depth weights fitted on them (recipe.fit)."""
         import json
 
-        from ..formats.defaults import find_calibration_text
-        from ..measure.scoring import Scorer, text_key
         from ..util.atomic import write_text_atomic
         from . import fit as fitting
 
         o = self.o
-        text = str(find_calibration_text(o.calib_text))
+        text, settings = self.calibration()
         ref_types = tensor_types(o.reference)
         plan = fitting.probes(builder.costs)
         store = self.work / "probes.json"
         known = json.loads(store.read_text()) if store.is_file() else {}
-        settings = f"{text_key(text)}-{o.fit_chunks}x{o.runtime.ctx}-fa{int(o.runtime.flash_attn)}"
         recipes = [fitting.probe_recipe(p, builder.costs, ref_types) for p in plan]
         keys = [f"{builder.key(recipe)}-{settings}" for recipe in recipes]
         say(f"[mix] {len(plan)} probes for the role x depth weights, {sum(k not in known for k in keys)} to measure "
             f"({o.fit_chunks} chunks of {Path(text).name})", o.quiet)
         t0 = time.perf_counter()
-        scorer = None  # the reference decoded once for every probe, and only if one is measured
         for p, recipe, key in zip(plan, recipes, keys):
-            if key not in known:
+            if key not in known:  # the reference is decoded only if a probe is measured
                 path = builder.write(recipe)
-                row = {"label": f"probe {p.name}", "kind": RowKind.PROBE, "theta": None, "model": str(path)}
-                scorer = scorer or Scorer(reference=o.reference, text=text, work=self.work, runtime=o.runtime,
-                                          chunks=o.fit_chunks, quiet=True)
-                scorer.score(row)
-                known[key] = {"probe": p.name, "kld_mean": row["kld_mean"], "kld_err": row["kld_err"]}
+                row = self.calibration_scorer().score(ScoredRow(f"probe {p.name}", RowKind.PROBE, str(path)))
+                known[key] = {"probe": p.name, "kld_mean": row.kld_mean, "kld_err": row.figures["kld_err"]}
                 write_text_atomic(store, json.dumps(known, indent=1))
                 path.unlink()
             p.kld, p.kld_err = known[key]["kld_mean"], known[key]["kld_err"]
@@ -364,7 +419,7 @@ class Mix:
             return [str(out)]
         return [str(out.with_name(f"{out.stem}-{b.tag}{out.suffix}")) for b in budgets]
 
-    def score(self, mixes: list[dict], stock_rows: list[dict], result: dict) -> None:
+    def score(self, mixes: list[ScoredRow], stock_rows: list[ScoredRow], result: dict) -> None:
         """Measured KLD/PPL of every mix and stock file; predicted KLD = a x predicted damage, a fitted
         through the origin on this run's scored files, and the rank agreement of the two."""
         from ..measure.scoring import score_rows
@@ -375,20 +430,20 @@ class Mix:
         n_chunks, runtime_settings = score_rows(rows, reference=o.reference, text=o.text, work=self.work,
                                                 runtime=o.runtime, chunks=o.chunks, quiet=o.quiet)
         self.timings["scoring"] = time.perf_counter() - t0
-        fit = [(r["predicted_damage"], r["kld_mean"]) for r in rows if r["predicted_damage"] is not None]
+        fit = [(r.facts["predicted_damage"], r.kld_mean) for r in rows if r.facts["predicted_damage"] is not None]
         x = np.array([p for p, _ in fit])
         y = np.array([k for _, k in fit])
         scale = float(x @ y / (x @ x)) if len(fit) and x @ x > 0 else None
         fitted = result.get("fit") is not None
         for r in rows:  # without probes: one scale fitted through the origin on these files
             if not fitted:
-                r["predicted_kld"] = scale * r["predicted_damage"] \
-                    if scale is not None and r["predicted_damage"] is not None else None
+                d = r.facts["predicted_damage"]
+                r.facts["predicted_kld"] = scale * d if scale is not None and d is not None else None
         for m in mixes:
-            near = min(stock_rows, key=lambda s: abs(s["file_bytes"] - m["file_bytes"]), default=None)
-            m["nearest_stock"] = None if near is None else {
-                k: near[k] for k in ("label", "file_bytes", "kld_mean", "kld_err", "kld_p99", "ppl", "ppl_err",
-                                     "top1_agreement")}
+            near = min(stock_rows, key=lambda s: abs(s.facts["file_bytes"] - m.facts["file_bytes"]), default=None)
+            m.facts["nearest_stock"] = None if near is None else {
+                "label": near.label, "file_bytes": near.facts["file_bytes"],
+                **{k: near.figures[k] for k in ("kld_mean", "kld_err", "kld_p99", "ppl", "ppl_err", "top1_agreement")}}
         result["prediction"] = {"kld_per_damage": None if fitted else scale, "files": len(fit),
                                 "from": "probes on the calibration text" if fitted else "these files (in sample)",
                                 "spearman_predicted_vs_measured": spearman(x, y) if len(fit) else None}

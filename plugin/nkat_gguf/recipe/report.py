@@ -39,6 +39,12 @@ def mix_markdown(result: dict) -> str:
                          + (f" ({m['theta_bytes']} bytes in {m['theta_output']}; llama.cpp applies it as a LoRA "
                             "adapter, which costs generation speed: measure with nkat bench)." if m["theta_matrices"]
                             else ": no rank removed more predicted damage per byte than a type change."))
+        search = m.get("refine")
+        if search:
+            moved = ", ".join(f"{g} x{2.0 ** v:g}" for g, v in search["offsets"].items()) or "none"
+            lines.append(f"Refined by {search['trials']} Optuna trials scored on {search['chunks']} calibration "
+                         f"chunks: KLD there {search['kld_before']:.5f} unrefined, {search['kld_after']:.5f} "
+                         f"± {search['kld_err_after']:.5f} chosen (trial {search['best_trial']}; weights moved: {moved}).")
         near = m.get("nearest_stock")
         if near and near.get("kld_mean") is not None and m.get("kld_mean") is not None:
             lines.append(f"Nearest stock type in size: {near['label']} ({near['file_bytes'] / MiB:.2f} MiB), KLD "

@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import UserError
-from ..util.redaction import ambiguous_userinfo, redact_url, scrub
+from .redaction import ambiguous_userinfo, redact_url, scrub
 
 DB_NAME = "optuna_study.db"
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
