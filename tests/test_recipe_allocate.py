@@ -69,6 +69,17 @@ def hull_breakpoints(curves, fixed):
     return points
 
 
+def test_what_the_hull_steps_leave_is_spent_under_a_step():
+    """A budget between two hull points of a unit takes the option under the hull that fits (the
+    hull step 10 -> 30 bytes is too large; the 15-byte option is not on the hull but fits)."""
+    big = Curve("embd", ["Q2", "Q3", "Q8"], [10, 15, 30], [10.0, 9.9, 0.0])
+    small = Curve("v", ["Q4", "Q8"], [5, 6], [1.0, 0.0])
+    assert lower_hull(big.bytes, big.damage) == [0, 2]
+    (a,) = sweep([big, small], 100, [100 + 15 + 6])
+    assert a.choice == {"embd": "Q3", "v": "Q8"} and a.bytes == 121
+    assert a.damage == pytest.approx(9.9) == brute_force([big, small], 100, 121)
+
+
 def test_lower_hull_drops_dominated_and_concave_points():
     b = np.array([10, 20, 30, 40, 25])
     d = np.array([10.0, 9.5, 2.0, 1.0, 12.0])  # (20, 9.5) lies above the segment 10 -> 30; (25, 12) dominated

@@ -5,7 +5,8 @@ Pure math (numpy only). A unit is one tensor, or tensors tied to one type (gate/
 are types with exact bytes and predicted damage. Every upgrade step along every unit's hull is
 sorted by damage removed per byte; a budget takes the longest prefix of that order that fits (a
 point of the Lagrangian solution, optimal among all combinations at its bytes), then fills the
-rest with the next steps that still fit, in the same order. Budgets are solved in increasing
+rest with the next steps that still fit, in the same order, and what is still left on any option
+under a hull step that fits (spend_rest). Budgets are solved in increasing
 order and a larger budget never keeps a worse answer than a smaller one, so predicted damage
 never rises as the budget grows.
 """
@@ -96,6 +97,28 @@ def smallest_bytes(curves: list[Curve], fixed_bytes: int) -> int:
     return int(fixed_bytes + sum(int(c.bytes.min()) for c in curves))
 
 
+def spend_rest(curves: list[Curve], idx: list[int], used: int, damage: float, budget: int) -> tuple[int, float]:
+    """What the hull steps leave of the budget, spent on any option, on the hull or under it, that
+    fits and lowers damage: the largest decrease first, until none fits. A hull step can be larger
+    than what is left while an option under it fits (a small model's one big token_embd). `idx`
+    (each unit's option index) is updated in place; returns the bytes used and the damage."""
+    while True:
+        best = None  # (damage removed, unit, option)
+        for u, c in enumerate(curves):
+            gain = c.damage[idx[u]] - c.damage
+            ok = (c.bytes - c.bytes[idx[u]] <= budget - used) & (gain > 0)
+            if ok.any():
+                j = int(np.argmax(np.where(ok, gain, -np.inf)))
+                if best is None or gain[j] > best[0]:
+                    best = (float(gain[j]), u, j)
+        if best is None:
+            return used, damage
+        gain, u, j = best
+        used += int(curves[u].bytes[j] - curves[u].bytes[idx[u]])
+        damage -= gain
+        idx[u] = j
+
+
 def sweep(curves: list[Curve], fixed_bytes: int, budgets: list[int]) -> list[Allocation | None]:
     """The allocation for each budget (None where even the cheapest options do not fit)."""
     hulls = [lower_hull(c.bytes, c.damage) for c in curves]
@@ -124,8 +147,9 @@ def sweep(curves: list[Curve], fixed_bytes: int, budgets: list[int]) -> list[All
         for _, u, k, db, dd in steps[pos:]:  # then every later step that still fits, in order
             if fill[u] == k - 1 and f_used + db <= budget:
                 fill[u], f_used, f_damage = k, f_used + db, f_damage - dd
-        here = Allocation(budget, {c.name: c.options[h[lv]] for c, h, lv in zip(curves, hulls, fill)},
-                          int(f_used), float(f_damage))
+        idx = [h[lv] for h, lv in zip(hulls, fill)]
+        f_used, f_damage = spend_rest(curves, idx, f_used, f_damage, budget)
+        here = Allocation(budget, {c.name: c.options[i] for c, i in zip(curves, idx)}, int(f_used), float(f_damage))
         if best is None or here.damage <= best.damage:
             best = here
         results[budget] = Allocation(budget, best.choice, best.bytes, best.damage)
