@@ -105,9 +105,12 @@ def refine(builder, base_weight: Callable[[str], float] | None, target: int, *, 
         study.enqueue_trial({g: 0 for g in space}, user_attrs={"queued": "unrefined allocation"})
     me = worker_id()
 
+    def completed():
+        return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
     def measured() -> dict[str, dict]:
-        return {t.user_attrs["key"]: t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if "key" in t.user_attrs}
+        """Recipe key -> the figures of the trial that measured it."""
+        return {t.user_attrs["key"]: t.user_attrs for t in completed() if "key" in t.user_attrs}
 
     def objective(trial) -> float:
         trial.set_user_attr("worker", me)
@@ -120,8 +123,7 @@ def refine(builder, base_weight: Callable[[str], float] | None, target: int, *, 
         if known is None:
             path = builder.write(recipe)
             known = dict(measure(path), key=key)
-            previous = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-            best = min(previous, key=lambda t: t.value, default=None)
+            best = min(completed(), key=lambda t: t.value, default=None)
             if best is None or known["kld_mean"] < best.value:  # keep only the best file on disk
                 if best is not None:
                     builder.path(best.user_attrs["key"]).unlink(missing_ok=True)
@@ -132,24 +134,21 @@ def refine(builder, base_weight: Callable[[str], float] | None, target: int, *, 
         trial.set_user_attr("bytes", alloc.bytes)
         return float(known["kld_mean"])
 
-    def complete() -> int:
-        return sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
-
     bar = progress(total=trials, desc=f"refine {target / (1 << 20):.0f} MiB", quiet=quiet, unit="trial")
     try:
-        while (done := complete()) < trials:
+        while (done := len(completed())) < trials:
             bar.n = done
             bar.refresh()
             fail_dead_local(study, storage, me)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.optimize(objective, n_trials=1, gc_after_trial=False)
-        bar.n = complete()
+        bar.n = len(completed())
         bar.refresh()
     finally:
         bar.close()
 
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = completed()
     first = min(done, key=lambda t: t.number)
     best = min(done, key=lambda t: (t.value, t.number))
     offsets = {g: int(v) for g, v in best.params.items()}
