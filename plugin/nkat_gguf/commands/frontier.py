@@ -9,8 +9,7 @@ from ..measure.frontier_report import frontier_markdown, frontier_plot
 from ..util.work_dir import work_dir
 from ..theta.lowrank import SOURCES
 from .common import (add_output_flags, add_runtime_flags, add_text_flag, byte_size, count, csv, positive_int,
-                     reference_path,
-                     runtime_settings, show_outputs)
+                     reference_path, runtime_settings, show_outputs)
 
 
 def add_parser(subparsers) -> None:
