@@ -34,9 +34,6 @@ DEFAULT_LADDER = ("IQ2_XXS", "IQ2_XS", "IQ2_M", "Q2_K", "IQ3_XXS", "Q3_K_S", "IQ
 # (CALDERA, LQ-LoRA) are all there.
 DEFAULT_BASES = ("IQ2_XXS", "IQ2_XS", "Q2_K", "Q3_K_S")
 DEFAULT_BUDGETS = ("2%", "5%", "next")
-# File types whose tensors llama.cpp's quantizer writes only with an imatrix (llama-quant.cpp's
-# tensor_type_requires_imatrix: IQ1_S/M, IQ2_XXS/XS/S, IQ3_XXS, and Q2_K under Q2_K_S).
-FTYPES_NEEDING_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"})
 NEXT = "next"
 # A "next" budget stops this far below the next rung's bytes (the .nkat header is not in the budget).
 NEXT_MARGIN = 0.002
@@ -94,6 +91,7 @@ class Frontier:
     def check_types(self) -> None:
         import llama_cpp
 
+        from ..recipe.candidates import FTYPES_NEEDING_IMATRIX
         from ..runtime.quantize import ftype_names
 
         known = ftype_names(llama_cpp)
@@ -241,15 +239,15 @@ class Frontier:
                 continue
             mixes.append(ScoredRow(f"mix at {rung.label}", RowKind.MIX, m["model"],
                                    facts={"type": "mix", "at": rung.label}))
+        base_types = {p.model: tensor_types(p.model) for p in points}  # each base read once
         for point in points:
             if (m := by_budget.get(budget[id(point)])) is None:
                 say(f"[frontier] {point.label}: no mix of the reference fits its bytes, no control", o.quiet)
                 continue
-            base_types = tensor_types(point.model)
             f = point.facts
             controls.append(ScoredRow(f"{f['base']} mixed {f['budget']}", RowKind.CONTROL, m["model"], facts={
                 "type": f["type"], "base": f["base"], "for": point.label,
-                "upgraded": sum(base_types.get(t["name"]) != t["type"] for t in m["tensors"])}))
+                "upgraded": sum(base_types[point.model].get(t["name"]) != t["type"] for t in m["tensors"])}))
         return mixes, controls
 
     # -- 6. verdicts -------------------------------------------------------------------------

@@ -22,6 +22,9 @@ FAST_TYPES = tuple(t for t in CANDIDATE_TYPES if not t.startswith("IQ"))
 TYPE_PRESETS = {"all": CANDIDATE_TYPES, "fast": FAST_TYPES}
 # llama-quant.cpp's tensor_type_requires_imatrix: it stops with "Missing importance matrix" for these.
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
+# File types (llama-quantize's names) that write such tensors: the types above, IQ2_M (IQ2_S
+# tensors) and Q2_K_S (whose Q2_K tensors need it too, under that file type).
+FTYPES_NEEDING_IMATRIX = NEEDS_IMATRIX | {"IQ2_M", "Q2_K_S"}
 # 2-D weights llama.cpp never quantizes (llama-quant.cpp's exclusions), besides norms.
 _NOT_QUANTIZED = re.compile(r"(_norm|\.norm|ffn_gate_inp|pos_embd|token_types|ssm_conv1d|ssm_x|ssm_dt|"
                             r"time_mix|attn_rel_b|per_layer_token_embd)")

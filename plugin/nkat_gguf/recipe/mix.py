@@ -18,6 +18,7 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +198,9 @@ class Mix:
         if fitted:
             builder.set_weights(weight)
         allocations = builder.allocate(targets)
-        refined = self.refine(builder, allocations, targets, weight) if o.refine else [None] * len(targets)
+        refined = [None] * len(targets)
+        if o.refine:
+            allocations, refined = self.refine(builder, allocations, targets, weight)
         if o.theta:
             allocations = self.offer_theta(builder, allocations, targets)
         rounded = self.gptq_files(builder, allocations, *gptq_inputs) if o.gptq else {}
@@ -234,9 +237,10 @@ class Mix:
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return result
 
+    @cached_property
     def calibration(self) -> tuple[str, str]:
         """The calibration text the probes and refinement trials are scored on, and the key of those
-        scoring settings (text, chunks, ctx, flash attention)."""
+        scoring settings (text, chunks, ctx, flash attention): the text read and hashed once."""
         from ..formats.defaults import find_calibration_text
         from ..measure.scoring import text_key
 
@@ -250,17 +254,17 @@ class Mix:
 
         if self._scorer is None:
             o = self.o
-            self._scorer = Scorer(reference=o.reference, text=self.calibration()[0], work=self.work,
+            self._scorer = Scorer(reference=o.reference, text=self.calibration[0], work=self.work,
                                   runtime=o.runtime, chunks=o.fit_chunks, quiet=True)
         return self._scorer
 
-    def refine(self, builder: MixBuilder, allocations, targets: list[int], weight) -> list:
-        """Each budget's allocation replaced in place by the best of --refine Optuna trials around it
-        (recipe.refine); returns each budget's Refinement (None where nothing fits)."""
+    def refine(self, builder: MixBuilder, allocations, targets: list[int], weight) -> tuple[list, list]:
+        """Each budget's allocation, the best of --refine Optuna trials around it (recipe.refine), and
+        each budget's Refinement (None where nothing fits)."""
         from .refine import DB_NAME, refine
 
         o = self.o
-        settings = self.calibration()[1]
+        settings = self.calibration[1]
 
         def measure(path: Path) -> dict:
             row = self.calibration_scorer().score(ScoredRow(f"refine {path.name}", RowKind.PROBE, str(path)))
@@ -268,18 +272,17 @@ class Mix:
 
         url = o.refine_storage or f"sqlite:///{(self.work / DB_NAME).resolve()}"
         t0 = time.perf_counter()
-        out = []
-        for i, (alloc, target) in enumerate(zip(allocations, targets)):
-            if alloc is None:
-                out.append(None)
-                continue
-            chosen, summary = refine(builder, weight, target, trials=o.refine, measure=measure, chunks=o.fit_chunks,
-                                     storage_url=url, settings=settings, quiet=o.quiet)
-            chosen.damage = predicted_damage(builder.costs, builder.recipe(chosen), weight)
-            allocations[i] = chosen
-            out.append(summary)
+        chosen, summaries = [], []
+        for alloc, target in zip(allocations, targets):
+            summary = None
+            if alloc is not None:
+                alloc, summary = refine(builder, weight, target, trials=o.refine, measure=measure,
+                                        chunks=o.fit_chunks, storage_url=url, settings=settings, quiet=o.quiet)
+                alloc.damage = predicted_damage(builder.costs, builder.recipe(alloc), weight)  # the fit's units
+            chosen.append(alloc)
+            summaries.append(summary)
         self.timings["refine"] = time.perf_counter() - t0
-        return out
+        return chosen, summaries
 
     def offer_theta(self, builder: MixBuilder, allocations, targets: list[int]):
         """The allocation again with theta options priced for the types the plain one chose (and the
@@ -392,7 +395,7 @@ class Mix:
         from . import fit as fitting
 
         o = self.o
-        text, settings = self.calibration()
+        text, settings = self.calibration
         ref_types = tensor_types(o.reference)
         plan = fitting.probes(builder.costs)
         store = self.work / "probes.json"

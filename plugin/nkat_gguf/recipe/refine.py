@@ -17,7 +17,7 @@ SQLite file in the work dir, or any RDB URL, so several workers can share one st
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -43,9 +43,7 @@ class Refinement:
     chunks: int
 
     def to_dict(self) -> dict:
-        return {"trials": self.trials, "best_trial": self.best_trial, "offsets": self.offsets,
-                "kld_before": self.kld_before, "kld_after": self.kld_after, "kld_err_after": self.kld_err_after,
-                "chunks": self.chunks}
+        return asdict(self)
 
 
 def groups(names) -> list[str]:
