@@ -16,7 +16,8 @@ under this Python's standard library directory (sysconfig 'stdlib').
    covariance, GPTQ divided by ggml's imatrix rounding (importance = diagonal of A) at the same
    type. Reported as the ratio of sums over the matrices; the damping with the lowest ratio on the
    first type is the one the files are written with (--damp overrides). Then the same for blocks
-   left to right instead of the order of importance.
+   left to right instead of the order of importance, and, in k-quants, for whole blocks (ggml's
+   codes kept, no rounding column by column inside a block).
 2. Model level, per type: llama.cpp's imatrix quantization (`nkat quantize --imatrix A`) and GPTQ
    (`nkat quantize --method gptq --covariance A --imatrix A`), checked to have identical tensor
    types and bytes, scored by `nkat ppl` against the reference on --chunks chunks of ctx 512 of each
@@ -161,9 +162,11 @@ def layer_sweep(reference: str, cov_a: str, cov_b: str, types: list[str], damps:
 
 def _sweep_type(model, A, B, names: list[str], qtype: str, damps: list[float]) -> dict | None:
     from nkat_gguf.runtime import ggml_quants as gq
+    from nkat_gguf.runtime import kquant_codes
     from nkat_gguf.runtime.gptq import gptq_quantize_matrix, output_error
 
-    sums = {"imatrix": 0.0, **{f"gptq damp={d:g}": 0.0 for d in damps}, "gptq left-to-right": 0.0}
+    sums = {"imatrix": 0.0, **{f"gptq damp={d:g}": 0.0 for d in damps}, "gptq left-to-right": 0.0,
+            "gptq whole blocks": 0.0}
     fitting = [n for n in names if gq.fits_rows(qtype, model.shape(n)[1])]
     if not fitting:
         return None
@@ -181,7 +184,13 @@ def _sweep_type(model, A, B, names: list[str], qtype: str, damps: list[float]) -
         Q = gq.dequantize_rows(qtype, gptq_quantize_matrix(W, A.autocorrelation(name), qtype, damp=best,
                                                            by_importance=False), W.shape[1])
         sums["gptq left-to-right"] += output_error(W, Q, B.autocorrelation(name))
+        if kquant_codes.layout(qtype) is not None:  # k-quants: ggml's codes per block, no column step
+            Q = gq.dequantize_rows(qtype, gptq_quantize_matrix(W, A.autocorrelation(name), qtype, damp=best,
+                                                               columns=False), W.shape[1])
+            sums["gptq whole blocks"] += output_error(W, Q, B.autocorrelation(name))
     ratios[f"gptq left-to-right damp={best:g}"] = sums["gptq left-to-right"] / sums["imatrix"]
+    if sums["gptq whole blocks"]:
+        ratios[f"gptq whole blocks damp={best:g}"] = sums["gptq whole blocks"] / sums["imatrix"]
     return {"matrices": len(fitting), "best_damp": best, "ratio_to_imatrix": ratios,
             "error_sums": sums}
 

@@ -12,10 +12,13 @@ import pytest
 from nkat_gguf.cli import main
 from nkat_gguf.formats.gguf_io import open_gguf
 from nkat_gguf.runtime import ggml_quants as gq
-from nkat_gguf.runtime.gptq import gptq_quantize_matrix, output_error, propagate, upper_cholesky_of_inverse
+from nkat_gguf.runtime import kquant_codes
+from nkat_gguf.runtime.gptq import (gptq_quantize_matrix, output_error, propagate, round_columns,
+                                    upper_cholesky_of_inverse)
 
 TYPES = ["Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
          "IQ3_S", "IQ4_XS", "IQ4_NL", "IQ1_S", "IQ1_M"]
+KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def correlated(n_in: int, n_out: int, seed: int = 0):
@@ -56,9 +59,10 @@ def test_block_rule_equals_the_conditional_optimum():
         assert np.allclose(values, expected[:, :bs], atol=1e-9), f"block {i}"
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q2_K", "Q4_K", "Q6_K", "IQ3_XXS", "IQ4_XS"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", *KQUANTS, "IQ3_XXS", "IQ4_XS"])
 def test_uncorrelated_inputs_give_ggml_own_bytes(qtype):
-    """H = I: nothing propagates, so every block is ggml's quantization of the same tensor."""
+    """H = I: nothing propagates, so every block is ggml's quantization of the same tensor (in
+    k-quants, ggml's codes are the nearest under its final scales, as the columns' are)."""
     W, _ = correlated(512, 40, seed=2)
     I = np.eye(512)
     ones = np.ones(512, dtype=np.float32)
@@ -82,6 +86,48 @@ def test_correlated_inputs_beat_ggml_imatrix_rounding(qtype):
         data = gptq_quantize_matrix(W, R, qtype, by_importance=by_importance)
         assert data.shape == (24, gq.row_bytes(qtype, 512))
         assert output_error(W, gq.dequantize_rows(qtype, data, 512), R) < 0.9 * baseline
+
+
+@pytest.mark.parametrize("qtype", KQUANTS)
+def test_code_layout_matches_ggml_dequantization(qtype):
+    """kquant_codes against ggml's to_float: ggml's bytes round-trip through their codes, and any
+    codes written under ggml's scales dequantize, by ggml, to step * code + offset."""
+    W, R = correlated(256, 40, seed=4)
+    blocks = gq.quantize_rows(qtype, W, np.diag(R).astype(np.float32))
+    codes = kquant_codes.codes_of(qtype, blocks)
+    assert np.array_equal(kquant_codes.with_codes(qtype, blocks, codes), blocks)
+    step, offset = kquant_codes.affine(qtype, blocks)
+    others = np.random.default_rng(5).integers(0, 1 << kquant_codes.layout(qtype).bits, codes.shape)
+    for c in (codes, others):
+        got = gq.dequantize_rows(qtype, kquant_codes.with_codes(qtype, blocks, c), 256)
+        assert np.allclose(step * c + offset, got, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("qtype", KQUANTS)
+def test_columns_are_rounded_as_plain_gptq_does(qtype):
+    """round_columns' batched updates against GPTQ written out column by column over the whole
+    block (Frantar et al., Algorithm 1 without lazy batches), under the same scales."""
+    W, R = correlated(256, 30, seed=6)
+    U = upper_cholesky_of_inverse(R + 0.1 * np.mean(np.diag(R)) * np.eye(256))
+    blocks = gq.quantize_rows(qtype, W, np.diag(R).astype(np.float32))
+    step, offset = kquant_codes.affine(qtype, blocks)
+    top = (1 << kquant_codes.layout(qtype).bits) - 1
+    V, want = W.astype(np.float64), np.zeros((30, 256), dtype=np.int64)
+    for c in range(256):
+        want[:, c] = np.clip(np.rint((V[:, c] - offset[:, c]) / step[:, c]), 0, top)
+        e = (V[:, c] - (step[:, c] * want[:, c] + offset[:, c])) / U[c, c]
+        V[:, c + 1:] -= np.outer(e, U[c, c + 1:])
+    got = kquant_codes.codes_of(qtype, round_columns(qtype, blocks, W, U))
+    assert np.array_equal(got, want)
+    assert not np.array_equal(got, kquant_codes.codes_of(qtype, blocks))  # the inputs are correlated
+
+
+@pytest.mark.parametrize("qtype", KQUANTS)
+def test_rounding_column_by_column_beats_whole_blocks(qtype):
+    W, R = correlated(512, 24, seed=3)
+    error = {columns: output_error(W, gq.dequantize_rows(qtype, gptq_quantize_matrix(W, R, qtype, columns=columns),
+                                                         512), R) for columns in (False, True)}
+    assert error[True] < error[False]
 
 
 def test_block_order_puts_the_largest_diagonal_first():

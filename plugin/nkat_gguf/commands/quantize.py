@@ -27,7 +27,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--method", choices=("llama", "gptq"), default="llama",
                    help="llama: llama.cpp's quantizer (default); gptq: the same file, with every weight matrix "
                    "that has a --covariance quantized to the same type by GPTQ error propagation (ggml's own "
-                   "routine per block, rounding errors pushed into the columns not yet quantized)")
+                   "routine per block, rounding errors pushed into the columns not yet quantized; inside "
+                   "k-quant blocks column by column under ggml's scales)")
     p.add_argument("--covariance", metavar="COV", help="with --method gptq: the input covariance of the input "
                    "model (nkat calibrate --covariance, on other text than you evaluate on)")
     p.add_argument("--damp", type=float, default=DEFAULT_DAMP, metavar="F",

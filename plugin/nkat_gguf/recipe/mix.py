@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import Setting, UserError
 from ..formats.gguf_io import fingerprint_file
 from ..measure.scoring import RowKind, ScoredRow
-from ..runtime.gptq import DEFAULT_DAMP
+from ..runtime.gptq import DEFAULT_DAMP, REVISION as GPTQ_REVISION
 from ..runtime.settings import RuntimeSettings
 from ..util.atomic import atomic_path
 from ..util.output_paths import check_output_path
@@ -321,7 +321,7 @@ class Mix:
 
         o = self.o
         ref_types = tensor_types(o.reference)
-        tag = f"gptq-{fingerprint_file(o.gptq)[:12]}-d{o.gptq_damp:g}"
+        tag = f"gptq{GPTQ_REVISION}-{fingerprint_file(o.gptq)[:12]}-d{o.gptq_damp:g}"
         plain = list(dict.fromkeys(builder.write(builder.recipe(a)) for a in allocations if a))
         out = {p: p.with_name(f"{p.stem}-{tag}.gguf") for p in plain}
         todo = [p for p in plain if not out[p].is_file()]

@@ -23,6 +23,11 @@ Damping: H = R + damp * mean(diag R) * I; nearly singular inputs (the gate/up in
 down to 1e-8 of its largest) need it. benchmarks/bench_gptq.py compares dampings by the layer
 error on held-out text (WikiText-2 valid split in two halves: H from one, the error under the other).
 
+Inside a k-quant block (Q2_K..Q6_K) GPTQ then goes column by column (round_columns): ggml's
+scales for the block stay, each column's code is the nearest under them, and its rounding error is
+pushed into the block's columns not yet rounded; the block's total error then goes on by the block
+rule (the two are the same update: GPTQ's lazy batches). Other types keep ggml's codes.
+
 Q4_0/Q4_1/Q5_x with importance weights use a statistic of the whole row (its mean square), so a
 block quantized as a slice can differ from the same block of the whole row: still a valid block of
 the type, only not byte-identical to what ggml writes for the whole row. K- and i-quants are.
@@ -35,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
+from . import kquant_codes
 from .ggml_quants import block_size, dequantize_rows, ggml_type, quantize_rows, row_bytes
 
 # lambda = DEFAULT_DAMP * mean(diag R), chosen on held-out text: H from 32x512 tokens of WikiText-2
@@ -44,6 +50,11 @@ from .ggml_quants import block_size, dequantize_rows, ggml_type, quantize_rows, 
 # 0.799 / 0.795 / 0.774; at 0.3 / 1.0: Q4_0 0.569 / 0.617, Q2_K 0.775 / 0.817. (A first sweep on 12 Q4_0
 # and 3 Q2_K matrices had put 0.01 first.)
 DEFAULT_DAMP = 0.1
+# Raised whenever the same inputs give other bytes, so cached GPTQ files are not reused across it
+# (2: k-quants rounded column by column inside their blocks).
+REVISION = 2
+# Columns rounded one by one before the rest of a k-quant block is updated by one product.
+_COLUMN_BATCH = 16
 # When H + lambda*I is still not positive definite (a nearly singular R), lambda grows by this
 # factor, at most _DAMP_RETRIES times.
 _DAMP_GROWTH = 10.0
@@ -123,6 +134,31 @@ def propagate(W: np.ndarray, U: np.ndarray, block: int, quantize) -> np.ndarray:
     return W
 
 
+def round_columns(qtype, blocks: np.ndarray, values: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """GPTQ column by column inside one k-quant block: blocks (n_out, block_bytes) are ggml's
+    quantization of values (n_out, 256), whose scales are kept; U (256, 256) is the block's part of
+    the upper factor of H^-1. Each column takes the code nearest its current value, and its error
+    e = (v - q) / U[c, c] updates the later columns by -e U[c, later]: within a batch of
+    _COLUMN_BATCH columns at once, beyond it by one product per batch. Returns the new blocks."""
+    step, offset = (a.T.copy() for a in kquant_codes.affine(qtype, blocks))
+    top = (1 << kquant_codes.layout(qtype).bits) - 1
+    ggml_codes = kquant_codes.codes_of(qtype, blocks).T
+    V = np.array(values, dtype=np.float64).T  # a column of the block is a contiguous row here
+    n = V.shape[0]
+    codes = np.empty(V.shape, dtype=np.int32)
+    for start in range(0, n, _COLUMN_BATCH):
+        stop = min(start + _COLUMN_BATCH, n)
+        errors = np.empty((stop - start, V.shape[1]))
+        for c in range(start, stop):
+            usable = step[c] != 0  # a zero scale: every code gives the same value; keep ggml's
+            nearest = np.rint((V[c] - offset[c]) / np.where(usable, step[c], 1.0))
+            codes[c] = np.where(usable, np.clip(nearest, 0, top), ggml_codes[c])
+            errors[c - start] = (V[c] - (step[c] * codes[c] + offset[c])) / U[c, c]
+            V[c + 1:stop] -= np.outer(U[c, c + 1:stop], errors[c - start])
+        V[stop:] -= U[start:stop, stop:].T @ errors
+    return kquant_codes.with_codes(qtype, blocks, codes.T)
+
+
 @dataclass
 class GptqFactor:
     """What GPTQ needs of one input covariance at one block length; the same for every matrix
@@ -153,7 +189,7 @@ def gptq_factor(R: np.ndarray, block: int, damp: float = DEFAULT_DAMP, by_import
 def gptq_quantize_matrix(W: np.ndarray, R: np.ndarray | None, qtype, damp: float = DEFAULT_DAMP,
                          by_importance: bool = True, use_importance: bool = True,
                          threads: int | None = None, info: dict | None = None,
-                         factor: GptqFactor | None = None) -> np.ndarray:
+                         factor: GptqFactor | None = None, columns: bool = True) -> np.ndarray:
     """W (n_out, n_in) quantized to qtype with GPTQ block propagation under H = R + lambda*I.
 
     R: the input autocorrelation E[x x^T] (n_in, n_in); or factor: gptq_factor of it at this type's
@@ -161,6 +197,7 @@ def gptq_quantize_matrix(W: np.ndarray, R: np.ndarray | None, qtype, damp: float
     not used). Returns (n_out, row_bytes) uint8: the rows exactly as ggml lays them out, readable
     by dequantize_rows and llama.cpp.
     use_importance: pass the block's diagonal of H to ggml as importance (else ggml's plain rounding).
+    columns: in k-quants, round column by column inside each block under ggml's scales (round_columns).
     info: if given, receives 'lambda' and 'order' (the block order used)."""
     t = ggml_type(qtype)
     W = np.asarray(W)
@@ -184,10 +221,13 @@ def gptq_quantize_matrix(W: np.ndarray, R: np.ndarray | None, qtype, damp: float
         info.update({"lambda": factor.lam, "order": order.tolist()})
 
     out = np.empty((n_out, n_blocks * block_bytes), dtype=np.uint8)
+    by_column = columns and kquant_codes.layout(t) is not None
 
     def quantize(i: int, values: np.ndarray) -> np.ndarray:
-        b = order[i]
-        q = quantize_rows(t, values.astype(np.float32), importance[i * bs:(i + 1) * bs] if use_importance else None, threads)
+        b, cols = order[i], slice(i * bs, (i + 1) * bs)
+        q = quantize_rows(t, values.astype(np.float32), importance[cols] if use_importance else None, threads)
+        if by_column:
+            q = round_columns(t, q, values, U[cols, cols])
         out[:, b * block_bytes:(b + 1) * block_bytes] = q
         return dequantize_rows(t, q, bs)
 
