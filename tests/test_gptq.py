@@ -206,12 +206,14 @@ def test_negative_damping_is_a_user_error(tmp_path, capsys, demo_cov):
     assert not list(tmp_path.iterdir())
 
 
-def test_lower_inverse_by_halves_equals_numpy():
-    from nkat_gguf.runtime.gptq import lower_inverse
-
+def test_upper_factor_of_a_wide_input_is_upper_and_exact():
+    """LAPACK's in-place factor and inverse (dpotrf, dtrtri) at a width of several blocks."""
     _, R = correlated(600, 1, seed=4)
-    L = np.linalg.cholesky(R + 0.01 * np.eye(600))
-    assert np.allclose(lower_inverse(L), np.linalg.inv(L), rtol=1e-9, atol=1e-9 * np.abs(np.linalg.inv(L)).max())
+    H = R + 0.01 * np.eye(600)
+    U = upper_cholesky_of_inverse(H)
+    assert np.array_equal(U, np.triu(U))
+    inverse = np.linalg.inv(H)
+    assert np.allclose(U.T @ U, inverse, rtol=1e-9, atol=1e-9 * np.abs(inverse).max())
 
 
 @pytest.mark.slow

@@ -69,53 +69,52 @@ def block_order(diag: np.ndarray, block: int, by_importance: bool = True) -> np.
     return np.argsort(-diag.reshape(n_blocks, block).sum(axis=1), kind="stable")
 
 
-def lower_inverse(L: np.ndarray) -> np.ndarray:
-    """The inverse of a lower-triangular matrix by halves, [[A, 0], [C, D]]^-1 =
-    [[A^-1, 0], [-D^-1 C A^-1, D^-1]]: matrix products only, about n^3/3 flops against about 2 n^3
-    for numpy's general inverse."""
-    n = L.shape[0]
-    if n <= 256:
-        return np.linalg.inv(L)
-    h = n // 2
-    out = np.zeros_like(L)
-    A_inv = out[:h, :h] = lower_inverse(L[:h, :h])
-    D_inv = out[h:, h:] = lower_inverse(L[h:, h:])
-    out[h:, :h] = -(D_inv @ (L[h:, :h] @ A_inv))
-    return out
-
-
 def upper_cholesky_of_inverse(H: np.ndarray) -> np.ndarray:
-    """U upper triangular with H^-1 = U^T U (float64), without forming H^-1.
+    """U upper triangular with H^-1 = U^T U (float64), without forming H^-1."""
+    return _upper_factor_of_reversed(np.array(H[::-1, ::-1], dtype=np.float64, order="F"))
 
-    With J the reversal of the index order, J H J = M M^T (M lower), so H = V V^T with V = J M J
-    upper, and H^-1 = (V^-1)^T V^-1: U = V^-1 = J M^-1 J. Raises LinAlgError when H is not
-    positive definite. Peak memory: about three n x n float64 arrays."""
-    M = np.linalg.cholesky(np.ascontiguousarray(H[::-1, ::-1]))
-    M_inv = lower_inverse(M)
-    del M
-    U = np.ascontiguousarray(M_inv[::-1, ::-1])
-    del M_inv
-    for i in range(1, U.shape[0]):  # inv() of a triangle may leave round-off below the diagonal
-        U[i, :i] = 0.0
-    return U
+
+def _upper_factor_of_reversed(H_rev: np.ndarray) -> np.ndarray:
+    """upper_cholesky_of_inverse of H, given J H J (J reverses the index order), overwritten.
+
+    J H J = M M^T (M lower), so H = V V^T with V = J M J upper, and H^-1 = (V^-1)^T V^-1:
+    U = V^-1 = J M^-1 J, a reversed view of M^-1. LAPACK factors and inverts in place (dpotrf,
+    dtrtri): one n x n float64 array is the whole peak (H_rev is symmetric, so a C-ordered one is
+    passed as its Fortran-ordered transpose). Raises LinAlgError when H is not positive definite."""
+    from scipy.linalg import lapack
+
+    M, info = lapack.dpotrf(H_rev.T if H_rev.flags.c_contiguous else H_rev, lower=1, clean=1, overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"H is not positive definite (dpotrf info {info})")
+    M, info = lapack.dtrtri(M, lower=1, overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the Cholesky factor is singular (dtrtri info {info})")
+    return M[::-1, ::-1]
 
 
 def _factor(R: np.ndarray, damp: float, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """(diagonal of H in processing order, U of H in processing order, lambda used), growing the
     damping until H is positive definite."""
-    Rp = np.asarray(R, dtype=np.float64)[np.ix_(perm, perm)]
-    base = Rp.diagonal().copy()
+    R = np.asarray(R)
+    base = R.diagonal()[perm].astype(np.float64)
+    reverse = perm[::-1]
     damps = [damp] + [max(damp, 1e-6) * _DAMP_GROWTH ** k for k in range(1, _DAMP_RETRIES + 1)]
     for d in damps:
         if d < 0:
             raise UserError(f"damping must be non-negative, not {d}")
         lam = float(d) * float(np.mean(base))
-        Rp[np.diag_indices_from(Rp)] = base + lam
         try:
-            return Rp.diagonal().copy(), upper_cholesky_of_inverse(Rp), lam
+            return base + lam, _upper_factor_of_reversed(_damped(R, reverse, lam)), lam
         except np.linalg.LinAlgError:
             continue
     raise UserError("the input covariance is not positive definite even with strong damping")
+
+
+def _damped(R: np.ndarray, order: np.ndarray, lam: float) -> np.ndarray:
+    """(R + lam I) with rows and columns in `order`, float64, as one new array."""
+    H = np.asarray(R)[np.ix_(order, order)].astype(np.float64, copy=False)
+    H[np.diag_indices_from(H)] += lam
+    return H
 
 
 def propagate(W: np.ndarray, U: np.ndarray, block: int, quantize) -> np.ndarray:
