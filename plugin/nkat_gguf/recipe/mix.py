@@ -227,8 +227,8 @@ class Mix:
             "imatrix": imatrix, "covariance": o.covariance, "rows": o.rows, "types": o.types,
             "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "fit_chunks": o.fit_chunks,
             "theta": o.theta, "theta_layers": o.theta_layers, "gptq": o.gptq,
-            "gptq_damp": o.gptq_damp if o.gptq else None, "refine": o.refine, "text": o.text, "chunks": o.chunks,
-            "ctx": o.runtime.ctx,
+            "gptq_damp": o.gptq_damp if o.gptq else None, "gptq_revision": GPTQ_REVISION if o.gptq else None,
+            "refine": o.refine, "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
             "flash_attn": o.runtime.flash_attn, "threads": o.runtime.threads, "smallest_bytes": smallest,
             "fixed_bytes": layout.fixed, "n_weights": layout.n_weights,
         }

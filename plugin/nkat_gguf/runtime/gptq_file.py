@@ -23,7 +23,7 @@ from ..util.atomic import atomic_path
 from ..util.report import progress
 from ..util.signals import raise_if_terminated
 from .ggml_quants import block_size, fits_rows
-from .gptq import DEFAULT_DAMP, GptqFactor, gptq_factor, gptq_quantize_matrix
+from .gptq import DEFAULT_DAMP, REVISION, GptqFactor, gptq_factor, gptq_quantize_matrix
 from .quantize import quantize_model
 
 # Never rewritten: llama.cpp's choice stands for the embedding and the output head (no covariance
@@ -50,7 +50,8 @@ def gptq_quantize_model(input_path: str, output_path: str, qtype: str, covarianc
                         threads: int | None = None, quiet: bool = False) -> dict:
     """Quantize input_path to qtype as llama.cpp does, then replace every covariance-covered
     matrix by its GPTQ quantization in the same type. Returns quantize_model's report plus
-    'method', 'damp', 'gptq_tensors' (name -> type) and 'kept_tensors' (names llama.cpp's bytes stand for)."""
+    'method', 'gptq_revision' (gptq.REVISION), 'damp', 'gptq_tensors' (name -> type) and 'kept_tensors'
+    (names llama.cpp's bytes stand for)."""
     check_damp(damp)
     cov = CovarianceFile(covariance)
     source = ModelFile(input_path)
@@ -59,7 +60,8 @@ def gptq_quantize_model(input_path: str, output_path: str, qtype: str, covarianc
         result = quantize_model(input_path, str(tmp), qtype, threads, imatrix=imatrix)
         rewritten, kept = rewrite_files([str(tmp)], source, cov, damp, by_importance, threads, quiet)[0]
     result.update({"output": str(output_path), "bytes": os.path.getsize(output_path), "method": "gptq",
-                   "covariance": str(covariance), "damp": damp, "gptq_tensors": rewritten, "kept_tensors": kept})
+                   "gptq_revision": REVISION, "covariance": str(covariance), "damp": damp,
+                   "gptq_tensors": rewritten, "kept_tensors": kept})
     return result
 
 
