@@ -170,24 +170,25 @@ def _sweep_type(model, A, B, names: list[str], qtype: str, damps: list[float]) -
     fitting = [n for n in names if gq.fits_rows(qtype, model.shape(n)[1])]
     if not fitting:
         return None
+
+    def gptq_error(W, RA, RB, **how) -> float:
+        """Output error under RB of W quantized by GPTQ under RA (gptq_quantize_matrix's keywords)."""
+        return output_error(W, gq.dequantize_rows(qtype, gptq_quantize_matrix(W, RA, qtype, **how), W.shape[1]), RB)
+
     for name in fitting:
         W = model.dequantize(name)
         RA, RB = A.autocorrelation(name), B.autocorrelation(name)
         sums["imatrix"] += output_error(W, gq.roundtrip(qtype, W, np.diag(RA).astype(np.float32)), RB)
         for d in damps:
-            Q = gq.dequantize_rows(qtype, gptq_quantize_matrix(W, RA, qtype, damp=d), W.shape[1])
-            sums[f"gptq damp={d:g}"] += output_error(W, Q, RB)
+            sums[f"gptq damp={d:g}"] += gptq_error(W, RA, RB, damp=d)
     ratios = {k: v / sums["imatrix"] for k, v in sums.items() if k.startswith("gptq damp")}
     best = min(damps, key=lambda d: ratios[f"gptq damp={d:g}"])
     for name in fitting:  # the order of importance against left to right, at the best damping
         W = model.dequantize(name)
-        Q = gq.dequantize_rows(qtype, gptq_quantize_matrix(W, A.autocorrelation(name), qtype, damp=best,
-                                                           by_importance=False), W.shape[1])
-        sums["gptq left-to-right"] += output_error(W, Q, B.autocorrelation(name))
+        RA, RB = A.autocorrelation(name), B.autocorrelation(name)
+        sums["gptq left-to-right"] += gptq_error(W, RA, RB, damp=best, by_importance=False)
         if kquant_codes.layout(qtype) is not None:  # k-quants: ggml's codes per block, no column step
-            Q = gq.dequantize_rows(qtype, gptq_quantize_matrix(W, A.autocorrelation(name), qtype, damp=best,
-                                                               columns=False), W.shape[1])
-            sums["gptq whole blocks"] += output_error(W, Q, B.autocorrelation(name))
+            sums["gptq whole blocks"] += gptq_error(W, RA, RB, damp=best, columns=False)
     ratios[f"gptq left-to-right damp={best:g}"] = sums["gptq left-to-right"] / sums["imatrix"]
     if sums["gptq whole blocks"]:
         ratios[f"gptq whole blocks damp={best:g}"] = sums["gptq whole blocks"] / sums["imatrix"]
