@@ -141,7 +141,8 @@ def test_one_costs_cache_serves_every_type_list(reference_model, imatrix, tmp_pa
     real = costs_mod.ggml_quants.roundtrip
     monkeypatch.setattr(costs_mod.ggml_quants, "roundtrip", lambda t, *a: quantized.append(t) or real(t, *a))
     both = costs_mod.model_costs(str(reference_model), stats, work, n_rows=8, types=["Q4_0", "Q8_0"], quiet=True)
-    assert set(quantized) == {"Q8_0"} and len(quantized) == len(both)
+    # (a tensor stored as Q8_0 is not quantized: llama.cpp copies it, its cost is 0)
+    assert set(quantized) == {"Q8_0"} and len(quantized) == sum(c.ref_type != "Q8_0" for c in both.values())
     fresh = costs_mod.model_costs(str(reference_model), stats, fresh_work, n_rows=8, types=["Q4_0", "Q8_0"],
                                   quiet=True)
     assert both == fresh
@@ -149,6 +150,38 @@ def test_one_costs_cache_serves_every_type_list(reference_model, imatrix, tmp_pa
     quantized.clear()
     again = costs_mod.model_costs(str(reference_model), stats, work, n_rows=8, types=["Q8_0"], quiet=True)
     assert quantized == [] and all(list(c.options) == ["Q8_0"] for c in again.values())
+
+
+def test_stored_type_costs_nothing_because_llamacpp_copies_it(mixed, reference_model, imatrix, tmp_path):
+    """llama.cpp copies a tensor whose requested type is its stored type: in the written mixes such
+    tensors are the reference's bytes. So their cost is 0, from a fresh computation and from a
+    cache written before that rule (which held the damage of quantizing them again)."""
+    import json
+
+    from nkat_gguf.recipe.costs import model_costs
+
+    _, result = mixed
+    ref = {t.name: t for t in open_gguf(reference_model).tensors}
+    kept = 0
+    for m in result["mixes"]:
+        for t in open_gguf(m["output"]).tensors:
+            if t.name in read_recipe(m["recipe"]) and t.tensor_type == ref[t.name].tensor_type:
+                kept += 1
+                assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(ref[t.name].data).view(np.uint8))
+    assert kept
+    stats = Statistics(imatrix)
+    types = ["Q4_1", "Q6_K", "Q8_0"]
+    costs = model_costs(str(reference_model), stats, tmp_path, n_rows=8, types=types, quiet=True)
+    stored = [c for c in costs.values() if c.ref_type in c.options]
+    assert stored and all(c.options[c.ref_type][1] == 0.0 for c in stored)
+    assert all(d > 0 for c in stored for t, (_, d) in c.options.items() if t != c.ref_type)
+    cache = next(tmp_path.glob("costs-*.json"))
+    old = json.loads(cache.read_text())
+    for c in old.values():
+        if c["ref_type"] in c["options"]:
+            c["options"][c["ref_type"]][1] = 1.0
+    cache.write_text(json.dumps(old))
+    assert model_costs(str(reference_model), stats, tmp_path, n_rows=8, types=types, quiet=True) == costs
 
 
 def test_fast_preset_has_no_iquants():

@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
                    help="llama: llama.cpp's quantizer (default); gptq: the same file, with every weight matrix "
                    "that has a --covariance quantized to the same type by GPTQ error propagation (ggml's own "
                    "routine per block, rounding errors pushed into the columns not yet quantized; inside "
-                   "k-quant blocks column by column under ggml's scales)")
+                   "k-quant blocks column by column under ggml's scales), and token_embd, which no imatrix "
+                   "covers, weighted by how the first block reads it (its attention norm's weights squared)")
     p.add_argument("--covariance", metavar="COV", help="with --method gptq: the input covariance of the input "
                    "model (nkat calibrate --covariance, on other text than you evaluate on)")
     p.add_argument("--damp", type=float, default=DEFAULT_DAMP, metavar="F",
@@ -62,5 +63,7 @@ def run(args) -> int:
     else:
         print_table(f"wrote {result['output']}", ["type", "tensors"], sorted(result["tensor_types"].items()),
                     note=f"{human_bytes(result['bytes'])}" + (
-                        f"; {len(result['gptq_tensors'])} matrices by GPTQ" if "gptq_tensors" in result else ""))
+                        f"; {len(result['gptq_tensors'])} matrices by GPTQ" if "gptq_tensors" in result else "") + (
+                        f"; token_embd weighted by {result['embedding_importance']}"
+                        if result.get("embedding_importance") else ""))
     return 0

@@ -1,5 +1,6 @@
 """Mixes of one reference with one imatrix: cost curves, allocation at any budget, and the GGUF
-written by llama.cpp's quantizer with one exact override per tensor, its types checked.
+written by llama.cpp's quantizer with one exact override per tensor, its types checked. token_embd
+is weighted by its first reader's norm (formats.embedding_importance) in its costs and its file.
 
 `nkat mix` and the frontier's mixed-precision controls both build their files here.
 """
@@ -20,6 +21,8 @@ from .costs import DEFAULT_ROWS, Statistics, TensorCost, model_costs
 from .layout import Layout, read_layout, tensor_types
 from .recipe_file import exact_pattern
 from .theta_option import THETA_FIXED_BYTES
+
+EMBEDDING_WEIGHTING = "token_embd weighted by blk.0.attn_norm^2"  # in a mix file's content key
 
 # The llama.cpp file type named in a mix's metadata: that of its most common tensor type.
 FTYPE_OF = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1", "Q8_0": "q8_0", "F16": "f16",
@@ -91,7 +94,7 @@ class MixBuilder:
         self.imatrix_key = fingerprint_file(imatrix) if imatrix else None  # hashed once, not per recipe
         self.layout = read_layout(reference)
         say(f"[mix] cost curves of {len(self.layout.allocated)} tensors ({rows} sampled rows each)", quiet)
-        self.stats = Statistics(imatrix, covariance)
+        self.stats = Statistics(imatrix, covariance, reference)
         self.costs = model_costs(reference, self.stats, self.work, rows, types, threads, quiet)
         self.tie_gate_up, self.output_floor = tie_gate_up, output_floor
         self.weight = None
@@ -134,9 +137,12 @@ class MixBuilder:
         return {n: by_member[n] for n in self.layout.allocated}
 
     def key(self, recipe: dict[str, str]) -> str:
-        """The content key of a recipe's file: reference, imatrix and every tensor's type."""
-        return hashlib.sha256(json.dumps([self.ref_key, self.imatrix_key, sorted(recipe.items())])
-                              .encode()).hexdigest()[:16]
+        """The content key of a recipe's file: reference, imatrix, every tensor's type, and whether
+        token_embd is weighted (only where it is quantized again: kept, it is copied as stored)."""
+        parts = [self.ref_key, self.imatrix_key, sorted(recipe.items())]
+        if any(recipe.get(n, c.ref_type) != c.ref_type for n, c in self.costs.items() if n in self.stats.extra):
+            parts.append(EMBEDDING_WEIGHTING)  # token_embd quantized again, weighted: other bytes
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def path(self, key: str) -> Path:
         """Where the mix of the recipe with this content key is (or would be) cached."""
@@ -151,6 +157,7 @@ class MixBuilder:
             counts = Counter(recipe.values())
             ftype = next((FTYPE_OF[t] for t, _ in counts.most_common() if t in FTYPE_OF), "q8_0")
             quantize_model(self.reference, str(path), ftype, self.threads, imatrix=self.imatrix,
-                           overrides={exact_pattern(n): t for n, t in recipe.items()})
+                           overrides={exact_pattern(n): t for n, t in recipe.items()},
+                           weigh_embedding=bool(self.stats.extra))
         check_types(path, recipe)
         return path

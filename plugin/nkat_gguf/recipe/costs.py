@@ -2,11 +2,14 @@
 
 damage = E||(W_ref - W_t) x||^2 = tr(dW R dW^T) over the calibration inputs x, with R = E[x x^T]
 (the full input covariance where a covariance file is given, its diagonal from the imatrix
-otherwise, the identity for a tensor without statistics such as token_embd). W_t is exactly what
-llama.cpp writes: ggml's own quantizer (runtime.ggml_quants) with the imatrix as importance, on
-evenly spaced sampled rows (rows are independent in every type), scaled to the whole tensor.
+otherwise; for token_embd the importance formats.embedding_importance derives, the identity where
+there is none). W_t is exactly what llama.cpp writes: ggml's own quantizer (runtime.ggml_quants)
+with the imatrix (token_embd: the derived one) as importance, on evenly spaced sampled rows (rows
+are independent in every type), scaled to the whole tensor.
 energy = E||W_ref x||^2 on the same rows: damage / energy is the tensor's relative output error,
-comparable across tensors.
+comparable across tensors. The type a tensor is stored in costs no damage: llama.cpp copies a
+tensor whose requested type is its stored type (quantizing it again would not give exactly the
+same values back, and then a larger type such as Q4_1 looked better than keeping Q4_K).
 
 Curves are cached on disk by content: the reference's and statistics' fingerprints and the
 settings, saved after every tensor so an interrupted run resumes.
@@ -43,6 +46,12 @@ class TensorCost:
     def relative(self, qtype: str) -> float:
         return self.options[qtype][1] / self.energy if self.energy > 0 else 0.0
 
+    def as_stored(self) -> "TensorCost":
+        """The stored type's damage set to 0: llama.cpp copies the tensor as stored."""
+        if self.ref_type not in self.options:
+            return self
+        return replace(self, options=self.options | {self.ref_type: (self.options[self.ref_type][0], 0.0)})
+
 
 def sample_rows(n_out: int, n_rows: int | None) -> np.ndarray:
     """Evenly spaced row indices (all rows when n_rows is None or not smaller)."""
@@ -62,24 +71,34 @@ class Statistics:
     """The input statistics of the reference: importance (imatrix E[x^2]) and, with a covariance
     file, the full R = E[x x^T]."""
 
-    def __init__(self, imatrix: str | None = None, covariance: str | None = None):
+    def __init__(self, imatrix: str | None = None, covariance: str | None = None, reference: str | None = None):
         from ..formats.covariance import CovarianceFile
+        from ..formats.embedding_importance import embedding_importance
         from ..formats.imatrix import read_imatrix
 
         self.imatrix_path, self.covariance_path = imatrix, covariance
         self.stats = read_imatrix(imatrix) if imatrix else {}
         self.cov = CovarianceFile(covariance) if covariance else None
+        # with the reference: token_embd's importance (what quantize_model(weigh_embedding=True) uses)
+        self.extra = {n: v for n, v in (embedding_importance(reference) if reference else {}).items()
+                      if n not in self.stats}
 
     def importance(self, name: str) -> np.ndarray | None:
         """What llama.cpp passes to the quantizer for this tensor: sum of x^2 / count, float32."""
+        if name in self.extra:
+            return self.extra[name]
         if name not in self.stats:
             return None
         sum_sq, count = self.stats[name]
         return np.ascontiguousarray(np.asarray(sum_sq, dtype=np.float64) / max(count, 1), dtype=np.float32)
 
     def key(self) -> dict:
-        return {"imatrix": fingerprint_file(self.imatrix_path) if self.imatrix_path else None,
-                "covariance": fingerprint_file(self.covariance_path) if self.covariance_path else None}
+        key = {"imatrix": fingerprint_file(self.imatrix_path) if self.imatrix_path else None,
+               "covariance": fingerprint_file(self.covariance_path) if self.covariance_path else None}
+        if self.extra:
+            key["extra"] = hashlib.sha256(b"".join(n.encode() + v.tobytes() for n, v in sorted(self.extra.items()))
+                                          ).hexdigest()[:16]
+        return key
 
 
 def input_weights(name: str, stats: Statistics, importance: np.ndarray | None):
@@ -116,8 +135,10 @@ def tensor_cost(tensor, stats: Statistics, n_rows: int | None, types=CANDIDATE_T
     for t in candidate_types(shape, importance is not None, types):
         if t in options:
             continue
-        w_t = ggml_quants.roundtrip(t, w, importance, threads)
-        damage = output_error(w - w_t, r) * scale
+        if t == tensor.tensor_type.name:
+            damage = 0.0  # copied as stored
+        else:
+            damage = output_error(w - ggml_quants.roundtrip(t, w, importance, threads), r) * scale
         options[t] = (shape.n_out * ggml_quants.row_bytes(t, shape.n_in), damage)
     return TensorCost(name, shape.n_out, shape.n_in, tensor.tensor_type.name, energy, options)
 
@@ -136,8 +157,8 @@ def model_costs(reference: str, stats: Statistics, work_dir, n_rows: int | None 
     with other types quantizes only the points the cache lacks."""
     path = Path(work_dir) / f"costs-{costs_key(reference, stats, n_rows)}.json"
     done = {}
-    if path.is_file():
-        done = {n: TensorCost(**{**c, "options": {t: tuple(v) for t, v in c["options"].items()}})
+    if path.is_file():  # caches written before the stored type cost 0 get it here
+        done = {n: TensorCost(**{**c, "options": {t: tuple(v) for t, v in c["options"].items()}}).as_stored()
                 for n, c in json.loads(path.read_text()).items()}
     tensors = [t for t in open_gguf(reference).tensors if is_allocated(t.name, len(t.shape))]
 

@@ -48,8 +48,9 @@ def gptq_targets(reader: GGUFReader, covariance: CovarianceFile, skip=None) -> l
 def gptq_quantize_model(input_path: str, output_path: str, qtype: str, covariance: str,
                         imatrix: str | None = None, damp: float = DEFAULT_DAMP, by_importance: bool = True,
                         threads: int | None = None, quiet: bool = False) -> dict:
-    """Quantize input_path to qtype as llama.cpp does, then replace every covariance-covered
-    matrix by its GPTQ quantization in the same type. Returns quantize_model's report plus
+    """Quantize input_path to qtype as llama.cpp does (token_embd weighted by its first reader's
+    norm: formats.embedding_importance), then replace every covariance-covered matrix by its GPTQ
+    quantization in the same type. Returns quantize_model's report plus
     'method', 'gptq_revision' (gptq.REVISION), 'damp', 'gptq_tensors' (name -> type) and 'kept_tensors'
     (names llama.cpp's bytes stand for)."""
     check_damp(damp)
@@ -57,7 +58,7 @@ def gptq_quantize_model(input_path: str, output_path: str, qtype: str, covarianc
     source = ModelFile(input_path)
     check_covariance(cov, source, covariance, input_path)
     with atomic_path(output_path, [input_path, covariance]) as tmp:
-        result = quantize_model(input_path, str(tmp), qtype, threads, imatrix=imatrix)
+        result = quantize_model(input_path, str(tmp), qtype, threads, imatrix=imatrix, weigh_embedding=True)
         rewritten, kept = rewrite_files([str(tmp)], source, cov, damp, by_importance, threads, quiet)[0]
     result.update({"output": str(output_path), "bytes": os.path.getsize(output_path), "method": "gptq",
                    "gptq_revision": REVISION, "covariance": str(covariance), "damp": damp,

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..util.atomic import atomic_path
 from ..errors import BadSetting, Setting, UserError
+from ..formats.embedding_importance import FIRST_NORM, embedding_importance
 from ..formats.gguf_io import open_gguf, quant_type_by_name
 from ..util.child import run_in_child
 from ..util.output_paths import check_output_path
@@ -21,21 +22,25 @@ def ftype_names(lib) -> dict[str, int]:
     return {k[len(prefix):].lower(): getattr(lib, k) for k in dir(lib) if k.startswith(prefix)}
 
 
-def imatrix_array(llama_cpp, path: str):
-    """llama.cpp's importance data (E[x^2] per input column) from an imatrix file, as the C array
-    llama_model_quantize_params.imatrix expects: terminated by an entry whose name is NULL
-    (see llama-quant.cpp). Returns (array, buffers kept alive while llama.cpp reads them)."""
+def imatrix_array(llama_cpp, path: str | None, extra: dict[str, np.ndarray] | None = None):
+    """llama.cpp's importance data (E[x^2] per input column) from an imatrix file, plus `extra`
+    entries for tensors the file has none for, as the C array llama_model_quantize_params.imatrix
+    expects: terminated by an entry whose name is NULL (see llama-quant.cpp). Returns (array,
+    buffers kept alive while llama.cpp reads them)."""
     from ..formats.imatrix import read_imatrix
 
-    stats = read_imatrix(path)
-    entries = (llama_cpp.llama_model_imatrix_data * (len(stats) + 1))()
+    values = {}
+    for name, (sum_sq, count) in (read_imatrix(path) if path else {}).items():
+        values[name] = np.ascontiguousarray(np.asarray(sum_sq, dtype=np.float64) / max(count, 1), dtype=np.float32)
+    for name, v in (extra or {}).items():
+        values.setdefault(name, np.ascontiguousarray(v, dtype=np.float32))
+    entries = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
     keep = []
-    for i, (name, (sum_sq, count)) in enumerate(sorted(stats.items())):
-        values = np.ascontiguousarray(np.asarray(sum_sq, dtype=np.float64) / max(count, 1), dtype=np.float32)
-        keep.append(values)
+    for i, (name, v) in enumerate(sorted(values.items())):
+        keep.append(v)
         entries[i].name = name.encode()
-        entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        entries[i].size = values.size
+        entries[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = v.size
     return entries, keep
 
 
@@ -53,10 +58,12 @@ def overrides_array(llama_cpp, overrides: dict[str, str]):
 
 
 def quantize_model(input_path: str, output_path: str, qtype: str = "q4_0", threads: int | None = None,
-                   imatrix: str | None = None, overrides: dict[str, str] | None = None) -> dict:
+                   imatrix: str | None = None, overrides: dict[str, str] | None = None,
+                   weigh_embedding: bool = False) -> dict:
     """Quantize with llama_model_quantize; `imatrix` weights the rounding by activation statistics
     (importance-weighted quants, as community quants are made), `overrides` maps a tensor-name regex
-    to a GGML type name.
+    to a GGML type name. `weigh_embedding` gives token_embd an importance too (what its first
+    reader weighs its columns by: formats.embedding_importance), which llama.cpp's own files lack.
 
     Everything is checked here; llama.cpp's call runs in a child process (util.child), so Ctrl-C or
     SIGTERM stops a quantization of minutes at once, and the partial output is removed."""
@@ -72,7 +79,7 @@ def quantize_model(input_path: str, output_path: str, qtype: str = "q4_0", threa
     if overrides:
         overrides_array(llama_cpp, overrides)
     job = {"input": str(input_path), "ftype": names[qtype.lower()], "threads": threads or (os.cpu_count() or 1),
-           "imatrix": imatrix, "overrides": dict(overrides or {})}
+           "imatrix": imatrix, "overrides": dict(overrides or {}), "weigh_embedding": weigh_embedding}
     with atomic_path(output_path) as tmp:
         status = run_in_child(__name__, "quantize_job", job | {"output": str(tmp)})
         if status == QUANTIZE_FAILED:
@@ -87,8 +94,14 @@ def quantize_model(input_path: str, output_path: str, qtype: str = "q4_0", threa
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     return {"input": str(input_path), "output": str(output_path), "type": qtype, "imatrix": imatrix,
-            "overrides": dict(overrides or {}),
+            "overrides": dict(overrides or {}), "embedding_importance": embedding_source(input_path, weigh_embedding),
             "bytes": os.path.getsize(output_path), "tensor_types": types}
+
+
+def embedding_source(model: str, weigh_embedding: bool) -> str | None:
+    """What token_embd's importance came from, for reports: the norm's name, or None (not asked
+    for, or the model gives none: see formats.embedding_importance)."""
+    return FIRST_NORM if weigh_embedding and embedding_importance(model) else None
 
 
 QUANTIZE_FAILED = 3  # quantize_job's status when llama.cpp refused (a Python error exits with 1)
@@ -106,8 +119,9 @@ def quantize_job(job: dict) -> int:
     params.allow_requantize = True
     params.nthread = job["threads"]
     keep = []
-    if job["imatrix"]:
-        entries, buffers = imatrix_array(llama_cpp, job["imatrix"])
+    extra = embedding_importance(job["input"]) if job["weigh_embedding"] else {}
+    if job["imatrix"] or extra:
+        entries, buffers = imatrix_array(llama_cpp, job["imatrix"], extra)
         keep += [entries, buffers]
         params.imatrix = ctypes.cast(entries, type(params.imatrix))
     if job["overrides"]:
