@@ -138,3 +138,24 @@ def test_kill_9_mid_conversion_leaves_nothing_at_the_target(tmp_path, base_model
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not out.exists()
+
+
+def test_a_refused_quantization_names_a_full_disk_only_when_it_is(reference_model, tmp_path, monkeypatch):
+    """llama.cpp refuses IQ2_XXS without an imatrix, for real; when the output's disk is full (llama.cpp
+    then reports only an iostream error) the one-line error says so. Nothing is left either way."""
+    from collections import namedtuple
+
+    from nkat_gguf.errors import UserError
+    from nkat_gguf.runtime import quantize
+
+    out = tmp_path / "out" / "o.gguf"
+    out.parent.mkdir()
+    with pytest.raises(UserError) as refused:
+        quantize.quantize_model(str(reference_model), str(out), "iq2_xxs")
+    assert "could not quantize" in str(refused.value) and "full" not in str(refused.value)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(quantize.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 4096, 4096))
+    with pytest.raises(UserError) as full:
+        quantize.quantize_model(str(reference_model), str(out), "iq2_xxs")
+    assert str(full.value).endswith(f": the disk holding {out.parent} is full (0 MiB free)")
+    assert list(out.parent.iterdir()) == []

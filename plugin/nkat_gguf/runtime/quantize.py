@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 
@@ -83,7 +85,7 @@ def quantize_model(input_path: str, output_path: str, qtype: str = "q4_0", threa
     with atomic_path(output_path) as tmp:
         status = run_in_child(__name__, "quantize_job", job | {"output": str(tmp)})
         if status == QUANTIZE_FAILED:
-            raise UserError(f"llama.cpp could not quantize {input_path} to {qtype}")
+            raise UserError(f"llama.cpp could not quantize {input_path} to {qtype}{full_disk(tmp)}")
         if status < 0:
             raise UserError(f"the quantizer process was killed by {signal.Signals(-status).name} "
                             f"while quantizing {input_path} (out of memory?)")
@@ -102,6 +104,18 @@ def embedding_source(model: str, weigh_embedding: bool) -> str | None:
     """What token_embd's importance came from, for reports: the norm's name, or None (not asked
     for, or the model gives none: see formats.embedding_importance)."""
     return FIRST_NORM if weigh_embedding and embedding_importance(model) else None
+
+
+# Free bytes below which a failed quantization is put down to a full disk: llama.cpp reports only
+# "iostream error" when its output cannot be written.
+FULL_DISK_BYTES = 16 * 2**20
+
+
+def full_disk(partial) -> str:
+    """': the disk holding DIR is full (N MiB free)' when the partial output's disk is full, else ''."""
+    folder = Path(partial).parent
+    free = shutil.disk_usage(folder).free
+    return f": the disk holding {folder} is full ({free // 2**20} MiB free)" if free < FULL_DISK_BYTES else ""
 
 
 QUANTIZE_FAILED = 3  # quantize_job's status when llama.cpp refused (a Python error exits with 1)
