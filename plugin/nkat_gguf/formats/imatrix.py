@@ -37,6 +37,11 @@ SCALE_FLOOR = 1e-2
 Stats = dict[str, tuple[np.ndarray, int]]
 
 
+def mean_squares(sum_sq: np.ndarray, count: int) -> np.ndarray:
+    """E[x^2] per input column (sum / count), float32: what llama.cpp's quantizer takes as importance."""
+    return np.ascontiguousarray(np.asarray(sum_sq, dtype=np.float64) / max(count, 1), dtype=np.float32)
+
+
 def column_scales(sum_sq: np.ndarray, count: int) -> np.ndarray:
     """s_i = sqrt(sum_sq_i / count), float32, floored at SCALE_FLOOR x the median of the positive s."""
     sum_sq = np.asarray(sum_sq, dtype=np.float64)

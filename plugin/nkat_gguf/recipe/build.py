@@ -140,7 +140,7 @@ class MixBuilder:
         """The content key of a recipe's file: reference, imatrix, every tensor's type, and whether
         token_embd is weighted (only where it is quantized again: kept, it is copied as stored)."""
         parts = [self.ref_key, self.imatrix_key, sorted(recipe.items())]
-        if any(recipe.get(n, c.ref_type) != c.ref_type for n, c in self.costs.items() if n in self.stats.extra):
+        if any(recipe.get(n, self.costs[n].ref_type) != self.costs[n].ref_type for n in self.stats.extra):
             parts.append(EMBEDDING_WEIGHTING)  # token_embd quantized again, weighted: other bytes
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 

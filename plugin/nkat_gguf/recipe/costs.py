@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..formats.gguf_io import fingerprint_file, open_gguf
+from ..formats.imatrix import mean_squares, read_imatrix
 from ..runtime import ggml_quants
 from ..util.atomic import write_text_atomic
 from ..util.report import progress
@@ -74,7 +75,6 @@ class Statistics:
     def __init__(self, imatrix: str | None = None, covariance: str | None = None, reference: str | None = None):
         from ..formats.covariance import CovarianceFile
         from ..formats.embedding_importance import embedding_importance
-        from ..formats.imatrix import read_imatrix
 
         self.imatrix_path, self.covariance_path = imatrix, covariance
         self.stats = read_imatrix(imatrix) if imatrix else {}
@@ -87,10 +87,7 @@ class Statistics:
         """What llama.cpp passes to the quantizer for this tensor: sum of x^2 / count, float32."""
         if name in self.extra:
             return self.extra[name]
-        if name not in self.stats:
-            return None
-        sum_sq, count = self.stats[name]
-        return np.ascontiguousarray(np.asarray(sum_sq, dtype=np.float64) / max(count, 1), dtype=np.float32)
+        return mean_squares(*self.stats[name]) if name in self.stats else None
 
     def key(self) -> dict:
         key = {"imatrix": fingerprint_file(self.imatrix_path) if self.imatrix_path else None,

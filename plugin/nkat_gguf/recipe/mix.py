@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import Setting, UserError
+from ..formats.embedding_importance import FIRST_NORM
 from ..formats.gguf_io import fingerprint_file
 from ..measure.scoring import RowKind, ScoredRow
 from ..runtime.gptq import DEFAULT_DAMP, REVISION as GPTQ_REVISION
-from ..runtime.quantize import embedding_source
 from ..runtime.settings import RuntimeSettings
 from ..util.atomic import atomic_path
 from ..util.output_paths import check_output_path
@@ -226,7 +226,7 @@ class Mix:
             "reference": o.reference,
             "reference_type": Counter(ref_types[n] for n in layout.allocated).most_common(1)[0][0],
             "imatrix": imatrix, "covariance": o.covariance, "rows": o.rows, "types": o.types,
-            "embedding_importance": embedding_source(o.reference, True),
+            "embedding_importance": FIRST_NORM if builder.stats.extra else None,
             "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "fit_chunks": o.fit_chunks,
             "theta": o.theta, "theta_layers": o.theta_layers, "gptq": o.gptq,
             "gptq_damp": o.gptq_damp if o.gptq else None, "gptq_revision": GPTQ_REVISION if o.gptq else None,

@@ -29,11 +29,9 @@ def imatrix_array(llama_cpp, path: str | None, extra: dict[str, np.ndarray] | No
     entries for tensors the file has none for, as the C array llama_model_quantize_params.imatrix
     expects: terminated by an entry whose name is NULL (see llama-quant.cpp). Returns (array,
     buffers kept alive while llama.cpp reads them)."""
-    from ..formats.imatrix import read_imatrix
+    from ..formats.imatrix import mean_squares, read_imatrix
 
-    values = {}
-    for name, (sum_sq, count) in (read_imatrix(path) if path else {}).items():
-        values[name] = np.ascontiguousarray(np.asarray(sum_sq, dtype=np.float64) / max(count, 1), dtype=np.float32)
+    values = {name: mean_squares(*stat) for name, stat in (read_imatrix(path) if path else {}).items()}
     for name, v in (extra or {}).items():
         values.setdefault(name, np.ascontiguousarray(v, dtype=np.float32))
     entries = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
