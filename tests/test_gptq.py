@@ -138,6 +138,19 @@ def test_block_order_puts_the_largest_diagonal_first():
     assert block_order(diag, 4, by_importance=False).tolist() == [0, 1, 2]
 
 
+def test_transfers_computed_once_give_the_same_propagation():
+    """A factor's block transfers, made once and shared by every matrix and type, update the columns
+    exactly as solving through U at each block does."""
+    from nkat_gguf.runtime.gptq import block_transfers
+
+    W0, R = correlated(96, 5, seed=2)
+    U = upper_cholesky_of_inverse(R + 0.05 * np.mean(np.diag(R)) * np.eye(96))
+    rounding = lambda i, values: np.round(values * 20) / 20  # noqa: E731
+    on_the_fly = propagate(W0.astype(np.float64), U, 16, rounding)
+    shared = propagate(W0.astype(np.float64), U, 16, rounding, block_transfers(U, 16))
+    assert np.array_equal(on_the_fly, shared)
+
+
 def test_nearly_singular_covariance_is_damped():
     W, _ = correlated(64, 8)
     v = np.random.default_rng(0).standard_normal((64, 2))
@@ -216,6 +229,35 @@ def test_upper_factor_of_a_wide_input_is_upper_and_exact():
     assert np.allclose(U.T @ U, inverse, rtol=1e-9, atol=1e-9 * np.abs(inverse).max())
 
 
+def test_gptq_price_on_sampled_rows_is_the_whole_tensors_rounding_of_those_rows(demo_cov, reference_model):
+    """The price of a GPTQ option is measured on sampled rows: GPTQ of those rows alone gives exactly
+    the bytes the whole tensor's GPTQ gives them (a row's error moves only along that row), and its
+    share of ggml's output error is below 1 under the covariance it was fitted to."""
+    from nkat_gguf.formats.covariance import CovarianceFile
+    from nkat_gguf.recipe.costs import Statistics, reference_rows, sample_rows
+    from nkat_gguf.recipe.gptq_option import tensor_shares
+    from nkat_gguf.runtime.gptq import gptq_factor
+
+    cov = CovarianceFile(demo_cov)
+    tensor = next(t for t in open_gguf(reference_model).tensors if t.name == "blk.4.ffn_down.weight")
+    R = cov.autocorrelation(tensor.name)
+    rows = sample_rows(int(tensor.shape[1]), 24)
+    W = reference_rows(tensor, np.arange(int(tensor.shape[1])))
+    for qtype in ("Q4_0", "Q3_K"):
+        factor = gptq_factor(R, gq.block_size(qtype))
+        whole = gptq_quantize_matrix(W, None, qtype, factor=factor)
+        sampled = gptq_quantize_matrix(W[rows], None, qtype, factor=factor)
+        assert np.array_equal(whole[rows], sampled), qtype
+    imatrix_like = Statistics()
+    shares = tensor_shares(tensor, imatrix_like, R, {}, ["Q4_0", "Q3_K"], 24, 0.1, 2)
+    for qtype, share in shares.items():
+        expected = output_error(W[rows], gq.dequantize_rows(qtype, gptq_quantize_matrix(
+            W[rows], None, qtype, factor=gptq_factor(R, gq.block_size(qtype), 0.1)), W.shape[1]), R)
+        assert share.gptq == pytest.approx(expected, rel=1e-9)
+        assert share.plain == pytest.approx(output_error(W[rows], gq.roundtrip(qtype, W[rows]), R), rel=1e-9)
+        assert 0 < share.ratio < 1, qtype
+
+
 @pytest.mark.slow
 def test_mix_gptq_rounds_the_chosen_types_again_at_the_same_bytes(demo_cov, reference_model, tmp_path):
     """nkat mix --gptq: the same allocation as without it, the file as long and of the same tensor
@@ -239,7 +281,8 @@ def test_mix_gptq_rounds_the_chosen_types_again_at_the_same_bytes(demo_cov, refe
         return result["mixes"][0]
 
     plain, rounded = mix(None), mix(str(demo_cov))
-    assert rounded["tensors"] == plain["tensors"] and rounded["file_bytes"] == plain["file_bytes"]
+    types = lambda mix: [(t["name"], t["type"]) for t in mix["tensors"]]  # noqa: E731
+    assert types(rounded) == types(plain) and rounded["file_bytes"] == plain["file_bytes"]
     a, b = open_gguf(plain["output"]), open_gguf(rounded["output"])
     ref, cov = ModelFile(str(reference_model)), CovarianceFile(demo_cov)
     ref_types = {t.name: t.tensor_type.name for t in open_gguf(reference_model).tensors}
@@ -255,9 +298,68 @@ def test_mix_gptq_rounds_the_chosen_types_again_at_the_same_bytes(demo_cov, refe
             n_in = W.shape[1]
             error_plain += output_error(W, gq.dequantize_rows(ta.tensor_type, np.asarray(ta.data), n_in), R)
             error_gptq += output_error(W, gq.dequantize_rows(tb.tensor_type, np.asarray(tb.data), n_in), R)
-    assert len(rewritten) >= 10
+    assert len(rewritten) >= 10 and set(rewritten) == {t["name"] for t in rounded["tensors"] if t["gptq"]}
     assert error_gptq < 0.9 * error_plain
     for name in (rewritten[0], rewritten[-1]):
         t = next(x for x in b.tensors if x.name == name)
         alone = gptq_quantize_matrix(ref.dequantize(name), cov.autocorrelation(name), t.tensor_type)
         assert np.array_equal(alone.reshape(-1), np.asarray(t.data).reshape(-1).view(np.uint8)), name
+
+
+@pytest.mark.slow
+def test_mix_prices_gptq_as_an_option_and_rounds_only_the_chosen_tensors(demo_cov, reference_model, tmp_path):
+    """nkat mix --gptq --gptq-priced: GPTQ is one more option per covered matrix and type, priced at the type's bytes.
+    The file is within the budget; the tensors the allocation gave a GPTQ option are exactly those whose
+    bytes differ from llama.cpp's file of the same types, each equal to gptq_quantize_matrix on that
+    tensor alone (sharing one factor per input changes nothing), with less output error under the
+    covariance than llama.cpp's rounding; the cached prices are reused by a second run."""
+    from nkat_gguf.formats.covariance import CovarianceFile
+    from nkat_gguf.formats.gguf_io import ModelFile
+    from nkat_gguf.recipe.mix import MixOptions, run_mix
+    from nkat_gguf.recipe.report import mix_markdown
+    from nkat_gguf.runtime.settings import RuntimeSettings
+
+    work = tmp_path / "w"
+
+    def mix(gptq):
+        opts = MixOptions(reference=str(reference_model), output=str(tmp_path / f"m{bool(gptq)}.gguf"),
+                          work_dir=str(work), budgets=["4.8bpw"], rows=16,
+                          types=["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q3_K"], fit_chunks=0, gptq=gptq,
+                          gptq_priced=bool(gptq), runtime=RuntimeSettings(ctx=128, threads=2), quiet=True)
+        result = run_mix(opts)
+        assert ("offered as one more option" in mix_markdown(result)) == bool(gptq)
+        return result["mixes"][0], result
+
+    plain, _ = mix(None)
+    rounded, result = mix(str(demo_cov))
+    assert rounded["file_bytes"] <= rounded["budget_bytes"] and rounded["label"].endswith("gptq")
+    assert rounded["predicted_damage"] < plain["predicted_damage"]  # the GPTQ options are priced in
+    chosen = {t["name"] for t in rounded["tensors"] if t["gptq"]}
+    assert rounded["gptq_matrices"] == len(chosen) >= 10
+    gptq_file = Path(rounded["model"])
+    twin = [p for p in work.glob("mix-*.gguf") if gptq_file.name.startswith(p.stem + "-gptq")]
+    assert len(twin) == 1  # llama.cpp's file of the same types, cached in the work dir
+    a, b = open_gguf(twin[0]), open_gguf(gptq_file)
+    ref, cov = ModelFile(str(reference_model)), CovarianceFile(demo_cov)
+    error_plain, error_gptq, rewritten = 0.0, 0.0, []
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert (ta.name, ta.tensor_type, ta.n_bytes) == (tb.name, tb.tensor_type, tb.n_bytes)
+        if np.array_equal(np.asarray(ta.data), np.asarray(tb.data)):
+            continue
+        rewritten.append(ta.name)
+        W, R = ref.dequantize(ta.name), cov.autocorrelation(ta.name)
+        n_in = W.shape[1]
+        error_plain += output_error(W, gq.dequantize_rows(ta.tensor_type, np.asarray(ta.data), n_in), R)
+        error_gptq += output_error(W, gq.dequantize_rows(tb.tensor_type, np.asarray(tb.data), n_in), R)
+    assert set(rewritten) == chosen
+    assert error_gptq < 0.9 * error_plain
+    for name in (rewritten[0], rewritten[-1]):
+        t = next(x for x in b.tensors if x.name == name)
+        alone = gptq_quantize_matrix(ref.dequantize(name), cov.autocorrelation(name), t.tensor_type)
+        assert np.array_equal(alone.reshape(-1), np.asarray(t.data).reshape(-1).view(np.uint8)), name
+    assert "gptq prices" in result["timings"] and len(list(work.glob("gptq-shares-*.json"))) == 1
+    again = run_mix(MixOptions(reference=str(reference_model), output=str(tmp_path / "again.gguf"),
+                               work_dir=str(work), budgets=["4.8bpw"], rows=16,
+                               types=["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q3_K"], fit_chunks=0, gptq=str(demo_cov),
+                               gptq_priced=True, runtime=RuntimeSettings(ctx=128, threads=2), quiet=True))
+    assert again["mixes"][0]["tensors"] == rounded["tensors"] and again["timings"]["gptq prices"] < 2

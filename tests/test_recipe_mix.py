@@ -111,6 +111,7 @@ def test_cli_bad_budget_one_line(reference_model, imatrix, tmp_path):
     (["--gptq", "MISSING"], "file not found"),
     (["--gptq", "REFERENCE", "--theta"], "cannot be combined"),
     (["--gptq-damp", "0.3"], "--gptq-damp needs --gptq"),
+    (["--gptq-priced"], "--gptq-priced needs --gptq"),
     (["--refine", "3", "--fit-chunks", "0"], "--refine needs --fit-chunks"),
     (["--refine", "3", "--theta"], "cannot be combined"),
     (["--refine-storage", "sqlite:///x.db"], "--refine-storage needs --refine"),

@@ -24,6 +24,9 @@ MIN_PYTHON = (3, 10)
 DISK_FAIL_BYTES = 256 << 20      # not even a small model's theta fits
 DISK_WARN_BYTES = 4 << 30        # room for a few derived model copies
 REBUILD_FIX = "reinstall with pip install --no-build-isolation -e ."
+AMX_BUILT_IN = "AMX_INT8 = 1"  # in llama_print_system_info() when the AMX kernels are compiled in
+AMX_FIX = ('CMAKE_ARGS="-DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__" pip install '
+           '--force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36, then ' + REBUILD_FIX)
 
 
 @dataclass
@@ -60,6 +63,9 @@ def check_llama_cpp() -> Check:
     blas = "blas" in backends or "BLAS = 1" in system
     detail = (f"{llama_cpp.__version__}; GPU offload: {'yes' if offload else 'no'}; "
               f"backends: {', '.join(backends) or 'cpu'}; BLAS: {'yes' if blas else 'no'}")
+    if AMX_BUILT_IN in system:
+        return Check("llama-cpp-python", WARN, detail + "; built with llama.cpp's AMX kernels, whose matmul crashed "
+                     "every model on an AMX Xeon here (llama.cpp issue 20824)", AMX_FIX)
     return Check("llama-cpp-python", PASS, detail)
 
 

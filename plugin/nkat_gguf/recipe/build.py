@@ -20,7 +20,6 @@ from .candidates import CANDIDATE_TYPES
 from .costs import DEFAULT_ROWS, Statistics, TensorCost, model_costs
 from .layout import Layout, read_layout, tensor_types
 from .recipe_file import exact_pattern
-from .theta_option import THETA_FIXED_BYTES
 
 EMBEDDING_WEIGHTING = "token_embd weighted by blk.0.attn_norm^2"  # in a mix file's content key
 
@@ -42,15 +41,16 @@ OUTPUT_FLOOR = "Q5_K"
 
 
 def curves_from_costs(costs: dict[str, TensorCost], layout: Layout, tie_gate_up: bool,
-                      output_floor: str | None = OUTPUT_FLOOR, weight=None, theta=None) -> list[Curve]:
+                      output_floor: str | None = OUTPUT_FLOOR, weight=None, extras=None) -> list[Curve]:
     """One unit per tensor (padded bytes, relative damage times weight(name), 1 without weights);
     ffn_gate and ffn_up of a block tied; output.weight kept at output_floor's bytes or more.
-    theta: name -> option -> (GGUF bytes, .nkat bytes, damage), more options (recipe.theta_option)."""
+    extras: name -> option -> (GGUF bytes, side-file bytes, damage), more options than the types
+    (recipe.theta_option, recipe.gptq_option)."""
     w = weight or (lambda name: 1.0)
-    theta = theta or {}
+    extras = extras or {}
     curves = []
     for n, c in costs.items():
-        extra = theta.get(n, {})
+        extra = extras.get(n, {})
         options = list(c.options) + list(extra)
         curves.append(Curve(n, options,
                             [layout.padded(b) for b, _ in c.options.values()]
@@ -66,12 +66,17 @@ def curves_from_costs(costs: dict[str, TensorCost], layout: Layout, tie_gate_up:
     return tie(curves, groups)
 
 
-def option_damage(cost: TensorCost, theta: dict[str, tuple[int, int, float]], option: str) -> float:
-    """A tensor's relative damage at one option: a type of its curve, or a type + theta rank (theta:
-    option -> (GGUF bytes, .nkat bytes, damage))."""
+def option_damage(cost: TensorCost, extra: dict[str, tuple[int, int, float]], option: str) -> float:
+    """A tensor's relative damage at one option: a type of its curve, or an extra option (a type +
+    theta rank, a type rounded by GPTQ: option -> (GGUF bytes, side-file bytes, damage))."""
     if option in cost.options:
         return cost.relative(option)
-    return theta[option][2] / cost.energy if cost.energy > 0 else 0.0
+    return extra[option][2] / cost.energy if cost.energy > 0 else 0.0
+
+
+def option_type(option: str) -> str:
+    """The GGML type of an option: extra options are 'TYPE+TAG' ('Q3_K+r16', 'Q3_K+gptq')."""
+    return option.partition("+")[0]
 
 
 def check_types(path, recipe: dict[str, str]) -> None:
@@ -98,30 +103,37 @@ class MixBuilder:
         self.costs = model_costs(reference, self.stats, self.work, rows, types, threads, quiet)
         self.tie_gate_up, self.output_floor = tie_gate_up, output_floor
         self.weight = None
-        self.theta: dict[str, dict[str, tuple[int, int, float]]] = {}
+        self.extras: dict[str, dict[str, tuple[int, int, float]]] = {}  # name -> option -> (bytes, side, damage)
+        self.extras_fixed = 0  # bytes charged once when the extras are offered (the .nkat's header)
         self.curves = curves_from_costs(self.costs, self.layout, tie_gate_up, output_floor)
 
     def _rebuild(self) -> None:
         self.curves = curves_from_costs(self.costs, self.layout, self.tie_gate_up, self.output_floor, self.weight,
-                                        self.theta)
+                                        self.extras)
 
     def set_weights(self, weight) -> None:
         """Weigh each tensor's relative damage by weight(name) (a fitted KLD per unit of damage)."""
         self.weight = weight
         self._rebuild()
 
-    def set_theta(self, options: dict[str, dict[str, tuple[int, int, float]]]) -> None:
-        """Offer theta options (recipe.theta_option.theta_options); the .nkat's header is charged once."""
-        self.theta = options
+    def set_extras(self, options: dict[str, dict[str, tuple[int, int, float]]], fixed_bytes: int = 0) -> None:
+        """Offer more options than the types: theta (recipe.theta_option.theta_options, the .nkat's
+        header charged once as fixed_bytes) or GPTQ rounding (recipe.gptq_option.gptq_options)."""
+        self.extras, self.extras_fixed = options, fixed_bytes
         self._rebuild()
 
     def relative(self, name: str, option: str) -> float:
-        """The relative damage of one tensor at one option of its curve (a type, or type + theta)."""
-        return option_damage(self.costs[name], self.theta.get(name, {}), option)
+        """The relative damage of one tensor at one option of its curve (a type, or an extra option)."""
+        return option_damage(self.costs[name], self.extras.get(name, {}), option)
+
+    def damage(self, options: dict[str, str]) -> float:
+        """The predicted damage of a recipe of options: weighted relative damages summed."""
+        w = self.weight or (lambda name: 1.0)
+        return float(sum(w(n) * self.relative(n, o) for n, o in options.items()))
 
     @property
     def fixed(self) -> int:
-        return self.layout.fixed + (THETA_FIXED_BYTES if self.theta else 0)
+        return self.layout.fixed + self.extras_fixed
 
     @property
     def smallest(self) -> int:
@@ -132,9 +144,13 @@ class MixBuilder:
         return sweep(self.curves, self.fixed, targets)
 
     def recipe(self, alloc: Allocation) -> dict[str, str]:
-        """Tensor name -> type, in the file's tensor order."""
+        """Tensor name -> option (a type, or an extra option), in the file's tensor order."""
         by_member = {m: alloc.choice[c.name] for c in self.curves for m in c.members}
         return {n: by_member[n] for n in self.layout.allocated}
+
+    def types(self, alloc: Allocation) -> dict[str, str]:
+        """Tensor name -> the GGML type of its option: the file llama.cpp writes for the allocation."""
+        return {n: option_type(o) for n, o in self.recipe(alloc).items()}
 
     def key(self, recipe: dict[str, str]) -> str:
         """The content key of a recipe's file: reference, imatrix, every tensor's type, and whether

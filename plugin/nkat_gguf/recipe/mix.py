@@ -12,6 +12,8 @@ rerun of the same command resumes and the same inputs give the same bytes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import resource
 import shutil
@@ -59,7 +61,8 @@ class MixOptions:
     fit_chunks: int = 0  # calibration chunks per probe for the role x depth weights; 0: no probes (the CLI: 4)
     theta: bool = False  # offer a rank-r theta (a .nkat beside the GGUF) as one more option per block matrix
     theta_layers: list[str] = field(default_factory=list)  # GGUF-name globs: only these matrices (default: all)
-    gptq: str | None = None  # a covariance file: every chosen tensor rounded by GPTQ in its type (same bytes)
+    gptq: str | None = None  # a covariance file: the chosen tensors rounded by GPTQ in their types (same bytes)
+    gptq_priced: bool = False  # GPTQ as a priced option of the allocation instead (recipe.gptq_option)
     gptq_damp: float = DEFAULT_DAMP
     refine: int = 0  # Optuna trials per budget around the allocation, scored on fit_chunks calibration chunks
     refine_storage: str | None = None  # an Optuna RDB URL (default: SQLite in the work dir)
@@ -198,18 +201,20 @@ class Mix:
         weight = fitted.weight if fitted else None
         if fitted:
             builder.set_weights(weight)
+        if o.gptq and o.gptq_priced:
+            self.offer_gptq(builder)
         allocations = builder.allocate(targets)
         refined = [None] * len(targets)
         if o.refine:
             allocations, refined = self.refine(builder, allocations, targets, weight)
         if o.theta:
             allocations = self.offer_theta(builder, allocations, targets)
-        rounded = self.gptq_files(builder, allocations, *gptq_inputs) if o.gptq else {}
+        rounded = self.gptq_files(builder, allocations, *gptq_inputs) if o.gptq else [None] * len(allocations)
 
         outputs = self.output_paths(budgets)
         mixes = []
-        for b, target, alloc, out, search in zip(budgets, targets, allocations, outputs, refined):
-            mix = self.write_mix(builder, b, target, alloc, out, fitted is not None, rounded)
+        for b, target, alloc, out, search, gptq in zip(budgets, targets, allocations, outputs, refined, rounded):
+            mix = self.write_mix(builder, b, target, alloc, out, fitted is not None, gptq)
             mix.facts["refine"] = search.to_dict() if search else None
             mixes.append(mix)
         stock_rows = [ScoredRow(f"{t}-imat", RowKind.STOCK, str(p), facts={
@@ -228,7 +233,7 @@ class Mix:
             "imatrix": imatrix, "covariance": o.covariance, "rows": o.rows, "types": o.types,
             "embedding_importance": FIRST_NORM if builder.stats.extra else None,
             "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "fit_chunks": o.fit_chunks,
-            "theta": o.theta, "theta_layers": o.theta_layers, "gptq": o.gptq,
+            "theta": o.theta, "theta_layers": o.theta_layers, "gptq": o.gptq, "gptq_priced": o.gptq_priced,
             "gptq_damp": o.gptq_damp if o.gptq else None, "gptq_revision": GPTQ_REVISION if o.gptq else None,
             "refine": o.refine, "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
             "flash_attn": o.runtime.flash_attn, "threads": o.runtime.threads, "smallest_bytes": smallest,
@@ -280,7 +285,7 @@ class Mix:
             if alloc is not None:
                 alloc, summary = refine(builder, weight, target, trials=o.refine, measure=measure,
                                         chunks=o.fit_chunks, storage_url=url, settings=settings, quiet=o.quiet)
-                alloc.damage = predicted_damage(builder.costs, builder.recipe(alloc), weight)  # the fit's units
+                alloc.damage = builder.damage(builder.recipe(alloc))  # the fit's units
             chosen.append(alloc)
             summaries.append(summary)
         self.timings["refine"] = time.perf_counter() - t0
@@ -289,7 +294,7 @@ class Mix:
     def offer_theta(self, builder: MixBuilder, allocations, targets: list[int]):
         """The allocation again with theta options priced for the types the plain one chose (and the
         next cheaper ones): recipe.theta_option."""
-        from .theta_option import model_gains, theta_options, types_to_price
+        from .theta_option import THETA_FIXED_BYTES, model_gains, theta_options, types_to_price
 
         o = self.o
         wanted = types_to_price(builder.costs, [builder.recipe(a) for a in allocations if a], o.theta_layers)
@@ -298,8 +303,21 @@ class Mix:
         t0 = time.perf_counter()
         gains = model_gains(o.reference, builder.stats, wanted, self.work, o.runtime.threads, o.quiet)
         self.timings["theta gains"] = time.perf_counter() - t0
-        builder.set_theta(theta_options(builder.costs, gains))
+        builder.set_extras(theta_options(builder.costs, gains), THETA_FIXED_BYTES)
         return builder.allocate(targets)
+
+    def offer_gptq(self, builder: MixBuilder) -> None:
+        """GPTQ rounding under --gptq's covariance as one more option per covered block matrix and
+        type, priced on the sampled rows (recipe.gptq_option)."""
+        from .gptq_option import gptq_options, model_shares
+
+        o = self.o
+        say(f"[mix] GPTQ priced under {Path(o.gptq).name} on {o.rows} sampled rows per matrix", o.quiet)
+        t0 = time.perf_counter()
+        shares = model_shares(o.reference, builder.stats, o.gptq, builder.costs, o.gptq_damp, o.rows, self.work,
+                              o.runtime.threads, o.quiet)
+        self.timings["gptq prices"] = time.perf_counter() - t0
+        builder.set_extras(gptq_options(builder.costs, shares))
 
     def gptq_inputs(self):
         """--gptq's covariance and the reference, opened and checked before any work: (cov, source)."""
@@ -312,48 +330,62 @@ class Mix:
         check_covariance(cov, source, self.o.gptq, self.o.reference, Setting.GPTQ_COVARIANCE)
         return cov, source
 
-    def gptq_files(self, builder: MixBuilder, allocations, cov, source) -> dict[Path, Path]:
-        """Each allocation's file with every tensor llama.cpp quantized rounded again by GPTQ under
-        --gptq's covariance, in the same type (runtime.gptq_file: same types, same bytes). Tensors
-        kept in the reference's own type are copied as stored and stay so. All files in one pass, so
-        each input's factor is computed once. Returns plain file -> GPTQ file (cached by content)."""
+    def gptq_files(self, builder: MixBuilder, allocations, cov, source) -> list[tuple[Path, set] | None]:
+        """Per allocation, its file with tensors rounded by GPTQ under --gptq's covariance in their
+        types (runtime.gptq_file: same types, same bytes), and which: every tensor GPTQ can round, or
+        with --gptq-priced those given a 'T+gptq' option (gptq_option.rounded_tensors); None where the
+        allocation is None or rounds nothing. All files in one pass, so each input's factor is
+        computed once; cached by content (the plain file and the rounded tensors)."""
         from contextlib import ExitStack
 
         from ..runtime.gptq_file import rewrite_files
+        from .gptq_option import rounded_tensors
 
         o = self.o
         ref_types = tensor_types(o.reference)
         tag = f"gptq{GPTQ_REVISION}-{fingerprint_file(o.gptq)[:12]}-d{o.gptq_damp:g}"
-        plain = list(dict.fromkeys(builder.write(builder.recipe(a)) for a in allocations if a))
-        out = {p: p.with_name(f"{p.stem}-{tag}.gguf") for p in plain}
-        todo = [p for p in plain if not out[p].is_file()]
+        out, wanted = [], {}  # wanted: GPTQ file -> (plain file, tensors GPTQ rounds)
+        for a in allocations:
+            rounded = rounded_tensors(builder.recipe(a), ref_types, cov, o.gptq_priced) if a else set()
+            if not rounded:
+                out.append(None)
+                continue
+            plain = builder.write(builder.types(a))
+            chosen = hashlib.sha256(json.dumps(sorted(rounded)).encode()).hexdigest()[:8]
+            path = plain.with_name(f"{plain.stem}-{tag}-{chosen}.gguf")
+            wanted[path] = (plain, rounded)
+            out.append((path, rounded))
+        todo = [p for p in wanted if not p.is_file()]
         if todo:
             say(f"[mix] GPTQ rounding of {len(todo)} file(s) under {Path(o.gptq).name}", o.quiet)
             t0 = time.perf_counter()
+            sets = [wanted[p][1] for p in todo]
             with ExitStack() as stack:
-                tmps = [stack.enter_context(atomic_path(out[p], [str(p)])) for p in todo]
+                tmps = [stack.enter_context(atomic_path(p, [str(wanted[p][0])])) for p in todo]
                 for p, tmp in zip(todo, tmps):
-                    shutil.copyfile(p, tmp)
+                    shutil.copyfile(wanted[p][0], tmp)
                 rewrite_files([str(t) for t in tmps], source, cov, o.gptq_damp, threads=o.runtime.threads,
-                              quiet=o.quiet, skip=lambda name, type_name: ref_types.get(name) == type_name)
+                              quiet=o.quiet, skip=lambda i, name, type_name: name not in sets[i])
             self.timings["gptq"] = time.perf_counter() - t0
         return out
 
     def write_mix(self, builder: MixBuilder, b: Budget, target: int, alloc, out: str, fitted: bool,
-                  rounded: dict[Path, Path]) -> ScoredRow:
-        """The budget's GGUF (and .nkat where the allocation chose theta; its GPTQ-rounded twin with
-        --gptq), checked against the budget, linked to its output name with the recipe beside it;
-        its row for the report."""
+                  gptq: tuple[Path, set] | None) -> ScoredRow:
+        """The budget's GGUF (and .nkat where the allocation chose theta; with --gptq, its file with
+        tensors rounded by GPTQ and which), checked against the budget, linked to its output name
+        with the recipe beside it; its row for the report."""
+        from .gptq_option import split_gptq
         from .theta_option import split_recipe, write_theta
 
         o, costs, layout = self.o, builder.costs, builder.layout
         options = builder.recipe(alloc)
-        recipe, ranks = split_recipe(options)
+        recipe, ranks = split_recipe(split_gptq(options)[0])
+        gptq_names = gptq[1] if gptq else set()
         t0 = time.perf_counter()
         path = builder.write(recipe)
-        if path in rounded:
-            check_types(rounded[path], recipe)
-            path = rounded[path]
+        if gptq is not None:
+            check_types(gptq[0], recipe)
+            path = gptq[0]
         theta = None
         if ranks:
             theta = self.work / f"theta-{self.ref_key}-{builder.key(options)}.nkat"
@@ -373,16 +405,16 @@ class Mix:
             link_or_copy(theta, Path(theta_out))
         write_recipe(Path(out).with_suffix(".recipe.txt"), recipe)
 
-        label = f"mix {b.tag}" + (" + theta" if theta else "") + (" gptq" if o.gptq else "")
+        label = f"mix {b.tag}" + (" + theta" if theta else "") + (" gptq" if gptq_names else "")
         return ScoredRow(label, RowKind.MIX, str(path), str(theta) if theta else None, facts={
             "budget": b.text, "budget_bytes": target, "output": str(out),
             "recipe": str(Path(out).with_suffix(".recipe.txt")), "theta_output": theta_out, "theta_offered": o.theta,
-            "theta_matrices": len(ranks),
+            "theta_matrices": len(ranks), "gptq_priced": bool(o.gptq and o.gptq_priced), "gptq_matrices": len(gptq_names),
             "theta_bytes": theta_bytes, "gguf_bytes": gguf_bytes, "predicted_bytes": alloc.bytes, "file_bytes": size,
             "bpw": 8 * size / layout.n_weights, "predicted_damage": alloc.damage,
             "predicted_kld": alloc.damage if fitted else None,
             "type_counts": dict(Counter(recipe.values())),
-            "tensors": [{"name": n, "type": recipe[n], "theta_rank": ranks.get(n, 0),
+            "tensors": [{"name": n, "type": recipe[n], "theta_rank": ranks.get(n, 0), "gptq": n in gptq_names,
                          "bytes": costs[n].options[recipe[n]][0], "relative_damage": builder.relative(n, option)}
                         for n, option in options.items()],
         })
@@ -391,8 +423,6 @@ class Mix:
         """Probe files (one group at a probe type, the rest as stored) scored on the calibration text,
         one at a time, each deleted once scored (its scores kept in probes.json by recipe key);
         the role x depth weights fitted on them (recipe.fit)."""
-        import json
-
         from ..util.atomic import write_text_atomic
         from . import fit as fitting
 

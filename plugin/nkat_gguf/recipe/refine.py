@@ -89,7 +89,7 @@ def refine(builder, base_weight: Callable[[str], float] | None, target: int, *, 
         return builder.allocate([target])[0]
 
     start = allocation({})
-    unrefined_key = builder.key(builder.recipe(start))
+    unrefined_key = builder.key(builder.types(start))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url)
     with warnings.catch_warnings():
@@ -115,7 +115,7 @@ def refine(builder, base_weight: Callable[[str], float] | None, target: int, *, 
         trial.set_user_attr("worker_trial", trial.number)
         offsets = {g: trial.suggest_categorical(g, list(OFFSETS)) for g in space}
         alloc = allocation(offsets)
-        recipe = builder.recipe(alloc)
+        recipe = builder.types(alloc)  # trials score llama.cpp's rounding of the types
         key = builder.key(recipe)
         known = measured().get(key)
         if known is None:

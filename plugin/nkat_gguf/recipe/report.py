@@ -16,7 +16,11 @@ def mix_markdown(result: dict) -> str:
     lines = [f"Mixes of {Path(s['reference']).name} (reference type {s['reference_type']}), imatrix "
              f"{Path(s['imatrix']).name}{', covariance ' + Path(s['covariance']).name if s['covariance'] else ''}; "
              f"costs on {s['rows']} sampled rows per tensor."]
-    if s.get("gptq"):
+    if s.get("gptq") and s.get("gptq_priced"):
+        lines[0] += (f" GPTQ rounding under {Path(s['gptq']).name} (damping {s['gptq_damp']:g}) was offered as one more "
+                     "option per block matrix and type: the type's bytes, its damage times GPTQ's share measured on the "
+                     "sampled rows under that covariance (in sample: the text GPTQ is fitted to).")
+    elif s.get("gptq"):
         lines[0] += (f" Every tensor llama.cpp quantized was rounded again by GPTQ under {Path(s['gptq']).name} "
                      f"(damping {s['gptq_damp']:g}): the same types and bytes as without it. The predicted KLD is that "
                      "of llama.cpp's own rounding.")
@@ -39,6 +43,8 @@ def mix_markdown(result: dict) -> str:
                          + (f" ({m['theta_bytes']} bytes in {m['theta_output']}; llama.cpp applies it as a LoRA "
                             "adapter, which costs generation speed: measure with nkat bench)." if m["theta_matrices"]
                             else ": no rank removed more predicted damage per byte than a type change."))
+        if m.get("gptq_priced"):
+            lines.append(f"GPTQ rounding was chosen for {m['gptq_matrices']} tensors.")
         search = m.get("refine")
         if search:
             moved = ", ".join(f"{g} x{2.0 ** v:g}" for g, v in search["offsets"].items()) or "none"

@@ -36,6 +36,7 @@ the type, only not byte-identical to what ggml writes for the whole row. K- and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -117,19 +118,32 @@ def _damped(R: np.ndarray, order: np.ndarray, lam: float) -> np.ndarray:
     return H
 
 
-def propagate(W: np.ndarray, U: np.ndarray, block: int, quantize) -> np.ndarray:
+def block_transfers(U: np.ndarray, block: int) -> list[np.ndarray | None]:
+    """Per block i, U_BB^-1 U_BR (B: block i's columns, R: the columns after it), the map from
+    block i's rounding error to the update of the columns after it (None for the last block).
+    It depends on H only: computed once, it serves every matrix and type rounded under H."""
+    n = U.shape[0]
+    out: list[np.ndarray | None] = []
+    for i in range(n // block):
+        cols, rest = slice(i * block, (i + 1) * block), slice((i + 1) * block, None)
+        out.append(np.linalg.solve(U[cols, cols], U[cols, rest]) if (i + 1) * block < n else None)
+    return out
+
+
+def propagate(W: np.ndarray, U: np.ndarray, block: int, quantize, transfers=None) -> np.ndarray:
     """The GPTQ block loop on W (n_out, n) float64, columns already in processing order.
 
     quantize(i, values) -> the dequantized block i (same shape as values). Each block's error is
-    pushed into the columns after it through U (H^-1 = U^T U). W is updated in place and returned:
-    column block i holds, at the end, the values block i was quantized from."""
+    pushed into the columns after it through U (H^-1 = U^T U), or through `transfers`
+    (block_transfers of U, the same products computed before). W is updated in place and
+    returned: column block i holds, at the end, the values block i was quantized from."""
     n = W.shape[1]
     for i in range(n // block):
         cols = slice(i * block, (i + 1) * block)
         E = W[:, cols] - np.asarray(quantize(i, W[:, cols]), dtype=np.float64)
         if (i + 1) * block < n:
             rest = slice((i + 1) * block, None)
-            W[:, rest] -= E @ np.linalg.solve(U[cols, cols], U[cols, rest])
+            W[:, rest] -= E @ (transfers[i] if transfers is not None else np.linalg.solve(U[cols, cols], U[cols, rest]))
     return W
 
 
@@ -172,6 +186,11 @@ class GptqFactor:
     def perm(self) -> np.ndarray:
         """Column indices in processing order."""
         return column_order(self.order, self.block)
+
+    @cached_property
+    def transfers(self) -> list[np.ndarray | None]:
+        """block_transfers of U, made on first use (the widest input's: about 320 MB)."""
+        return block_transfers(self.U, self.block)
 
 
 def column_order(order: np.ndarray, block: int) -> np.ndarray:
@@ -230,7 +249,7 @@ def gptq_quantize_matrix(W: np.ndarray, R: np.ndarray | None, qtype, damp: float
         out[:, b * block_bytes:(b + 1) * block_bytes] = q
         return dequantize_rows(t, q, bs)
 
-    propagate(np.asarray(W, dtype=np.float64)[:, perm].copy(), U, bs, quantize)
+    propagate(np.asarray(W, dtype=np.float64)[:, perm].copy(), U, bs, quantize, factor.transfers)
     return out
 
 

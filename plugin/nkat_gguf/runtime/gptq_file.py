@@ -88,10 +88,11 @@ def rewrite_files(paths: list[str], source: ModelFile, cov: CovarianceFile, damp
 
     Matrices are taken input by input, so each input's factor is computed once per block length
     for every matrix that reads it, in every file; a (matrix, type) that several files share is
-    quantized once. skip(name, type name) -> True leaves a tensor as llama.cpp wrote it.
+    quantized once. skip(file index, name, type name) -> True leaves a tensor as llama.cpp wrote it.
     Returns, per file, (rewritten name -> type name, names of 2-D tensors left as written)."""
     readers = [GGUFReader(p) for p in paths]
-    targets = [gptq_targets(r, cov, skip) for r in readers]
+    targets = [gptq_targets(r, cov, skip and (lambda name, type_name, i=i: skip(i, name, type_name)))
+               for i, r in enumerate(readers)]
     done = []
     for reader, mine in zip(readers, targets):
         names = {t.name for t in mine}
