@@ -18,7 +18,7 @@ the curve, so the option lives in the same units as every other (and the fit's w
 
 The share is measured on the text the covariance was collected from, the text GPTQ is fitted to:
 it is in sample. On the demo model's matrices in-sample ratios were about 0.5 where held-out text
-gave 0.64-0.85 (issue 22), so the allocation somewhat over-values GPTQ; measured KLD decides.
+gave 0.64-0.85 (issue 22); on the 1.5B they came out 0.2-0.4, and the allocation over-valued GPTQ.
 
 Which gains are priced: every candidate type of a covered block matrix except the one it is stored
 in (llama.cpp copies that) and unblocked types (F16). Cached by content in the work dir, saved after
