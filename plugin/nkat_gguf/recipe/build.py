@@ -126,10 +126,23 @@ class MixBuilder:
         """The relative damage of one tensor at one option of its curve (a type, or an extra option)."""
         return option_damage(self.costs[name], self.extras.get(name, {}), option)
 
-    def damage(self, options: dict[str, str]) -> float:
-        """The predicted damage of a recipe of options: weighted relative damages summed."""
+    def damage(self, options: dict[str, str]) -> float | None:
+        """The predicted damage of a file's options (types or extra options) for every allocated tensor:
+        weighted relative damages summed; None if one has no point on its curve (a stock file's type
+        outside the candidates)."""
         w = self.weight or (lambda name: 1.0)
-        return float(sum(w(n) * self.relative(n, o) for n, o in options.items()))
+        total = 0.0
+        for name, cost in self.costs.items():
+            option = options.get(name)
+            if option not in cost.options and option not in self.extras.get(name, {}):
+                return None
+            total += w(name) * self.relative(name, option)
+        return total
+
+    @property
+    def ref_types(self) -> dict[str, str]:
+        """Each allocated tensor's type in the reference (its curve knows it: no second read)."""
+        return {n: c.ref_type for n, c in self.costs.items()}
 
     @property
     def fixed(self) -> int:

@@ -38,10 +38,11 @@ from ..formats.covariance import CovarianceFile
 from ..formats.gguf_io import fingerprint_file, open_gguf
 from ..runtime import ggml_quants
 from ..runtime.gptq import REVISION, gptq_factor, gptq_quantize_matrix
-from ..runtime.gptq_file import KEEP
+from ..runtime.gptq_file import can_round
 from ..util.atomic import write_text_atomic
 from ..util.report import progress
 from ..util.signals import raise_if_terminated
+from .build import option_type
 from .costs import Statistics, TensorCost, output_error, reference_rows, sample_rows
 
 SUFFIX = "+gptq"
@@ -63,24 +64,20 @@ def split_gptq(options: dict[str, str]) -> tuple[dict[str, str], set[str]]:
     return plain, rounded
 
 
-def roundable(name: str, qtype: str, ref_type: str, cov: CovarianceFile) -> bool:
-    """GPTQ can round this tensor in this type: a covered block matrix, a blocked type, not the
-    stored type (llama.cpp copies that: nothing to round)."""
-    return name not in KEEP and name in cov and qtype != ref_type and ggml_quants.block_size(qtype) > 1
-
-
 def priceable(cost: TensorCost, cov: CovarianceFile) -> list[str]:
-    """The types of a tensor's curve GPTQ can round it in."""
-    return [t for t in cost.options if roundable(cost.name, t, cost.ref_type, cov)]
+    """The types of a tensor's curve GPTQ can round it in (gptq_file.can_round), but its stored type:
+    llama.cpp copies that, so there is nothing to round."""
+    return [t for t in cost.options if t != cost.ref_type and can_round(cost.name, t, cov)]
 
 
-def rounded_tensors(options: dict[str, str], ref_types: dict[str, str], cov: CovarianceFile, priced: bool) -> set[str]:
+def rounded_tensors(options: dict[str, str], costs: dict[str, TensorCost], cov: CovarianceFile,
+                    priced: bool) -> set[str]:
     """The tensors GPTQ rounds in a recipe's file: those given a 'T+gptq' option (priced), or every
     tensor it can round in the type the allocation chose."""
     plain, chosen = split_gptq(options)
     if priced:
         return chosen
-    return {n for n, o in plain.items() if roundable(n, o.partition("+")[0], ref_types.get(n, ""), cov)}
+    return {n for n, o in plain.items() if option_type(o) in priceable(costs[n], cov)}
 
 
 @dataclass

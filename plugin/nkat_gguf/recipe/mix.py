@@ -37,7 +37,7 @@ from ..util.report import say
 from .budgets import MiB, Budget, budget_bytes, parse_budget
 from .build import OUTPUT_FLOOR, MixBuilder, check_types
 from .candidates import CANDIDATE_TYPES
-from .costs import DEFAULT_ROWS, TensorCost
+from .costs import DEFAULT_ROWS
 from .fit import spearman
 from .layout import tensor_types
 from .recipe_file import write_recipe
@@ -79,17 +79,6 @@ def stock_type_names() -> dict[str, int]:
     from ..runtime.quantize import ftype_names
 
     return ftype_names(llama_cpp)
-
-
-def predicted_damage(costs: dict[str, TensorCost], types: dict[str, str], weight=None) -> float | None:
-    """Sum of (weighted) relative damages of a file's tensor types (None if a type has no measured curve)."""
-    total = 0.0
-    for name, cost in costs.items():
-        t = types.get(name)
-        if t not in cost.options:
-            return None
-        total += (weight(name) if weight else 1.0) * cost.relative(t)
-    return total
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -182,7 +171,7 @@ class Mix:
         t0 = time.perf_counter()
         builder = MixBuilder(o.reference, imatrix, self.work, covariance=o.covariance, rows=o.rows, types=o.types,
                              tie_gate_up=o.tie_gate_up, output_floor=o.output_floor, threads=o.runtime.threads, quiet=o.quiet)
-        layout, costs = builder.layout, builder.costs
+        layout = builder.layout
         self.timings["costs"] = time.perf_counter() - t0
         stock_paths = {t.upper(): self.stock(t, imatrix) for t in
                        dict.fromkeys([b.value for b in budgets if b.kind == "like"] + [c.upper() for c in o.compare])}
@@ -219,17 +208,16 @@ class Mix:
             mixes.append(mix)
         stock_rows = [ScoredRow(f"{t}-imat", RowKind.STOCK, str(p), facts={
                           "type": t, "file_bytes": p.stat().st_size, "bpw": 8 * p.stat().st_size / layout.n_weights,
-                          "predicted_damage": (d := predicted_damage(costs, tensor_types(p), weight)),
+                          "predicted_damage": (d := builder.damage(tensor_types(p))),
                           "predicted_kld": d if fitted else None})
                       for t, p in stock_paths.items()]
         result = {"fit": fitted.to_dict() if fitted else None}
         if o.text:
             self.score(mixes, stock_rows, result)
         result = {"mixes": [m.to_dict() for m in mixes], "stock": [r.to_dict() for r in stock_rows]} | result
-        ref_types = tensor_types(o.reference)
         result["settings"] = {
             "reference": o.reference,
-            "reference_type": Counter(ref_types[n] for n in layout.allocated).most_common(1)[0][0],
+            "reference_type": Counter(builder.ref_types.values()).most_common(1)[0][0],
             "imatrix": imatrix, "covariance": o.covariance, "rows": o.rows, "types": o.types,
             "embedding_importance": FIRST_NORM if builder.stats.extra else None,
             "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "fit_chunks": o.fit_chunks,
@@ -342,11 +330,10 @@ class Mix:
         from .gptq_option import rounded_tensors
 
         o = self.o
-        ref_types = tensor_types(o.reference)
         tag = f"gptq{GPTQ_REVISION}-{fingerprint_file(o.gptq)[:12]}-d{o.gptq_damp:g}"
         out, wanted = [], {}  # wanted: GPTQ file -> (plain file, tensors GPTQ rounds)
         for a in allocations:
-            rounded = rounded_tensors(builder.recipe(a), ref_types, cov, o.gptq_priced) if a else set()
+            rounded = rounded_tensors(builder.recipe(a), builder.costs, cov, o.gptq_priced) if a else set()
             if not rounded:
                 out.append(None)
                 continue
@@ -428,11 +415,10 @@ class Mix:
 
         o = self.o
         text, settings = self.calibration
-        ref_types = tensor_types(o.reference)
         plan = fitting.probes(builder.costs)
         store = self.work / "probes.json"
         known = json.loads(store.read_text()) if store.is_file() else {}
-        recipes = [fitting.probe_recipe(p, builder.costs, ref_types) for p in plan]
+        recipes = [fitting.probe_recipe(p, builder.costs, builder.ref_types) for p in plan]
         keys = [f"{builder.key(recipe)}-{settings}" for recipe in recipes]
         say(f"[mix] {len(plan)} probes for the role x depth weights, {sum(k not in known for k in keys)} to measure "
             f"({o.fit_chunks} chunks of {Path(text).name})", o.quiet)

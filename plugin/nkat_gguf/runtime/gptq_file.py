@@ -31,16 +31,22 @@ from .quantize import quantize_model
 KEEP = ("token_embd.weight", "output.weight")
 
 
+def can_round(name: str, qtype, covariance: CovarianceFile) -> bool:
+    """GPTQ can round this weight in this type: it has a covariance, is not kept as llama.cpp
+    writes it (KEEP), and the type is made of blocks."""
+    return name not in KEEP and name in covariance and block_size(qtype) > 1
+
+
 def gptq_targets(reader: GGUFReader, covariance: CovarianceFile, skip=None) -> list:
-    """The tensors of a llama.cpp-quantized file that GPTQ rewrites: 2-D, with a covariance,
-    in a block type whose rows are whole blocks, and not skip(name, type name)."""
+    """The tensors of a llama.cpp-quantized file that GPTQ rewrites: 2-D, can_round, rows of whole
+    blocks, and not skip(name, type name)."""
     out = []
     for t in reader.tensors:
-        if t.name in KEEP or t.name not in covariance or len(t.shape) != 2:
+        if len(t.shape) != 2 or not can_round(t.name, t.tensor_type, covariance):
             continue
         if skip is not None and skip(t.name, t.tensor_type.name):
             continue
-        if block_size(t.tensor_type) > 1 and fits_rows(t.tensor_type, int(t.shape[0])):
+        if fits_rows(t.tensor_type, int(t.shape[0])):
             out.append(t)
     return out
 
