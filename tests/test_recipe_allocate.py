@@ -1,12 +1,13 @@
 """The allocator against brute force on small synthetic problems, budgets never exceeded, damage
-never rising with the budget; guardrails; recipe files round-trip in llama-quantize's syntax."""
+never rising with the budget; a time limit met wherever brute force meets it; guardrails; recipe
+files round-trip in llama-quantize's syntax."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-from nkat_gguf.recipe.allocate import Curve, floor, lower_hull, smallest_bytes, sweep, tie
+from nkat_gguf.recipe.allocate import Curve, floor, lower_hull, smallest_bytes, sweep, sweep_within_time, tie
 from nkat_gguf.recipe.recipe_file import exact_pattern, read_recipe, write_recipe
 
 
@@ -78,6 +79,57 @@ def test_what_the_hull_steps_leave_is_spent_under_a_step():
     (a,) = sweep([big, small], 100, [100 + 15 + 6])
     assert a.choice == {"embd": "Q3", "v": "Q8"} and a.bytes == 121
     assert a.damage == pytest.approx(9.9) == brute_force([big, small], 100, 121)
+
+
+def timed_curves(rng, n_units, n_options):
+    """Random curves whose options also take time; cheaper options are often slower (i-quants)."""
+    curves = random_curves(rng, n_units, n_options)
+    for c in curves:
+        c.time = rng.uniform(0, 5, size=n_options)
+    return curves
+
+
+def brute_force_times(curves, fixed, budget):
+    """(least time of any combination within the budget, least damage of those within a limit)."""
+    combos = [combo for combo in itertools.product(*[range(len(c.options)) for c in curves])
+              if fixed + sum(int(c.bytes[i]) for c, i in zip(curves, combo)) <= budget]
+    return [(sum(float(c.time[i]) for c, i in zip(curves, combo)), sum(float(c.damage[i]) for c, i in zip(curves, combo)))
+            for combo in combos]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_time_limit_is_met_within_the_budget(seed):
+    rng = np.random.default_rng(seed)
+    curves = timed_curves(rng, n_units=4, n_options=4)
+    budget = smallest_bytes(curves, 0) + 150
+    free, _ = sweep_within_time(curves, 0, budget, float("inf"))
+    (plain,) = sweep(curves, 0, [budget])
+    assert free.choice == plain.choice  # a limit that does not bind changes nothing
+    options = brute_force_times(curves, 0, budget)
+    fastest = min(t for t, _ in options)
+    limit = (fastest + free.time) / 2  # binding, reachable
+    alloc, met = sweep_within_time(curves, 0, budget, limit)
+    assert met and alloc.time <= limit + 1e-9 and alloc.bytes <= budget
+    assert alloc.damage >= min(d for t, d in options if t <= limit) - 1e-9  # brute force's optimum bounds it
+    idx = [c.options.index(alloc.choice[c.name]) for c in curves]
+    assert alloc.time == pytest.approx(sum(c.time[i] for c, i in zip(curves, idx)))
+    assert alloc.damage == pytest.approx(sum(c.damage[i] for c, i in zip(curves, idx)))
+    slowest, met = sweep_within_time(curves, 0, budget, fastest - 1.0)  # unreachable: the fastest found
+    assert not met and slowest.bytes <= budget
+
+
+def test_time_limit_upgrades_the_unit_that_saves_most_time_per_damage():
+    """Two units, each with a cheap slow option (an i-quant) and a faster one at a little more damage
+    per the same bytes; the budget fits both fast options, the limit needs one: the one that costs
+    the least damage per second saved is taken."""
+    a = Curve("a", ["IQ", "K"], [10, 10], [1.0, 1.3], time=[5.0, 1.0])  # 0.3 damage for 4 s
+    b = Curve("b", ["IQ", "K"], [10, 10], [1.0, 1.2], time=[5.0, 3.0])  # 0.2 damage for 2 s
+    (free,) = sweep([a, b], 0, [20])
+    assert free.choice == {"a": "IQ", "b": "IQ"}
+    alloc, met = sweep_within_time([a, b], 0, 20, 7.0)
+    assert met and alloc.choice == {"a": "K", "b": "IQ"} and alloc.time == 6.0
+    alloc, met = sweep_within_time([a, b], 0, 20, 4.0)
+    assert met and alloc.choice == {"a": "K", "b": "K"}
 
 
 def test_lower_hull_drops_dominated_and_concave_points():

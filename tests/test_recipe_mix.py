@@ -115,6 +115,8 @@ def test_cli_bad_budget_one_line(reference_model, imatrix, tmp_path):
     (["--refine", "3", "--fit-chunks", "0"], "--refine needs --fit-chunks"),
     (["--refine", "3", "--theta"], "cannot be combined"),
     (["--refine-storage", "sqlite:///x.db"], "--refine-storage needs --refine"),
+    (["--match-speed"], "--match-speed needs a stock file"),
+    (["--compare", "Q4_0", "--match-speed", "2"], "outside (0, 1.5]"),
 ])
 def test_cli_bad_gptq_and_refine_settings_one_line(reference_model, imatrix, tmp_path, extra, words):
     """--gptq and --refine mistakes stop before any work: one line, exit 2, nothing written."""
@@ -127,6 +129,27 @@ def test_cli_bad_gptq_and_refine_settings_one_line(reference_model, imatrix, tmp
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().count("\n") == 0 and words in run.stderr, run.stderr
     assert not (tmp_path / "x.gguf").exists() and not list((tmp_path / "w").glob("costs-*"))
+
+
+def test_match_speed_holds_the_mix_to_its_stock_neighbours_predicted_speed(reference_model, imatrix, tmp_path):
+    """With --match-speed every option carries its type's time measured in llama.cpp, and the mix at
+    Q4_0's bytes is predicted to generate at least as fast as stock Q4_0 (the limit is the stock
+    file's own summed time, so the stock recipe itself meets it); at a ratio of 0.8, at least 0.8x."""
+    from nkat_gguf.recipe.report import mix_markdown
+
+    opts = MixOptions(reference=str(reference_model), output=str(tmp_path / "m.gguf"), work_dir=str(tmp_path / "w"),
+                      budgets=["Q4_0"], imatrix=imatrix, rows=32, types=TYPES, match_speed=1.0, quiet=True)
+    for ratio in (1.0, 0.8):
+        opts.match_speed = ratio
+        result = run_mix(opts)
+        (mix,), (stock,) = result["mixes"], result["stock"]
+        assert mix["speed_target"] == {"stock": "Q4_0-imat", "ratio": ratio, "met": True}
+        assert mix["predicted_tokens_per_second"] >= ratio * stock["predicted_tokens_per_second"] > 0
+        speed = result["settings"]["type_speed"]
+        assert set(speed["cost_per_weight_vs_q8_0"]) >= {t["type"] for t in mix["tensors"]}
+        assert mix["file_bytes"] <= mix["budget_bytes"] == stock["file_bytes"]
+        assert f"Held to {ratio:g}x the predicted generation speed of Q4_0-imat: met." in mix_markdown(result)
+    assert len(list((tmp_path / "w").glob("type-speed-*.json"))) == 1  # measured once
 
 
 def test_one_costs_cache_serves_every_type_list(reference_model, imatrix, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..errors import Setting, UserError
@@ -83,6 +84,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--refine-storage", metavar="URL",
                    help="with --refine: the Optuna storage (default: SQLite in --work-dir; a PostgreSQL URL lets "
                    "workers on several machines share the trials)")
+    p.add_argument("--match-speed", type=speed_ratio, nargs="?", const=1.0, metavar="RATIO",
+                   help="make each mix generate at least RATIO (default 1) x as fast as the stock file nearest its "
+                   "bytes (a --like budget's or a --compare type's), as predicted from each type's speed measured in "
+                   "llama.cpp on this machine (a timing model of a few blocks per type: about 2 min on a 1.5B model, "
+                   "cached in --work-dir). On CPU the i-quants' matmuls are slow: without it, a mix can generate at "
+                   "0.6x its stock neighbour's speed")
     p.add_argument("--compare", type=csv, default=[], metavar="T,T,...",
                    help="stock llama.cpp types (made with the same imatrix) scored beside the mixes")
     p.add_argument("--score", action="store_true", help="score the mixes against the reference on --text")
@@ -91,6 +98,17 @@ def add_parser(subparsers) -> None:
     add_runtime_flags(p)
     add_output_flags(p)
     p.set_defaults(func=run, setting_flags={Setting.GPTQ_DAMP: "--gptq-damp", Setting.GPTQ_COVARIANCE: "--gptq"})
+
+
+def speed_ratio(text: str) -> float:
+    """--match-speed's ratio: a number in (0, 1.5]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.95, not {text!r}") from None
+    if not 0 < value <= 1.5:
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1.5]: the mix's speed over its stock neighbour's")
+    return value
 
 
 def budgets_of(args) -> list[str]:
@@ -116,7 +134,7 @@ def run(args) -> int:
         output_floor=None if args.output_floor.lower() == "none" else args.output_floor.upper(),
         fit_chunks=args.fit_chunks, theta=args.theta, theta_layers=args.theta_layers, gptq=args.gptq, gptq_priced=args.gptq_priced,
         gptq_damp=DEFAULT_DAMP if args.gptq_damp is None else args.gptq_damp, refine=args.refine,
-        refine_storage=args.refine_storage,
+        refine_storage=args.refine_storage, match_speed=args.match_speed,
         text=str(find_eval_text(args.text)) if args.score else None, chunks=args.chunks,
         runtime=runtime_settings(args), quiet=quiet)
     if args.theta_layers and not args.theta:

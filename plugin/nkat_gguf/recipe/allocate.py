@@ -9,11 +9,15 @@ rest with the next steps that still fit, in the same order, and what is still le
 under a hull step that fits (spend_rest). Budgets are solved in increasing
 order and a larger budget never keeps a worse answer than a smaller one, so predicted damage
 never rises as the budget grows.
+
+Options may also carry a time (seconds per generated token, measure.type_speed): sweep_within_time
+finds, for one budget, the allocation whose summed time stays within a limit, by a second
+Lagrange multiplier on time (bisected) over the same sweep.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -27,14 +31,16 @@ class Curve:
     bytes: np.ndarray
     damage: np.ndarray
     members: list[str] = field(default_factory=list)  # the tensors it stands for (default: [name])
+    time: np.ndarray | None = None  # seconds per generated token of each option (default: all 0)
 
     def __post_init__(self):
         self.bytes = np.asarray(self.bytes, dtype=np.int64)
         self.damage = np.asarray(self.damage, dtype=np.float64)
+        self.time = np.zeros(len(self.damage)) if self.time is None else np.asarray(self.time, dtype=np.float64)
         if not self.members:
             self.members = [self.name]
-        if not (len(self.options) == len(self.bytes) == len(self.damage)) or not self.options:
-            raise ValueError(f"{self.name}: options, bytes and damage must be non-empty and of one length")
+        if not (len(self.options) == len(self.bytes) == len(self.damage) == len(self.time)) or not self.options:
+            raise ValueError(f"{self.name}: options, bytes, damage and time must be non-empty and of one length")
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Allocation:
     choice: dict[str, str]  # unit name -> type
     bytes: int  # fixed bytes + every unit's bytes
     damage: float
+    time: float | None = None  # summed option time, where sweep_within_time solved it
 
 
 def lower_hull(bytes_: np.ndarray, damage: np.ndarray) -> list[int]:
@@ -81,7 +88,8 @@ def tie(curves: list[Curve], groups: list[list[str]]) -> list[Curve]:
             raise ValueError(f"{' + '.join(g)}: no type fits all of them")
         idx = [[p.options.index(t) for t in common] for p in parts]
         out.append(Curve("+".join(g), common, sum(p.bytes[i] for p, i in zip(parts, idx)),
-                         sum(p.damage[i] for p, i in zip(parts, idx)), [m for p in parts for m in p.members]))
+                         sum(p.damage[i] for p, i in zip(parts, idx)), [m for p in parts for m in p.members],
+                         sum(p.time[i] for p, i in zip(parts, idx))))
     return out
 
 
@@ -90,7 +98,8 @@ def floor(curve: Curve, min_bytes: int) -> Curve:
     keep = [i for i in range(len(curve.options)) if curve.bytes[i] >= min_bytes]
     if not keep:
         return curve
-    return Curve(curve.name, [curve.options[i] for i in keep], curve.bytes[keep], curve.damage[keep], curve.members)
+    return Curve(curve.name, [curve.options[i] for i in keep], curve.bytes[keep], curve.damage[keep], curve.members,
+                 curve.time[keep])
 
 
 def smallest_bytes(curves: list[Curve], fixed_bytes: int) -> int:
@@ -154,3 +163,46 @@ def sweep(curves: list[Curve], fixed_bytes: int, budgets: list[int]) -> list[All
             best = here
         results[budget] = Allocation(budget, best.choice, best.bytes, best.damage)
     return [results[int(b)] for b in budgets]
+
+
+def choice_totals(curves: list[Curve], choice: dict[str, str]) -> tuple[float, float]:
+    """(damage, time) of one option per unit."""
+    idx = [c.options.index(choice[c.name]) for c in curves]
+    return (float(sum(c.damage[i] for c, i in zip(curves, idx))), float(sum(c.time[i] for c, i in zip(curves, idx))))
+
+
+def sweep_within_time(curves: list[Curve], fixed_bytes: int, budget: int, max_time: float,
+                      steps: int = 40) -> tuple[Allocation | None, bool]:
+    """The allocation for one budget whose summed option time is at most max_time, and whether it
+    is: each option's damage is raised by mu x its time, mu bisected (log scale) to the smallest
+    that meets the limit. Where no mu does (the budget is too small for that speed), the fastest
+    allocation found, and False. None where even the cheapest options do not fit."""
+
+    def solve(mu: float) -> Allocation | None:
+        shifted = [replace(c, damage=c.damage + mu * c.time) for c in curves]
+        a = sweep(shifted, fixed_bytes, [budget])[0]
+        if a is not None:
+            a.damage, a.time = choice_totals(curves, a.choice)
+        return a
+
+    best = solve(0.0)
+    if best is None or best.time <= max_time:
+        return best, best is not None
+    # a scale where mu x time is comparable to damage: the spread of each over the options
+    spread_d = sum(float(np.ptp(c.damage)) for c in curves) or 1.0
+    spread_t = sum(float(np.ptp(c.time)) for c in curves) or 1.0
+    lo, hi = 0.0, spread_d / spread_t
+    fast = solve(hi)
+    while fast.time > max_time and hi < 1e12 * spread_d / spread_t:
+        lo, hi = hi, hi * 10
+        fast = solve(hi)
+    if fast.time > max_time:
+        return fast, False
+    for _ in range(steps):
+        mid = np.sqrt(lo * hi) if lo > 0 else hi / 10
+        here = solve(mid)
+        if here.time <= max_time:
+            hi, fast = mid, here
+        else:
+            lo = mid
+    return fast, True

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..formats.gguf_io import fingerprint_file
 from ..util.report import say
-from .allocate import Allocation, Curve, floor, smallest_bytes, sweep, tie
+from .allocate import Allocation, Curve, floor, smallest_bytes, sweep, sweep_within_time, tie
 from .candidates import CANDIDATE_TYPES
 from .costs import DEFAULT_ROWS, Statistics, TensorCost, model_costs
 from .layout import Layout, read_layout, tensor_types
@@ -41,11 +41,12 @@ OUTPUT_FLOOR = "Q5_K"
 
 
 def curves_from_costs(costs: dict[str, TensorCost], layout: Layout, tie_gate_up: bool,
-                      output_floor: str | None = OUTPUT_FLOOR, weight=None, extras=None) -> list[Curve]:
+                      output_floor: str | None = OUTPUT_FLOOR, weight=None, extras=None, speed=None) -> list[Curve]:
     """One unit per tensor (padded bytes, relative damage times weight(name), 1 without weights);
     ffn_gate and ffn_up of a block tied; output.weight kept at output_floor's bytes or more.
     extras: name -> option -> (GGUF bytes, side-file bytes, damage), more options than the types
-    (recipe.theta_option, recipe.gptq_option)."""
+    (recipe.theta_option, recipe.gptq_option). speed (measure.type_speed.TypeSpeed): each option's
+    time per generated token is its type's (a theta's own matmuls are not counted)."""
     w = weight or (lambda name: 1.0)
     extras = extras or {}
     curves = []
@@ -55,7 +56,8 @@ def curves_from_costs(costs: dict[str, TensorCost], layout: Layout, tie_gate_up:
         curves.append(Curve(n, options,
                             [layout.padded(b) for b, _ in c.options.values()]
                             + [layout.padded(g) + t for g, t, _ in extra.values()],
-                            [w(n) * option_damage(c, extra, o) for o in options]))
+                            [w(n) * option_damage(c, extra, o) for o in options],
+                            time=[speed.tensor_seconds(n, option_type(o)) for o in options] if speed else None))
     if output_floor:
         curves = [floor(c, c.bytes[c.options.index(output_floor)])
                   if c.name == "output.weight" and output_floor in c.options else c for c in curves]
@@ -105,11 +107,14 @@ class MixBuilder:
         self.weight = None
         self.extras: dict[str, dict[str, tuple[int, int, float]]] = {}  # name -> option -> (bytes, side, damage)
         self.extras_fixed = 0  # bytes charged once when the extras are offered (the .nkat's header)
+        self.speed = None  # measure.type_speed.TypeSpeed, with set_speed
+        self.time_limits: dict[int, float] = {}  # budget bytes -> the most summed tensor time it may take
+        self.speed_met: dict[int, bool] = {}  # budget bytes -> whether its last allocation met its limit
         self.curves = curves_from_costs(self.costs, self.layout, tie_gate_up, output_floor)
 
     def _rebuild(self) -> None:
         self.curves = curves_from_costs(self.costs, self.layout, self.tie_gate_up, self.output_floor, self.weight,
-                                        self.extras)
+                                        self.extras, self.speed)
 
     def set_weights(self, weight) -> None:
         """Weigh each tensor's relative damage by weight(name) (a fitted KLD per unit of damage)."""
@@ -121,6 +126,19 @@ class MixBuilder:
         header charged once as fixed_bytes) or GPTQ rounding (recipe.gptq_option.gptq_options)."""
         self.extras, self.extras_fixed = options, fixed_bytes
         self._rebuild()
+
+    def set_speed(self, speed, limits: dict[int, float]) -> None:
+        """Give every option its type's time per generated token (measure.type_speed.TypeSpeed) and
+        limit, per budget in bytes, the summed time of the tensors (tensor_seconds)."""
+        self.speed, self.time_limits = speed, limits
+        self._rebuild()
+
+    def tensor_seconds(self, types: dict[str, str]) -> float | None:
+        """The allocated tensors' summed time per generated token at these types (relative to Q8_0:
+        only differences mean anything); None without a speed or for a type it has not measured."""
+        if self.speed is None or any(types.get(n) not in self.speed.cost for n in self.costs):
+            return None
+        return sum(self.speed.tensor_seconds(n, types[n]) for n in self.costs)
 
     def relative(self, name: str, option: str) -> float:
         """The relative damage of one tensor at one option of its curve (a type, or an extra option)."""
@@ -153,8 +171,14 @@ class MixBuilder:
         return smallest_bytes(self.curves, self.fixed)
 
     def allocate(self, targets: list[int]) -> list[Allocation | None]:
-        """One sweep for every target (GGUF + .nkat bytes); None where even the cheapest file is larger."""
-        return sweep(self.curves, self.fixed, targets)
+        """One sweep for every target (GGUF + .nkat bytes); None where even the cheapest file is larger.
+        A target with a time limit (set_speed) is solved again within it (allocate.sweep_within_time)."""
+        out = sweep(self.curves, self.fixed, targets)
+        for i, target in enumerate(targets):
+            limit = self.time_limits.get(target)
+            if limit is not None and out[i] is not None:
+                out[i], self.speed_met[target] = sweep_within_time(self.curves, self.fixed, target, limit)
+        return out
 
     def recipe(self, alloc: Allocation) -> dict[str, str]:
         """Tensor name -> option (a type, or an extra option), in the file's tensor order."""

@@ -66,6 +66,7 @@ class MixOptions:
     gptq_damp: float = DEFAULT_DAMP
     refine: int = 0  # Optuna trials per budget around the allocation, scored on fit_chunks calibration chunks
     refine_storage: str | None = None  # an Optuna RDB URL (default: SQLite in the work dir)
+    match_speed: float | None = None  # each mix at least this x the predicted speed of its stock neighbour
     text: str | None = None  # evaluation text; None: no scoring
     skip_impossible: bool = False  # a budget below the smallest possible file: dropped (default: an error)
     chunks: int = 8
@@ -166,6 +167,8 @@ class Mix:
         for t in o.compare:
             if t.lower() not in stock_names:
                 raise UserError(f"--compare {t!r} is not a llama.cpp type; one of: {', '.join(sorted(stock_names))}")
+        if o.match_speed and not (o.compare or any(b.kind == "like" for b in budgets)):
+            raise UserError("--match-speed needs a stock file to match: a budget such as Q3_K_S, or --compare TYPES")
         self.work.mkdir(parents=True, exist_ok=True)
         imatrix = self.imatrix()
         t0 = time.perf_counter()
@@ -192,6 +195,7 @@ class Mix:
             builder.set_weights(weight)
         if o.gptq and o.gptq_priced:
             self.offer_gptq(builder)
+        speed_targets = self.match_speed(builder, targets, stock_paths) if o.match_speed else {}
         allocations = builder.allocate(targets)
         refined = [None] * len(targets)
         if o.refine:
@@ -205,12 +209,16 @@ class Mix:
         for b, target, alloc, out, search, gptq in zip(budgets, targets, allocations, outputs, refined, rounded):
             mix = self.write_mix(builder, b, target, alloc, out, fitted is not None, gptq)
             mix.facts["refine"] = search.to_dict() if search else None
+            mix.facts["speed_target"] = ({"stock": f"{speed_targets[target]}-imat", "ratio": o.match_speed,
+                                          "met": builder.speed_met.get(target)} if target in speed_targets else None)
             mixes.append(mix)
-        stock_rows = [ScoredRow(f"{t}-imat", RowKind.STOCK, str(p), facts={
-                          "type": t, "file_bytes": p.stat().st_size, "bpw": 8 * p.stat().st_size / layout.n_weights,
-                          "predicted_damage": (d := builder.damage(tensor_types(p))),
-                          "predicted_kld": d if fitted else None})
-                      for t, p in stock_paths.items()]
+        stock_rows = []
+        for t, p in stock_paths.items():
+            types = tensor_types(p)
+            stock_rows.append(ScoredRow(f"{t}-imat", RowKind.STOCK, str(p), facts={
+                "type": t, "file_bytes": p.stat().st_size, "bpw": 8 * p.stat().st_size / layout.n_weights,
+                "predicted_damage": (d := builder.damage(types)), "predicted_kld": d if fitted else None,
+                "predicted_tokens_per_second": predicted_speed(builder, types)}))
         result = {"fit": fitted.to_dict() if fitted else None}
         if o.text:
             self.score(mixes, stock_rows, result)
@@ -223,7 +231,8 @@ class Mix:
             "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "fit_chunks": o.fit_chunks,
             "theta": o.theta, "theta_layers": o.theta_layers, "gptq": o.gptq, "gptq_priced": o.gptq_priced,
             "gptq_damp": o.gptq_damp if o.gptq else None, "gptq_revision": GPTQ_REVISION if o.gptq else None,
-            "refine": o.refine, "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
+            "refine": o.refine, "match_speed": o.match_speed,
+            "type_speed": builder.speed.to_dict() if builder.speed else None, "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
             "flash_attn": o.runtime.flash_attn, "threads": o.runtime.threads, "smallest_bytes": smallest,
             "fixed_bytes": layout.fixed, "n_weights": layout.n_weights,
         }
@@ -278,6 +287,29 @@ class Mix:
             summaries.append(summary)
         self.timings["refine"] = time.perf_counter() - t0
         return chosen, summaries
+
+    def match_speed(self, builder: MixBuilder, targets: list[int], stock_paths: dict[str, Path]) -> dict[int, str]:
+        """Each type's generation time measured in llama.cpp on this machine (measure.type_speed), and
+        each budget's predicted time per token limited to that of the stock file nearest its bytes over
+        --match-speed's ratio; budget -> that type."""
+        from ..measure.type_speed import measure_type_speed
+
+        o = self.o
+        nearest = {target: min(stock_paths, key=lambda t: abs(stock_paths[t].stat().st_size - target))
+                   for target in targets}
+        stock_types = {t: tensor_types(stock_paths[t]) for t in set(nearest.values())}
+        wanted = set(o.types) | {stock_types[t][n] for t in stock_types for n in builder.costs}
+        t0 = time.perf_counter()
+        speed = measure_type_speed(o.reference, sorted(wanted), self.work, o.runtime, o.quiet)
+        self.timings["type speed"] = time.perf_counter() - t0
+        builder.speed = speed  # tensor_seconds needs it for the limits
+        limits = {}
+        for target, t in nearest.items():
+            own, whole = builder.tensor_seconds(stock_types[t]), speed.predicted_seconds(stock_types[t])
+            if own is not None and whole is not None:  # else a type no timing model holds: no limit
+                limits[target] = own + whole * (1 / o.match_speed - 1)
+        builder.set_speed(speed, limits)
+        return nearest
 
     def offer_theta(self, builder: MixBuilder, allocations, targets: list[int]):
         """The allocation again with theta options priced for the types the plain one chose (and the
@@ -400,6 +432,7 @@ class Mix:
             "theta_bytes": theta_bytes, "gguf_bytes": gguf_bytes, "predicted_bytes": alloc.bytes, "file_bytes": size,
             "bpw": 8 * size / layout.n_weights, "predicted_damage": alloc.damage,
             "predicted_kld": alloc.damage if fitted else None,
+            "predicted_tokens_per_second": predicted_speed(builder, recipe),
             "type_counts": dict(Counter(recipe.values())),
             "tensors": [{"name": n, "type": recipe[n], "theta_rank": ranks.get(n, 0), "gptq": n in gptq_names,
                          "bytes": costs[n].options[recipe[n]][0], "relative_damage": builder.relative(n, option)}
@@ -470,6 +503,13 @@ class Mix:
                                 "spearman_predicted_vs_measured": spearman(x, y) if len(fit) else None}
         result["chunks_scored"] = n_chunks
         result["runtime"] = runtime_settings
+
+
+def predicted_speed(builder: MixBuilder, types: dict[str, str]) -> float | None:
+    """Generation tokens/s of a file with these tensor types, predicted from the types' measured
+    speeds (--match-speed; None without)."""
+    seconds = builder.speed.predicted_seconds(types) if builder.speed else None
+    return 1 / seconds if seconds else None
 
 
 def run_mix(opts: MixOptions) -> dict:

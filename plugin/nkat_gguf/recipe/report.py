@@ -28,12 +28,19 @@ def mix_markdown(result: dict) -> str:
     if scored:
         lines[0] += (f" Scored on {result['chunks_scored']} chunks x {s['ctx']} tokens of {Path(s['text']).name}, "
                      f"flash attention {'on' if s['flash_attn'] else 'off'}.")
-    lines += ["", "| file | budget | MiB | bpw | predicted KLD | KLD mean | ± | KLD p99 | PPL | top-1 |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    speed = s.get("type_speed")
+    if speed:
+        lines[0] += (f" Generation speed predicted from each type's measured in llama.cpp ({speed['cpu']}, "
+                     f"{speed['threads'] or 'default'} threads); each mix was held to {s['match_speed']:g}x its stock "
+                     "neighbour's.")
+    lines += ["", "| file | budget | MiB | bpw | predicted KLD | KLD mean | ± | KLD p99 | PPL | top-1 |"
+              + (" predicted tok/s |" if speed else ""),
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if speed else "")]
     for r in sorted(result["mixes"] + result["stock"], key=lambda r: r["file_bytes"]):
         lines.append(f"| {r['label']} | {r.get('budget', '-')} | {r['file_bytes'] / MiB:.2f} | {r['bpw']:.3f} | "
                      f"{_num(r.get('predicted_kld'))} | {_num(r.get('kld_mean'))} | {_num(r.get('kld_err'))} | "
-                     f"{_num(r.get('kld_p99'), 3)} | {_num(r.get('ppl'), 3)} | {_num(r.get('top1_agreement'), 3)} |")
+                     f"{_num(r.get('kld_p99'), 3)} | {_num(r.get('ppl'), 3)} | {_num(r.get('top1_agreement'), 3)} |"
+                     + (f" {_num(r.get('predicted_tokens_per_second'), 1)} |" if speed else ""))
     for m in result["mixes"]:
         counts = ", ".join(f"{t} {n}" for t, n in sorted(m["type_counts"].items(), key=lambda kv: -kv[1]))
         lines += ["", f"{m['label']} -> {m['output']} ({m['file_bytes']} bytes, budget {m['budget_bytes']}): {counts}."
@@ -43,6 +50,11 @@ def mix_markdown(result: dict) -> str:
                          + (f" ({m['theta_bytes']} bytes in {m['theta_output']}; llama.cpp applies it as a LoRA "
                             "adapter, which costs generation speed: measure with nkat bench)." if m["theta_matrices"]
                             else ": no rank removed more predicted damage per byte than a type change."))
+        target = m.get("speed_target")
+        if target:
+            lines.append(f"Held to {target['ratio']:g}x the predicted generation speed of {target['stock']}"
+                         + (": met." if target["met"] else ": not reachable at this budget; the fastest allocation "
+                            "found was written."))
         if m.get("gptq_priced"):
             lines.append(f"GPTQ rounding was chosen for {m['gptq_matrices']} tensors.")
         search = m.get("refine")
