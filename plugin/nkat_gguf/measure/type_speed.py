@@ -63,26 +63,24 @@ class TypeSpeed:
     weights: dict[str, int]  # allocated tensor -> its weights
     facts: dict
 
-    def predicted_seconds(self, types: dict[str, str]) -> float | None:
-        """Time per generated token of a file with these tensor types (None: a type not measured,
-        which no block matrix of the reference can take)."""
-        total = self.reference_seconds
-        for name, t in types.items():
-            if name not in self.weights or name == "token_embd.weight":
-                continue
-            ref = self.reference_types[name]
-            if t == ref:
-                continue
-            if t not in self.cost or ref not in self.cost:
-                return None
-            total += self.weights[name] * (self.cost[t] - self.cost[ref])
-        return total
-
     def tensor_seconds(self, name: str, qtype: str) -> float:
         """One tensor's share of the time per token at a type, relative to Q8_0 (0 for token_embd)."""
         if name == "token_embd.weight":
             return 0.0
         return self.weights[name] * self.cost[qtype]
+
+    def relative_seconds(self, types: dict[str, str]) -> float | None:
+        """The matrices' summed time per token at these types, relative to Q8_0 (only differences
+        mean anything); None for a type not measured (no block matrix of the reference takes it)."""
+        if any(types.get(n, t) not in self.cost for n, t in self.reference_types.items() if n != "token_embd.weight"):
+            return None
+        return sum(self.tensor_seconds(n, types.get(n, t)) for n, t in self.reference_types.items())
+
+    def predicted_seconds(self, types: dict[str, str]) -> float | None:
+        """Time per generated token of a file with these tensor types: the reference's, plus the
+        difference of their summed times (None: a type not measured)."""
+        mine, ref = self.relative_seconds(types), self.relative_seconds(self.reference_types)
+        return None if mine is None or ref is None else self.reference_seconds + mine - ref
 
     def to_dict(self) -> dict:
         return {"cost_per_weight_vs_q8_0": self.cost, "reference_seconds_per_token": self.reference_seconds,

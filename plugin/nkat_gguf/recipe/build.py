@@ -129,16 +129,9 @@ class MixBuilder:
 
     def set_speed(self, speed, limits: dict[int, float]) -> None:
         """Give every option its type's time per generated token (measure.type_speed.TypeSpeed) and
-        limit, per budget in bytes, the summed time of the tensors (tensor_seconds)."""
+        limit, per budget in bytes, the summed time of the tensors (TypeSpeed.relative_seconds)."""
         self.speed, self.time_limits = speed, limits
         self._rebuild()
-
-    def tensor_seconds(self, types: dict[str, str]) -> float | None:
-        """The allocated tensors' summed time per generated token at these types (relative to Q8_0:
-        only differences mean anything); None without a speed or for a type it has not measured."""
-        if self.speed is None or any(types.get(n) not in self.speed.cost for n in self.costs):
-            return None
-        return sum(self.speed.tensor_seconds(n, types[n]) for n in self.costs)
 
     def relative(self, name: str, option: str) -> float:
         """The relative damage of one tensor at one option of its curve (a type, or an extra option)."""

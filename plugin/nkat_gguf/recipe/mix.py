@@ -4,7 +4,9 @@ statistics (an imatrix, or a covariance file) -> candidate types per tensor -> c
 sampled rows -> allocation at every budget in one sweep -> llama.cpp's quantizer with one exact
 per-tensor override each (tt_overrides) -> the written file's tensor types read back and compared
 with the recipe, its size with the prediction -> scores against the reference (optional), beside
-llama.cpp's stock types of the same reference made with the same imatrix.
+llama.cpp's stock types of the same reference made with the same imatrix. With --match-speed, each
+type's generation speed is measured in llama.cpp first (measure.type_speed) and each budget's
+allocation is held to its stock neighbour's predicted speed.
 
 Everything is cached in the work directory by content (costs, stock files, mixes, scores), so a
 rerun of the same command resumes and the same inputs give the same bytes.
@@ -302,11 +304,10 @@ class Mix:
         t0 = time.perf_counter()
         speed = measure_type_speed(o.reference, sorted(wanted), self.work, o.runtime, o.quiet)
         self.timings["type speed"] = time.perf_counter() - t0
-        builder.speed = speed  # tensor_seconds needs it for the limits
         limits = {}
         for target, t in nearest.items():
-            own, whole = builder.tensor_seconds(stock_types[t]), speed.predicted_seconds(stock_types[t])
-            if own is not None and whole is not None:  # else a type no timing model holds: no limit
+            own, whole = speed.relative_seconds(stock_types[t]), speed.predicted_seconds(stock_types[t])
+            if own is not None:  # else a type no timing model holds: no limit
                 limits[target] = own + whole * (1 / o.match_speed - 1)
         builder.set_speed(speed, limits)
         return nearest
