@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from gguf import Keys
 
+from conftest import make_gguf
+from nkat_gguf.errors import UserError
 from nkat_gguf.formats.gguf_io import field_value, open_gguf
 from nkat_gguf.measure.type_speed import BASE_TYPE, TypeSpeed, measure_type_speed, write_timing_model
 from nkat_gguf.recipe.candidates import is_allocated
@@ -63,3 +65,10 @@ def test_type_speed_is_measured_once_and_predicts_the_reference(reference_model,
     assert len(stored) == 1 and not list(tmp_path.glob("timing-models/*"))  # timing models deleted
     again = measure_type_speed(str(reference_model), types, tmp_path, RuntimeSettings(threads=2), quiet=True)
     assert again.cost == first.cost and again.reference_seconds == first.reference_seconds
+
+
+def test_a_model_without_block_count_is_a_one_line_error(tmp_path):
+    path = make_gguf(tmp_path / "tiny.gguf", {"blk.0.attn_q.weight": np.ones((64, 64))})
+    with pytest.raises(UserError, match="llama.block_count"):
+        measure_type_speed(str(path), ["Q8_0"], tmp_path, RuntimeSettings(threads=1), quiet=True)
+    assert not list(tmp_path.glob("type-speed-*")) and not (tmp_path / "timing-models").exists()

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, Keys
 
+from ..errors import UserError
 from ..formats.gguf_io import (copy_tensor_info, field_value, fingerprint_file, open_gguf, start_data,
                                write_gguf)
 from ..recipe.candidates import NEEDS_IMATRIX, is_allocated
@@ -94,6 +95,15 @@ def llama_build() -> str:
     return f"{llama_cpp.__version__} {llama_cpp.llama_print_system_info().decode().strip()}"
 
 
+def block_count(reader, path) -> int:
+    """The reference's number of blocks (its {arch}.block_count); a one-line error without one."""
+    arch = str(field_value(reader, Keys.General.ARCHITECTURE, "unknown"))
+    n = field_value(reader, Keys.LLM.BLOCK_COUNT.format(arch=arch))
+    if n is None:
+        raise UserError(f"{path}: no {Keys.LLM.BLOCK_COUNT.format(arch=arch)}: its types' speeds cannot be timed")
+    return int(n)
+
+
 def timing_blocks(reader, n_blocks: int) -> int:
     """How many of the reference's blocks a timing model keeps (TARGET_WEIGHTS of block matrices)."""
     per_block = sum(int(t.n_elements) for t in reader.tensors
@@ -122,7 +132,7 @@ def write_timing_model(reference: str, qtype: str, blocks: int, path: Path) -> i
     do not fit qtype), as described above; returns the weights written in qtype."""
     reader = open_gguf(reference)
     arch = str(field_value(reader, Keys.General.ARCHITECTURE, "unknown"))
-    n_blocks = int(field_value(reader, Keys.LLM.BLOCK_COUNT.format(arch=arch)))
+    n_blocks = block_count(reader, reference)
     count_key = Keys.LLM.BLOCK_COUNT.format(arch=arch)
     rng = np.random.default_rng(0)
     in_type = 0
@@ -176,7 +186,11 @@ def time_models(paths: dict[str, str], runtime: RuntimeSettings, quiet: bool) ->
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in progress(range(TURNS), desc="time", quiet=quiet, unit="turn"):
         for name, path in paths.items():
-            with Runtime.from_settings(path, None, runtime, n_ctx=WARM_UP + TOKENS + 8, n_batch=8) as rt:
+            try:
+                rt = Runtime.from_settings(path, None, runtime, n_ctx=WARM_UP + TOKENS + 8, n_batch=8)
+            except UserError as exc:
+                raise UserError(f"timing the types' speeds ({name}): {exc}") from None
+            with rt:
                 for pos in range(WARM_UP):  # pages the weights in, builds the graph
                     rt.decode([1], pos, logits_from=0)
                 for pos in range(WARM_UP, WARM_UP + TOKENS):
@@ -200,9 +214,7 @@ def measure_type_speed(reference: str, types: list[str], work: Path, runtime: Ru
         known = json.loads(store.read_text())
         return TypeSpeed(known["cost"], known["reference_seconds"], ref_types, weights, known["facts"])
 
-    arch = str(field_value(reader, Keys.General.ARCHITECTURE, "unknown"))
-    n_blocks = int(field_value(reader, Keys.LLM.BLOCK_COUNT.format(arch=arch)))
-    blocks = timing_blocks(reader, n_blocks)
+    blocks = timing_blocks(reader, block_count(reader, reference))
     widths = {int(t.shape[0]) for t in allocated if t.name.startswith("blk.")}
     wanted = [t for t in wanted if t == BASE_TYPE or any(fits_rows(t, w) for w in widths)]  # else nothing to time
     del reader
