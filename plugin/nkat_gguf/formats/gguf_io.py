@@ -172,14 +172,16 @@ def start_data(writer: GGUFWriter) -> None:
     writer.write_ti_data_to_file()
 
 
-def copy_metadata(writer: GGUFWriter, reader: GGUFReader) -> None:
-    """Every key of `reader` except those GGUFWriter writes itself (architecture, GGUF.*)."""
+def copy_metadata(writer: GGUFWriter, reader: GGUFReader, change=None) -> None:
+    """Every key of `reader` except those GGUFWriter writes itself (architecture, GGUF.*);
+    change(name, value) -> value, when given, may replace a value on the way."""
     for fld in reader.fields.values():
         if fld.name == Keys.General.ARCHITECTURE or fld.name.startswith("GGUF."):
             continue
         vtype = fld.types[0]
         sub_type = fld.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(fld.name, fld.contents(), vtype, sub_type=sub_type)
+        value = fld.contents()
+        writer.add_key_value(fld.name, change(fld.name, value) if change else value, vtype, sub_type=sub_type)
 
 
 def copy_tensor_info(writer: GGUFWriter, tensor) -> None:

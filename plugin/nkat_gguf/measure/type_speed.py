@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType, Keys
+from gguf import GGMLQuantizationType, Keys
 
 from ..errors import UserError
-from ..formats.gguf_io import (copy_tensor_info, field_value, fingerprint_file, open_gguf, start_data,
-                               write_gguf)
+from ..formats.gguf_io import (copy_metadata, copy_tensor_info, field_value, fingerprint_file, open_gguf,
+                               start_data, write_gguf)
 from ..recipe.candidates import NEEDS_IMATRIX, is_allocated
 from ..runtime.ggml_quants import fits_rows, quantize_rows
 from ..runtime.settings import RuntimeSettings
@@ -138,17 +138,16 @@ def write_timing_model(reference: str, qtype: str, blocks: int, path: Path) -> i
     in_type = 0
     keep = [t for t in reader.tensors
             if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < blocks]
+
+    def cut(name, value):  # the block count, and per-block arrays (heads per block, ...), cut to `blocks`
+        if name == count_key:
+            return blocks
+        if isinstance(value, list) and name.startswith(arch + ".") and len(value) == n_blocks:
+            return value[:blocks]
+        return value
+
     with write_gguf(path, arch, alignment=int(field_value(reader, Keys.General.ALIGNMENT, 32))) as writer:
-        for fld in reader.fields.values():
-            if fld.name == Keys.General.ARCHITECTURE or fld.name.startswith("GGUF."):
-                continue
-            vtype = fld.types[0]
-            value = fld.contents()
-            if fld.name == count_key:
-                value = blocks
-            elif vtype == GGUFValueType.ARRAY and fld.name.startswith(arch + ".") and len(value) == n_blocks:
-                value = value[:blocks]  # a per-block array (heads per block, ...)
-            writer.add_key_value(fld.name, value, vtype, sub_type=fld.types[-1] if vtype == GGUFValueType.ARRAY else None)
+        copy_metadata(writer, reader, cut)
         data = []
         for t in keep:
             if not is_allocated(t.name, len(t.shape)):
