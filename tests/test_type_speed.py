@@ -35,7 +35,7 @@ def test_predicted_seconds_is_the_reference_plus_weights_times_cost_differences(
 @pytest.mark.parametrize("qtype", ["Q4_0", "IQ2_XXS"])
 def test_timing_model_is_cut_to_its_blocks_typed_and_runs_in_llamacpp(reference_model, tmp_path, qtype):
     path = tmp_path / f"timing-{qtype}.gguf"
-    in_type = write_timing_model(str(reference_model), qtype, 2, path)
+    in_type = write_timing_model(open_gguf(reference_model), qtype, 2, path)
     ref, model = open_gguf(reference_model), open_gguf(path)
     arch = field_value(ref, Keys.General.ARCHITECTURE)
     assert field_value(model, Keys.LLM.BLOCK_COUNT.format(arch=arch)) == 2

@@ -95,12 +95,13 @@ def llama_build() -> str:
     return f"{llama_cpp.__version__} {llama_cpp.llama_print_system_info().decode().strip()}"
 
 
-def block_count(reader, path) -> int:
+def block_count(reader) -> int:
     """The reference's number of blocks (its {arch}.block_count); a one-line error without one."""
     arch = str(field_value(reader, Keys.General.ARCHITECTURE, "unknown"))
     n = field_value(reader, Keys.LLM.BLOCK_COUNT.format(arch=arch))
     if n is None:
-        raise UserError(f"{path}: no {Keys.LLM.BLOCK_COUNT.format(arch=arch)}: its types' speeds cannot be timed")
+        raise UserError(f"{reader.nkat_path}: no {Keys.LLM.BLOCK_COUNT.format(arch=arch)}: its types' speeds cannot "
+                        "be timed")
     return int(n)
 
 
@@ -127,12 +128,12 @@ def _tiled(qtype: str, n_out: int, n_in: int, rng: np.random.Generator) -> np.nd
     return np.resize(block, (n_out, block.shape[1]))
 
 
-def write_timing_model(reference: str, qtype: str, blocks: int, path: Path) -> int:
-    """The reference's first `blocks` blocks with every block matrix in qtype (Q8_0 where its rows
-    do not fit qtype), as described above; returns the weights written in qtype."""
-    reader = open_gguf(reference)
+def write_timing_model(reader, qtype: str, blocks: int, path: Path) -> int:
+    """The first `blocks` blocks of the reference (reader: open_gguf's) with every block matrix in
+    qtype (Q8_0 where its rows do not fit qtype), as described above; returns the weights written
+    in qtype."""
     arch = str(field_value(reader, Keys.General.ARCHITECTURE, "unknown"))
-    n_blocks = block_count(reader, reference)
+    n_blocks = block_count(reader)
     count_key = Keys.LLM.BLOCK_COUNT.format(arch=arch)
     rng = np.random.default_rng(0)
     in_type = 0
@@ -213,10 +214,9 @@ def measure_type_speed(reference: str, types: list[str], work: Path, runtime: Ru
         known = json.loads(store.read_text())
         return TypeSpeed(known["cost"], known["reference_seconds"], ref_types, weights, known["facts"])
 
-    blocks = timing_blocks(reader, block_count(reader, reference))
+    blocks = timing_blocks(reader, block_count(reader))
     widths = {int(t.shape[0]) for t in allocated if t.name.startswith("blk.")}
     wanted = [t for t in wanted if t == BASE_TYPE or any(fits_rows(t, w) for w in widths)]  # else nothing to time
-    del reader
     say(f"[speed] timing models of {blocks} block(s) in {len(wanted)} types, then timed in llama.cpp", quiet)
     t0 = time.perf_counter()
     paths, in_type = {}, {}
@@ -225,7 +225,7 @@ def measure_type_speed(reference: str, types: list[str], work: Path, runtime: Ru
     try:
         for t in progress(wanted, desc="write", quiet=quiet, unit="type"):
             p = tmp / f"timing-{t}.gguf"
-            in_type[t] = write_timing_model(reference, t, blocks, p)
+            in_type[t] = write_timing_model(reader, t, blocks, p)  # one open of the reference serves all
             paths[t] = str(p)
         seconds = time_models({**paths, "reference": reference}, runtime, quiet)
     finally:

@@ -42,7 +42,6 @@ from ..runtime.gptq_file import can_round
 from ..util.atomic import write_text_atomic
 from ..util.report import progress
 from ..util.signals import raise_if_terminated
-from .build import option_type
 from .costs import Statistics, TensorCost, output_error, reference_rows, sample_rows
 
 SUFFIX = "+gptq"
@@ -77,7 +76,7 @@ def rounded_tensors(options: dict[str, str], costs: dict[str, TensorCost], cov: 
     plain, chosen = split_gptq(options)
     if priced:
         return chosen
-    return {n for n, o in plain.items() if option_type(o) in priceable(costs[n], cov)}
+    return {n for n, o in plain.items() if o != costs[n].ref_type and can_round(n, o, cov)}
 
 
 @dataclass

@@ -181,6 +181,7 @@ class Mix:
         stock_paths = {t.upper(): self.stock(t, imatrix) for t in
                        dict.fromkeys([b.value for b in budgets if b.kind == "like"] + [c.upper() for c in o.compare])}
         targets = [budget_bytes(b, layout.n_weights, lambda t: stock_paths[t].stat().st_size) for b in budgets]
+        stock_types = {t: tensor_types(p) for t, p in stock_paths.items()}  # read once: speed limits, report
         smallest = builder.smallest
         for b, target in zip(budgets, targets):
             if target < smallest and not o.skip_impossible:
@@ -197,7 +198,7 @@ class Mix:
             builder.set_weights(weight)
         if o.gptq and o.gptq_priced:
             self.offer_gptq(builder)
-        speed_targets = self.match_speed(builder, targets, stock_paths) if o.match_speed else {}
+        speed_targets = self.match_speed(builder, targets, stock_paths, stock_types) if o.match_speed else {}
         allocations = builder.allocate(targets)
         refined = [None] * len(targets)
         if o.refine:
@@ -214,13 +215,12 @@ class Mix:
             mix.facts["speed_target"] = ({"stock": f"{speed_targets[target]}-imat", "ratio": o.match_speed,
                                           "met": builder.speed_met.get(target)} if target in speed_targets else None)
             mixes.append(mix)
-        stock_rows = []
-        for t, p in stock_paths.items():
-            types = tensor_types(p)
-            stock_rows.append(ScoredRow(f"{t}-imat", RowKind.STOCK, str(p), facts={
-                "type": t, "file_bytes": p.stat().st_size, "bpw": 8 * p.stat().st_size / layout.n_weights,
-                "predicted_damage": (d := builder.damage(types)), "predicted_kld": d if fitted else None,
-                "predicted_tokens_per_second": predicted_speed(builder, types)}))
+        stock_rows = [ScoredRow(f"{t}-imat", RowKind.STOCK, str(p), facts={
+                          "type": t, "file_bytes": p.stat().st_size, "bpw": 8 * p.stat().st_size / layout.n_weights,
+                          "predicted_damage": (d := builder.damage(stock_types[t])),
+                          "predicted_kld": d if fitted else None,
+                          "predicted_tokens_per_second": predicted_speed(builder, stock_types[t])})
+                      for t, p in stock_paths.items()]
         result = {"fit": fitted.to_dict() if fitted else None}
         if o.text:
             self.score(mixes, stock_rows, result)
@@ -234,7 +234,8 @@ class Mix:
             "theta": o.theta, "theta_layers": o.theta_layers, "gptq": o.gptq, "gptq_priced": o.gptq_priced,
             "gptq_damp": o.gptq_damp if o.gptq else None, "gptq_revision": GPTQ_REVISION if o.gptq else None,
             "refine": o.refine, "match_speed": o.match_speed,
-            "type_speed": builder.speed.to_dict() if builder.speed else None, "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
+            "type_speed": builder.speed.to_dict() if builder.speed else None,
+            "text": o.text, "chunks": o.chunks, "ctx": o.runtime.ctx,
             "flash_attn": o.runtime.flash_attn, "threads": o.runtime.threads, "smallest_bytes": smallest,
             "fixed_bytes": layout.fixed, "n_weights": layout.n_weights,
         }
@@ -290,7 +291,8 @@ class Mix:
         self.timings["refine"] = time.perf_counter() - t0
         return chosen, summaries
 
-    def match_speed(self, builder: MixBuilder, targets: list[int], stock_paths: dict[str, Path]) -> dict[int, str]:
+    def match_speed(self, builder: MixBuilder, targets: list[int], stock_paths: dict[str, Path],
+                    stock_types: dict[str, dict[str, str]]) -> dict[int, str]:
         """Each type's generation time measured in llama.cpp on this machine (measure.type_speed), and
         each budget's predicted time per token limited to that of the stock file nearest its bytes over
         --match-speed's ratio; budget -> that type."""
@@ -299,8 +301,7 @@ class Mix:
         o = self.o
         nearest = {target: min(stock_paths, key=lambda t: abs(stock_paths[t].stat().st_size - target))
                    for target in targets}
-        stock_types = {t: tensor_types(stock_paths[t]) for t in set(nearest.values())}
-        wanted = set(o.types) | {stock_types[t][n] for t in stock_types for n in builder.costs}
+        wanted = set(o.types) | {stock_types[t][n] for t in set(nearest.values()) for n in builder.costs}
         t0 = time.perf_counter()
         speed = measure_type_speed(o.reference, sorted(wanted), self.work, o.runtime, o.quiet)
         self.timings["type speed"] = time.perf_counter() - t0
@@ -402,10 +403,11 @@ class Mix:
         recipe, ranks = split_recipe(split_gptq(options)[0])
         gptq_names = gptq[1] if gptq else set()
         t0 = time.perf_counter()
-        path = builder.write(recipe)
-        if gptq is not None:
+        if gptq is not None:  # the plain file was written (and checked) before GPTQ rounded its copy
             check_types(gptq[0], recipe)
             path = gptq[0]
+        else:
+            path = builder.write(recipe)
         theta = None
         if ranks:
             theta = self.work / f"theta-{self.ref_key}-{builder.key(options)}.nkat"
@@ -429,7 +431,8 @@ class Mix:
         return ScoredRow(label, RowKind.MIX, str(path), str(theta) if theta else None, facts={
             "budget": b.text, "budget_bytes": target, "output": str(out),
             "recipe": str(Path(out).with_suffix(".recipe.txt")), "theta_output": theta_out, "theta_offered": o.theta,
-            "theta_matrices": len(ranks), "gptq_priced": bool(o.gptq and o.gptq_priced), "gptq_matrices": len(gptq_names),
+            "theta_matrices": len(ranks), "gptq_priced": bool(o.gptq and o.gptq_priced),
+            "gptq_matrices": len(gptq_names),
             "theta_bytes": theta_bytes, "gguf_bytes": gguf_bytes, "predicted_bytes": alloc.bytes, "file_bytes": size,
             "bpw": 8 * size / layout.n_weights, "predicted_damage": alloc.damage,
             "predicted_kld": alloc.damage if fitted else None,
