@@ -47,6 +47,14 @@ def test_fit_recovers_known_role_and_depth_weights():
         assert result.weight(name) == pytest.approx(truth(name), rel=1e-6)
     assert result.spearman_held_out == pytest.approx(1.0)
     assert all(r == pytest.approx(1.0, rel=1e-6) for r in result.held_out_ratio)
+    # without the check (nkat mix's default) the same weights come from the fitted probes alone
+    unchecked = fitting.probes(costs, held_out=False)
+    assert [p.name for p in unchecked] == [p.name for p in plan if not p.held_out]
+    for p in unchecked:
+        p.kld = sum(truth(n) * d for n, d in p.rel_damage.items())
+    alone = fitting.fit(unchecked, costs)
+    assert all(alone.weight(n) == pytest.approx(result.weight(n), rel=1e-9) for n in costs)
+    assert alone.spearman_held_out is None and alone.held_out_ratio == []
 
 
 def test_an_outlier_tensor_gets_its_own_probe_and_weight():
@@ -132,7 +140,7 @@ def probed(reference_model, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("probed")
     opts = MixOptions(reference=str(reference_model), output=str(tmp_path / "m.gguf"), work_dir=str(tmp_path / "w"),
                       budgets=["5.2bpw"], rows=16, types=["Q4_0", "Q4_1", "Q5_0", "Q8_0"], calib_chunks=1,
-                      fit_chunks=1, runtime=RuntimeSettings(ctx=128, threads=2), quiet=True)
+                      fit_chunks=1, fit_check=True, runtime=RuntimeSettings(ctx=128, threads=2), quiet=True)
     return opts, run_mix(opts)
 
 
@@ -159,6 +167,14 @@ def test_mix_with_probes_fits_weights_and_leaves_no_probe_files(probed, tmp_path
     again = run_mix(MixOptions(**{**opts.__dict__, "output": str(tmp_path / "again.gguf")}))
     assert (work / "probes.json").read_text() == stored  # nothing measured twice
     assert again["fit"]["role_weight"] == fit["role_weight"]
+    # without --fit-check (the default): the fitted probes alone, the same weights, the report says so
+    from nkat_gguf.recipe.report import mix_markdown
+
+    unchecked = run_mix(MixOptions(**{**opts.__dict__, "output": str(tmp_path / "u.gguf"), "fit_check": False}))
+    assert (work / "probes.json").read_text() == stored
+    assert not any(p["held_out"] for p in unchecked["fit"]["probes"]) and unchecked["fit"]["spearman_held_out"] is None
+    assert unchecked["fit"]["role_weight"] == fit["role_weight"]
+    assert "--fit-check does" in mix_markdown(unchecked)
 
 
 def calibration_kld(opts, model: str, work: Path) -> float:

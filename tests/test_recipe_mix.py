@@ -113,6 +113,7 @@ def test_cli_bad_budget_one_line(reference_model, imatrix, tmp_path):
     (["--gptq-damp", "0.3"], "--gptq-damp needs --gptq"),
     (["--gptq-priced"], "--gptq-priced needs --gptq"),
     (["--refine", "3", "--fit-chunks", "0"], "--refine needs --fit-chunks"),
+    (["--fit-check", "--fit-chunks", "0"], "--fit-check needs --fit-chunks"),
     (["--refine", "3", "--theta"], "cannot be combined"),
     (["--refine-storage", "sqlite:///x.db"], "--refine-storage needs --refine"),
     (["--match-speed"], "--match-speed needs a stock file"),

@@ -10,6 +10,7 @@ from ..formats.defaults import find_eval_text
 from ..recipe.candidates import CANDIDATE_TYPES, check_types
 from ..recipe.build import OUTPUT_FLOOR
 from ..recipe.costs import DEFAULT_ROWS
+from ..recipe.fit import DEFAULT_CHUNKS as DEFAULT_FIT_CHUNKS
 from ..recipe.mix import MixOptions, run_mix
 from ..recipe.report import mix_markdown
 from ..runtime.gptq import DEFAULT_DAMP
@@ -55,10 +56,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output-floor", default=OUTPUT_FLOOR, metavar="TYPE",
                    help=f"lowest type for output.weight (default {OUTPUT_FLOOR}, the lowest llama.cpp's own "
                    "files use; 'none' lets the allocator choose freely)")
-    p.add_argument("--fit-chunks", type=count, default=4, metavar="N",
+    p.add_argument("--fit-chunks", type=count, default=DEFAULT_FIT_CHUNKS, metavar="N",
                    help="calibration chunks each probe file is scored on, to fit how much each role's and depth "
-                   "quarter's output error costs in KLD (default 4; 0: no probes, every tensor's relative error "
-                   "counts alike)")
+                   f"quarter's output error costs in KLD (default {DEFAULT_FIT_CHUNKS}; 0: no probes, every tensor's "
+                   "relative error counts alike)")
+    p.add_argument("--fit-check", action="store_true",
+                   help="also score 8 held-out role x depth-quarter probes and report how well the fit ranks them "
+                   "(Spearman) and predicts them: a check of the fit, not needed for the file (8 more probe files, "
+                   "each about 1 min on a 1.5B model on 2 cores)")
     p.add_argument("--theta", action="store_true",
                    help="offer theta as one more option per block matrix: the type plus a rank 8/16/32/64 INT8 "
                    "correction of its residual, priced in the .nkat's bytes (written beside OUT when chosen; "
@@ -132,7 +137,7 @@ def run(args) -> int:
         imatrix=args.imatrix, covariance=args.covariance, calib_text=args.calib_text, calib_chunks=args.calib_chunks,
         rows=args.rows, types=check_types(args.types), compare=args.compare, tie_gate_up=args.tie_gate_up,
         output_floor=None if args.output_floor.lower() == "none" else args.output_floor.upper(),
-        fit_chunks=args.fit_chunks, theta=args.theta, theta_layers=args.theta_layers, gptq=args.gptq, gptq_priced=args.gptq_priced,
+        fit_chunks=args.fit_chunks, fit_check=args.fit_check, theta=args.theta, theta_layers=args.theta_layers, gptq=args.gptq, gptq_priced=args.gptq_priced,
         gptq_damp=DEFAULT_DAMP if args.gptq_damp is None else args.gptq_damp, refine=args.refine,
         refine_storage=args.refine_storage, match_speed=args.match_speed,
         text=str(find_eval_text(args.text)) if args.score else None, chunks=args.chunks,

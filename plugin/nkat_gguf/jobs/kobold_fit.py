@@ -27,6 +27,7 @@ from ..integrations.kobold.workflow import Context, KoboldOptions, build_context
     register_and_launch, status
 from ..recipe.candidates import CANDIDATE_TYPES, FAST_TYPES, check_types
 from ..recipe.costs import DEFAULT_ROWS
+from ..recipe.fit import DEFAULT_CHUNKS as DEFAULT_FIT_CHUNKS
 from ..recipe.mix import MixOptions, run_mix
 from ..recipe.report import mix_markdown
 from ..runtime.settings import RuntimeSettings
@@ -50,7 +51,7 @@ class FitOptions:
     memory: int | None = None      # bytes of free memory (--fit-memory); None: measured
     output: str | None = None      # None: <models dir>/<reference stem>-fit.gguf
     imatrix: str | None = None     # None: the mix calibrates one in its work dir
-    chunks: int = 4                # the mix's --fit-chunks (probe scoring for the role x depth weights)
+    chunks: int = DEFAULT_FIT_CHUNKS  # the mix's --fit-chunks (probe scoring for the role x depth weights)
     rows: int = DEFAULT_ROWS       # the mix's sampled rows per tensor
     types: list[str] | None = None  # the mix's candidate types; None: all
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .byte_control import BYTE_TOLERANCE, control_verdict, verdict_line
 from ..errors import UserError
+from ..recipe.fit import DEFAULT_CHUNKS as DEFAULT_FIT_CHUNKS
 from ..recipe.layout import tensor_types
 from ..util.report import say
 from .scoring import RowKind, ScoredRow, pareto, score_rows, settings_record
@@ -60,7 +61,7 @@ class FrontierOptions:
     theta_rank: int = 32
     controls: bool = True  # nkat mix at each theta point's bytes
     mixes: bool = True  # nkat mix at each ladder rung's bytes
-    fit_chunks: int = 4  # calibration chunks per probe of nkat mix's fit (0: no fit)
+    fit_chunks: int = DEFAULT_FIT_CHUNKS  # calibration chunks per probe of nkat mix's fit (0: no fit)
     chunks: int = 8
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     quiet: bool = False

@@ -9,8 +9,9 @@ text). The model is
     KLD(file) ~ sum over tensors t of  role_weight[role(t)] * depth_weight[quarter(t)] * rel_damage_t
 
 fitted on marginal probes (each role over all blocks, each depth quarter over all roles; plus
-token_embd and output alone) by alternating scaling. Single role x quarter probes are held out of
-the fit, and the report gives how well the model ranks them (Spearman) and its ratio to measured.
+token_embd and output alone) by alternating scaling. On request (`nkat mix --fit-check`), single
+role x quarter probes are held out of the fit, and the report gives how well the model ranks them
+(Spearman) and its ratio to measured: a check of the model, not needed to make a file.
 
 Outliers get a probe of their own. In some blocks (Qwen2.5-1.5B's ffn_down of blocks 1, 2 and 26)
 a few huge activations dominate a tensor's output energy (110-375x its role's median), so its
@@ -31,6 +32,7 @@ import numpy as np
 from ..formats.roles import GATE_UP_ROLES
 from .costs import TensorCost
 
+DEFAULT_CHUNKS = 3  # calibration chunks per probe (`--fit-chunks`); 4 gave files as good (docs/RESULTS.md)
 PROBE_TYPES = ("Q3_K", "Q4_0")  # the first a tensor can take (Q3_K needs rows of 256)
 OUTLIER_SHARE = 0.25  # relative damage below this share of the role's median: probed alone
 TENSOR_PROBE = "tensor "  # the name prefix of an outlier's own probe
@@ -86,9 +88,9 @@ def outliers(costs: dict[str, TensorCost]) -> list[str]:
     return [n for n, r in role.items() if r in median and rel[n] < OUTLIER_SHARE * median[r]]
 
 
-def probes(costs: dict[str, TensorCost]) -> list[Probe]:
+def probes(costs: dict[str, TensorCost], held_out: bool = True) -> list[Probe]:
     """The probes for these tensors: marginal (fitted), one per outlier tensor (fitted, its own
-    weight) and single role x quarter (held out)."""
+    weight) and, with held_out, single role x quarter (held out: they check the fit, not feed it)."""
     n_blocks = block_count(costs)
     where = {n: role_and_quarter(n, n_blocks) for n in costs if probe_type(costs[n])}
     roles = list(dict.fromkeys(r for r, _ in where.values()))
@@ -96,7 +98,9 @@ def probes(costs: dict[str, TensorCost]) -> list[Probe]:
                  [n for n, (rr, _) in where.items() if rr == r]) for r in roles]
     out += [Probe(f"quarter {q}", [n for n, (_, qq) in where.items() if qq == q]) for q in range(QUARTERS)]
     out += [Probe(f"{TENSOR_PROBE}{n.removesuffix('.weight')}", [n]) for n in outliers(costs)]
-    out += [Probe(f"held {r} q{q}", [n for n, w in where.items() if w == (r, q)], held_out=True) for r, q in HELD_OUT]
+    if held_out:
+        out += [Probe(f"held {r} q{q}", [n for n, w in where.items() if w == (r, q)], held_out=True)
+                for r, q in HELD_OUT]
     out = [p for p in out if p.members]
     for p in out:
         p.rel_damage = {n: costs[n].relative(probe_type(costs[n])) for n in p.members}

@@ -35,7 +35,7 @@ from ..runtime.gptq import DEFAULT_DAMP, REVISION as GPTQ_REVISION
 from ..runtime.settings import RuntimeSettings
 from ..util.atomic import atomic_path
 from ..util.output_paths import check_output_path
-from ..util.report import say
+from ..util.report import progress, say
 from .budgets import MiB, Budget, budget_bytes, parse_budget
 from .build import OUTPUT_FLOOR, MixBuilder, check_types
 from .candidates import CANDIDATE_TYPES
@@ -61,6 +61,7 @@ class MixOptions:
     tie_gate_up: bool = True
     output_floor: str | None = OUTPUT_FLOOR
     fit_chunks: int = 0  # calibration chunks per probe for the role x depth weights; 0: no probes (the CLI: 4)
+    fit_check: bool = False  # also measure the held-out probes that check the fit (Spearman in the report)
     theta: bool = False  # offer a rank-r theta (a .nkat beside the GGUF) as one more option per block matrix
     theta_layers: list[str] = field(default_factory=list)  # GGUF-name globs: only these matrices (default: all)
     gptq: str | None = None  # a covariance file: the chosen tensors rounded by GPTQ in their types (same bytes)
@@ -158,6 +159,8 @@ class Mix:
             raise UserError("--refine and --theta cannot be combined: theta is priced once, for the unrefined mix")
         if o.refine and not o.fit_chunks:
             raise UserError("--refine needs --fit-chunks above 0: its trials are scored on that many calibration chunks")
+        if o.fit_check and not o.fit_chunks:
+            raise UserError("--fit-check needs --fit-chunks above 0: it checks the fit made on the probes")
         for path in (o.reference, o.imatrix, o.covariance, o.gptq, o.text):
             if path and not Path(path).is_file():
                 raise UserError(f"file not found: {path}")
@@ -209,7 +212,8 @@ class Mix:
 
         outputs = self.output_paths(budgets)
         mixes = []
-        for b, target, alloc, out, search, gptq in zip(budgets, targets, allocations, outputs, refined, rounded):
+        for b, target, alloc, out, search, gptq in progress(list(zip(budgets, targets, allocations, outputs, refined,
+                                                                  rounded)), desc="files", unit="file", quiet=o.quiet):
             mix = self.write_mix(builder, b, target, alloc, out, fitted is not None, gptq)
             mix.facts["refine"] = search.to_dict() if search else None
             mix.facts["speed_target"] = ({"stock": f"{speed_targets[target]}-imat", "ratio": o.match_speed,
@@ -231,6 +235,7 @@ class Mix:
             "imatrix": imatrix, "covariance": o.covariance, "rows": o.rows, "types": o.types,
             "embedding_importance": FIRST_NORM if builder.stats.extra else None,
             "tie_gate_up": o.tie_gate_up, "output_floor": o.output_floor, "fit_chunks": o.fit_chunks,
+            "fit_check": o.fit_check,
             "theta": o.theta, "theta_layers": o.theta_layers, "gptq": o.gptq, "gptq_priced": o.gptq_priced,
             "gptq_damp": o.gptq_damp if o.gptq else None, "gptq_revision": GPTQ_REVISION if o.gptq else None,
             "refine": o.refine, "match_speed": o.match_speed,
@@ -452,7 +457,7 @@ class Mix:
 
         o = self.o
         text, settings = self.calibration
-        plan = fitting.probes(builder.costs)
+        plan = fitting.probes(builder.costs, held_out=o.fit_check)
         store = self.work / "probes.json"
         known = json.loads(store.read_text()) if store.is_file() else {}
         recipes = [fitting.probe_recipe(p, builder.costs, builder.ref_types) for p in plan]
@@ -460,7 +465,7 @@ class Mix:
         say(f"[mix] {len(plan)} probes for the role x depth weights, {sum(k not in known for k in keys)} to measure "
             f"({o.fit_chunks} chunks of {Path(text).name})", o.quiet)
         t0 = time.perf_counter()
-        for p, recipe, key in zip(plan, recipes, keys):
+        for p, recipe, key in progress(list(zip(plan, recipes, keys)), desc="probes", unit="probe", quiet=o.quiet):
             if key not in known:  # the reference is decoded only if a probe is measured
                 path = builder.write(recipe)
                 row = self.calibration_scorer().score(ScoredRow(f"probe {p.name}", RowKind.PROBE, str(path)))

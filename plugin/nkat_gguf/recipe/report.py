@@ -72,10 +72,12 @@ def mix_markdown(result: dict) -> str:
         roles = ", ".join(f"{r} {w:.3g}" for r, w in f["role_weight"].items())
         depth = ", ".join(f"{w:.2f}" for w in f["depth_weight"])
         ratios = [r for r in f["held_out_ratio"] if r == r]
+        check = (f"On {len(ratios)} held-out role x quarter probes: Spearman {_num(f['spearman_held_out'], 3)}, "
+                 f"predicted / measured {min(ratios, default=0):.2f}-{max(ratios, default=0):.2f}."
+                 if any(p["held_out"] for p in f["probes"]) else "Not checked on held-out probes (--fit-check does).")
         lines += ["", f"KLD per unit of relative damage, fitted on {sum(not p['held_out'] for p in f['probes'])} "
                   f"probe files scored on the calibration text: by role {roles}; by depth quarter x [{depth}]. "
-                  f"On {len(ratios)} held-out role x quarter probes: Spearman {_num(f['spearman_held_out'], 3)}, "
-                  f"predicted / measured {min(ratios, default=0):.2f}-{max(ratios, default=0):.2f}."]
+                  + check]
         if f.get("tensor_weight"):
             own = ", ".join(f"{n.removesuffix('.weight')} {w:.3g}" for n, w in f["tensor_weight"].items())
             lines.append(f"Probed alone (relative error under-rates them: a few huge activations dominate their "
