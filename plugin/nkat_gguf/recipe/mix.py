@@ -60,7 +60,7 @@ class MixOptions:
     compare: list[str] = field(default_factory=list)  # stock types scored beside the mixes
     tie_gate_up: bool = True
     output_floor: str | None = OUTPUT_FLOOR
-    fit_chunks: int = 0  # calibration chunks per probe for the role x depth weights; 0: no probes (the CLI: 4)
+    fit_chunks: int = 0  # calibration chunks per probe of the role x depth fit; 0: no probes (CLI: fit.DEFAULT_CHUNKS)
     fit_check: bool = False  # also measure the held-out probes that check the fit (Spearman in the report)
     theta: bool = False  # offer a rank-r theta (a .nkat beside the GGUF) as one more option per block matrix
     theta_layers: list[str] = field(default_factory=list)  # GGUF-name globs: only these matrices (default: all)
