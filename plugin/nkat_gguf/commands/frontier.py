@@ -6,7 +6,6 @@ from ..errors import Setting
 from ..formats.defaults import find_eval_text
 from ..measure.frontier import DEFAULT_BASES, DEFAULT_BUDGETS, DEFAULT_LADDER, FrontierOptions, run_frontier
 from ..measure.frontier_report import frontier_markdown, frontier_plot
-from ..recipe.fit import DEFAULT_CHUNKS as DEFAULT_FIT_CHUNKS
 from ..util.work_dir import work_dir
 from ..theta.lowrank import SOURCES
 from .common import (add_output_flags, add_runtime_flags, add_text_flag, byte_size, count, csv, positive_int,
@@ -52,9 +51,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-controls", dest="controls", action="store_false",
                    help="skip the byte-matched controls of the theta points")
     p.add_argument("--no-mixes", dest="mixes", action="store_false", help="skip nkat mix's files at the rungs' bytes")
-    p.add_argument("--fit-chunks", type=count, default=DEFAULT_FIT_CHUNKS, metavar="N",
+    p.add_argument("--fit-chunks", type=count, default=FrontierOptions.fit_chunks, metavar="N",
                    help="calibration chunks per probe of nkat mix's role x depth fit, for the mixes and controls "
-                   f"(default {DEFAULT_FIT_CHUNKS}; 0: no probes)")
+                   f"(default {FrontierOptions.fit_chunks}; 0: no probes)")
     p.add_argument("--chunks", type=positive_int, default=8, metavar="N", help="evaluation chunks (default 8)")
     add_runtime_flags(p, backend=True)
     add_output_flags(p)

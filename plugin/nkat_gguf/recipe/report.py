@@ -71,10 +71,10 @@ def mix_markdown(result: dict) -> str:
     if f:
         roles = ", ".join(f"{r} {w:.3g}" for r, w in f["role_weight"].items())
         depth = ", ".join(f"{w:.2f}" for w in f["depth_weight"])
-        ratios = [r for r in f["held_out_ratio"] if r == r]
+        ratios = [r for r in f["held_out_ratio"] if r == r]  # one per held-out probe measured (--fit-check)
         check = (f"On {len(ratios)} held-out role x quarter probes: Spearman {_num(f['spearman_held_out'], 3)}, "
                  f"predicted / measured {min(ratios, default=0):.2f}-{max(ratios, default=0):.2f}."
-                 if any(p["held_out"] for p in f["probes"]) else "Not checked on held-out probes (--fit-check does).")
+                 if f["held_out_ratio"] else "Not checked on held-out probes (--fit-check does).")
         lines += ["", f"KLD per unit of relative damage, fitted on {sum(not p['held_out'] for p in f['probes'])} "
                   f"probe files scored on the calibration text: by role {roles}; by depth quarter x [{depth}]. "
                   + check]
